@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install normtron into it.
+#   bash launch/install.sh            the package
+#   EXTRAS=dev bash launch/install.sh the package and the test tools
+# torch: an installed torch is kept as it is; otherwise the CUDA build where an NVIDIA GPU is present and the
+# CPU build torch==2.13.0 where none is (an unpinned torch on a CPU machine would pull a multi-GB CUDA build).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV=${NORMTRON_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "creating $VENV with $("$PYTHON" --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
+
+if torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null); then
+  echo "keeping the installed torch $torch_version"
+elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "NVIDIA GPU found: installing torch (CUDA build)"
+  pip_install torch
+else
+  echo "no NVIDIA GPU: installing the CPU build of torch==2.13.0"
+  pip_install torch==2.13.0
+fi
+
+echo "installing normtron${EXTRAS:+[$EXTRAS]} into $VENV"
+pip_install -e ".${EXTRAS:+[$EXTRAS]}"

@@ -1,0 +1,80 @@
+"""Model hyper-parameters: the `model:` section of a training config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from models.norms import NORM_TYPES
+from models.placement import PLACEMENTS
+
+
+def config_field(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
+    """A dataclass field with the help text (and allowed values) that `normtron train --help` and validation show."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelConfig:
+    dim: int = config_field(256, "hidden size")
+    n_layers: int = config_field(4, "number of transformer blocks")
+    n_heads: int = config_field(4, "attention heads (must divide dim)")
+    n_kv_heads: Optional[int] = config_field(None, "key/value heads for grouped-query attention (must divide n_heads; null = n_heads)")
+    vocab_size: Optional[int] = config_field(None, "embedding rows (null = the tokenizer's vocab size from data.dir/meta.json)")
+    ffn_hidden_dim: Optional[int] = config_field(None, "SwiGLU hidden size (null = 8/3*dim rounded up to ffn_multiple_of)")
+    ffn_multiple_of: int = config_field(256, "rounding for the automatic SwiGLU hidden size")
+    norm: str = config_field("rmsnorm", "normalization type", NORM_TYPES)
+    norm_eps: float = config_field(1e-5, "epsilon inside every norm")
+    norm_bias: bool = config_field(True, "LayerNorm has a bias (ignored for rmsnorm)")
+    placement: str = config_field("pre", "where norms sit in each block: pre x+F(N(x)), post N(x+F(x)), "
+                                  "peri x+N(F(N(x))), mix (first floor(mix_alpha*L) layers post, rest pre)",
+                                  tuple(PLACEMENTS))
+    mix_alpha: float = config_field(0.25, "fraction of Post-LN layers at the bottom for placement=mix (Mix-LN)")
+    qk_norm: bool = config_field(False, "normalize queries and keys per head before RoPE")
+    embed_norm: bool = config_field(False, "normalize the embedding output (Peri-LN uses this)")
+    rope_theta: float = config_field(10000.0, "RoPE base frequency")
+    max_seq_len: int = config_field(2048, "longest sequence the RoPE table covers")
+    tie_embeddings: bool = config_field(False, "share the input embedding with the output head")
+    init_std: float = config_field(0.02, "std of the normal init of every linear and embedding weight")
+    depth_scaled_init: bool = config_field(True, "scale output projections' init std by 1/sqrt(2*n_layers)")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        if self.ffn_hidden_dim:
+            return self.ffn_hidden_dim
+        m = self.ffn_multiple_of
+        return m * ((int(8 * self.dim / 3) + m - 1) // m)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending `model.*` key."""
+        for key in ("dim", "n_layers", "n_heads", "ffn_multiple_of", "max_seq_len"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"model.{key}={getattr(self, key)} must be at least 1")
+        for key in ("n_kv_heads", "vocab_size", "ffn_hidden_dim"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ValueError(f"model.{key}={value} must be at least 1 (or null)")
+        if self.dim % self.n_heads:
+            raise ValueError(f"model.n_heads={self.n_heads} does not divide model.dim={self.dim}; "
+                             f"pick a head count that divides the hidden size")
+        if self.n_heads % self.kv_heads:
+            raise ValueError(f"model.n_kv_heads={self.kv_heads} does not divide model.n_heads={self.n_heads}; "
+                             f"each key/value head must serve a whole number of query heads")
+        if self.head_dim % 2:
+            raise ValueError(f"model.dim/model.n_heads = {self.head_dim} is odd; RoPE needs an even head size")
+        if not 0.0 <= self.mix_alpha <= 1.0:
+            raise ValueError(f"model.mix_alpha={self.mix_alpha} must lie in [0, 1]")
+        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
+            raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be positive")

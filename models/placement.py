@@ -1,0 +1,59 @@
+"""Normalization placement as data.
+
+Every transformer block has two residual branches, x -> x + F(x), with F the attention or the MLP. A placement says
+where norms sit around F, as a `NormWiring`:
+
+    input_norm:  x + F(N(x))            (Pre-LN)
+    output_norm: x + N(F(x))            (Peri-LN's second norm, on the sublayer output before the add)
+    post_norm:   N(x + F(x))            (Post-LN: the norm comes after the residual add)
+
+A placement maps (layer index, number of layers, model config) to the wiring of that layer, so per-layer schemes
+such as Mix-LN are one function. Adding a placement means adding one entry to `PLACEMENTS`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from models.transformer import ModelConfig
+
+
+@dataclass(frozen=True)
+class NormWiring:
+    input_norm: bool = False
+    output_norm: bool = False
+    post_norm: bool = False
+
+
+PRE = NormWiring(input_norm=True)
+POST = NormWiring(post_norm=True)
+PERI = NormWiring(input_norm=True, output_norm=True)
+
+
+def num_mix_post_layers(n_layers: int, alpha: float) -> int:
+    """Mix-LN (Li et al., 2025) puts floor(alpha * L) Post-LN layers first; the rounding guards 0.29 * 100 = 28.99..."""
+    return math.floor(round(alpha * n_layers, 9))
+
+
+def _mix(layer: int, n_layers: int, cfg: "ModelConfig") -> NormWiring:
+    return POST if layer < num_mix_post_layers(n_layers, cfg.mix_alpha) else PRE
+
+
+PLACEMENTS: dict[str, Callable[[int, int, "ModelConfig"], NormWiring]] = {
+    "pre": lambda layer, n_layers, cfg: PRE,
+    "post": lambda layer, n_layers, cfg: POST,
+    "peri": lambda layer, n_layers, cfg: PERI,
+    "mix": _mix,
+}
+
+
+def layer_wiring(cfg: "ModelConfig", layer: int) -> NormWiring:
+    """The norm wiring of block `layer` (0-based) under `cfg.placement`."""
+    try:
+        placement = PLACEMENTS[cfg.placement]
+    except KeyError:
+        raise ValueError(f"unknown placement {cfg.placement!r}; choose one of {', '.join(PLACEMENTS)}") from None
+    return placement(layer, cfg.n_layers, cfg)

@@ -1,0 +1,190 @@
+"""A Llama-style decoder-only transformer with swappable norm placement, in plain PyTorch.
+
+Reads top to bottom: RoPE, attention, SwiGLU MLP, the norms around a residual branch, the block, the model.
+The model knows nothing about devices, meshes or precision: parallel/ wraps it from outside. It is built on the
+meta device and materialized with `init_weights()`, and its layers live in a ModuleDict keyed by layer index so
+that pipeline stages can delete layers (or the embedding / final norm / head) and keep stable parameter names.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.config import ModelConfig
+from models.norms import at_least_fp32, build_norm
+from models.placement import NormWiring, layer_wiring
+
+
+# --- Rotary position embedding (the "rotate half" layout used by Hugging Face Llama checkpoints) ---------------
+
+def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:
+    """(max_seq_len, head_dim) table holding cos in the first half of the last dim and sin in the second half.
+
+    Computed in float64 and stored in fp32 (bf16 angles lose whole radians at long positions)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float64), inv_freq)
+    return torch.cat([angles.cos(), angles.sin()], dim=-1).float()
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate x of shape (batch, seq, heads, head_dim) by position; computed in fp32."""
+    cos, sin = table.chunk(2, dim=-1)
+    cos = torch.cat([cos, cos], dim=-1)[None, :, None, :]
+    sin = torch.cat([sin, sin], dim=-1)[None, :, None, :]
+    x32 = at_least_fp32(x)
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+# --- Sublayers -------------------------------------------------------------------------------------------------
+
+class Attention(nn.Module):
+    """Causal grouped-query self-attention with optional per-head QK-norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        make_head_norm = lambda: build_norm(cfg.norm, cfg.head_dim, cfg.norm_eps, cfg.norm_bias)  # noqa: E731
+        self.q_norm = make_head_norm() if cfg.qk_norm else nn.Identity()
+        self.k_norm = make_head_norm() if cfg.qk_norm else nn.Identity()
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        # -1 heads: under tensor parallelism each rank holds a slice of the heads.
+        q = self.q_norm(self.q_proj(x).view(batch, seq, -1, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(batch, seq, -1, self.head_dim))
+        v = self.v_proj(x).view(batch, seq, -1, self.head_dim)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            is_causal=True, enable_gqa=q.shape[2] != k.shape[2],
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --- Norm placement around one residual branch -------------------------------------------------------------------
+
+class SublayerNorms(nn.Module):
+    """x -> post(x + output(F(input(x)))), each norm present or Identity as the layer's NormWiring says."""
+
+    def __init__(self, wiring: NormWiring, cfg: ModelConfig):
+        super().__init__()
+        self.wiring = wiring
+        make = lambda present: build_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias) if present else nn.Identity()  # noqa: E731
+        self.input = make(wiring.input_norm)
+        self.output = make(wiring.output_norm)
+        self.post = make(wiring.post_norm)
+
+    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return self.post(x + self.output(sublayer(self.input(x))))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_id: int):
+        super().__init__()
+        wiring = layer_wiring(cfg, layer_id)
+        self.attention = Attention(cfg)
+        self.attention_norms = SublayerNorms(wiring, cfg)
+        self.feed_forward = FeedForward(cfg)
+        self.ffn_norms = SublayerNorms(wiring, cfg)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+        x = self.attention_norms(x, lambda h: self.attention(h, rope))
+        return self.ffn_norms(x, self.feed_forward)
+
+
+# --- The model ---------------------------------------------------------------------------------------------------
+
+class Transformer(nn.Module):
+    """tokens (batch, seq) -> logits (batch, seq, vocab).
+
+    A pipeline stage may set `tok_embeddings`, `norm` or `output` to None and delete entries of `layers`; the
+    forward then takes / returns hidden states instead of tokens / logits.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if not cfg.vocab_size:
+            raise ValueError("model.vocab_size must be set before building the model")
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.embed_norm = build_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias) if cfg.embed_norm else nn.Identity()
+        self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
+        self.norm = build_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Derived from the config, so not saved in checkpoints; recomputed by init_weights() after meta init.
+        self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the head; must be redone after `to_empty()`, which unties parameters."""
+        if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.embed_norm(self.tok_embeddings(tokens)) if self.tok_embeddings is not None else tokens
+        seq = h.shape[1]
+        if seq > self.rope.shape[0]:
+            raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.rope.shape[0]}")
+        rope = self.rope[:seq]
+        for layer in self.layers.values():
+            h = layer(h, rope)
+        h = self.norm(h) if self.norm is not None else h
+        return self.output(h) if self.output is not None else h
+
+    @torch.no_grad()
+    def init_weights(self, buffer_device: torch.device | None = None) -> None:
+        """Fill every parameter (after `to_empty()`) and rebuild the RoPE table; seed the RNG first to reproduce."""
+        cfg = self.cfg
+        device = buffer_device or self.rope.device
+        self.rope = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        self.tie_weights()
+        # Output projections write into the residual stream; GPT-2 style depth scaling keeps its variance O(1).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.depth_scaled_init else cfg.init_std
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                is_out_proj = name.endswith(("o_proj", "down_proj"))
+                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out_proj else cfg.init_std)
+            elif hasattr(module, "reset_parameters") and module is not self:
+                module.reset_parameters()
+
+
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Unique parameters (tied weights counted once); optionally without the input embedding table."""
+    params = {id(p): p for p in model.parameters()}
+    if exclude_embeddings:
+        for module in model.modules():
+            if isinstance(module, nn.Embedding):
+                params.pop(id(module.weight), None)
+    return sum(p.numel() for p in params.values())
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * (matmul parameters) + 12 * layers * dim * seq for attention scores (PaLM)."""
+    attn = cfg.dim * (cfg.n_heads + 2 * cfg.kv_heads) * cfg.head_dim + cfg.n_heads * cfg.head_dim * cfg.dim
+    mlp = 3 * cfg.dim * cfg.hidden_dim
+    head = cfg.dim * cfg.vocab_size
+    return 6 * (cfg.n_layers * (attn + mlp) + head) + 12 * cfg.n_layers * cfg.dim * seq_len

@@ -1,0 +1,79 @@
+"""Process-group setup and the few collectives the trainer needs.
+
+Backend and device come from the hardware: NCCL on CUDA GPUs, gloo on CPU. Nothing else in the stack names either.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None when running as a single process without torchrun
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def env_rank() -> int:
+    """This process's global rank as the launcher set it (0 when not launched by torchrun/srun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def pick_device(local_rank: int = 0) -> tuple[torch.device, str]:
+    """(device, process-group backend) for this machine."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank % torch.cuda.device_count()), "nccl"
+    return torch.device("cpu"), "gloo"
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), else run as a single process."""
+    rank, world_size = env_rank(), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device, backend = pick_device(local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" not in os.environ:
+        return DistInfo(0, 0, 1, device, None)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, local_rank, world_size, device, backend)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few Python floats over all ranks (one collective), in float64."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    """`obj` from rank `src` on every rank (used to agree on paths and error messages)."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

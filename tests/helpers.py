@@ -1,0 +1,60 @@
+"""Shared test helpers: run the real CLI (single process or under torchrun) and read what a run wrote."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model small enough that a training step takes milliseconds on one CPU core.
+MICRO_MODEL = ["model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+               "model.ffn_hidden_dim=128", "model.max_seq_len=64", "data.seq_len=32", "training.batch_size=8",
+               "training.warmup_steps=2", "training.lr=3e-3", "logging.every=1", "logging.tensorboard=false",
+               "eval.steps=2"]
+
+
+def _env(extra: dict | None = None) -> dict:
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """`normtron ARGS` in a subprocess, as a user runs it."""
+    result = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd or REPO, env=_env(env),
+                            capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"normtron {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def run_torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 600,
+                 check: bool = True) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node N -m trainer ARGS`: the one launcher every multi-process test uses."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "trainer", *args]
+    result = subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"torchrun x{nproc} {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(training rows, eval rows) of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file below root, to prove a failed command left it untouched."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}

@@ -1,0 +1,81 @@
+"""Config loading: YAML + dotted overrides into typed dataclasses, with errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from trainer.config import all_keys, config_from_dict, config_to_dict, dump_config, load_config, validate
+from trainer.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  dim: 128\n  placement: post\ntraining:\n  lr: 1e-3\n")
+    cfg = load_config(path, ["model.placement=peri", "training.steps=7", "model.qk_norm=true",
+                             "training.micro_batch_size=null", "run.name=abc"])
+    assert cfg.model.dim == 128 and cfg.model.placement == "peri" and cfg.training.steps == 7
+    assert cfg.training.lr == 1e-3 and isinstance(cfg.training.lr, float)  # YAML reads 1e-3 as a string
+    assert cfg.model.qk_norm is True and cfg.training.micro_batch_size is None and cfg.run.name == "abc"
+
+
+def test_every_field_is_overridable_and_round_trips():
+    cfg = load_config(None)
+    data = config_to_dict(cfg)
+    assert len(all_keys()) == sum(len(v) for v in data.values())
+    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
+    assert config_to_dict(again) == data
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.n_layer=3", "unknown config key 'model.n_layer' (did you mean 'model.n_layers'?)"),
+    ("trainng.lr=1", "unknown config key 'trainng.lr' (did you mean 'training.lr'?)"),
+    ("training.steps=abc", "training.steps expects int, got 'abc' (str)"),
+    ("training.steps=1.5", "training.steps expects int"),
+    ("model.qk_norm=3", "model.qk_norm expects bool"),
+    ("model.dim=true", "model.dim expects int"),
+    ("model.placement=sandwich", "model.placement='sandwich' is not allowed; choose one of pre, post, peri, mix"),
+    ("model.norm=batchnorm", "choose one of rmsnorm, layernorm"),
+    ("training.schedule=linear", "choose one of cosine, wsd, constant"),
+    ("model.dim=null", "model.dim must not be null"),
+    ("training.lr", "is not of the form section.key=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.dim=100", "model.n_heads=3"], "model.n_heads=3 does not divide model.dim=100"),
+    (["model.n_heads=4", "model.n_kv_heads=3"], "model.n_kv_heads=3 does not divide model.n_heads=4"),
+    (["model.dim=36", "model.n_heads=4"], "RoPE needs an even head size"),
+    (["training.batch_size=6"], "training.batch_size=6 must be a multiple of ranks (4)"),
+    (["training.batch_size=8", "training.micro_batch_size=3"], "must be a multiple of ranks (4)"),
+    (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len=2048"),
+    (["parallel.tp=2"], "is not available yet"),
+    (["parallel.dp_shard=2"], "parallel.dp_shard=2 does not match the 4 launched ranks"),
+    (["model.mix_alpha=1.5"], "model.mix_alpha=1.5 must lie in [0, 1]"),
+])
+def test_validation_names_the_key(overrides, message):
+    with pytest.raises(UserError) as err:
+        validate(load_config(None, overrides), world_size=4)
+    assert message in str(err.value)
+
+
+def test_unknown_section_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("modle:\n  dim: 8\n")
+    with pytest.raises(UserError, match="unknown config key 'modle' \\(did you mean 'model'\\?\\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("name", ["tiny", "125m", "350m", "1b", "3b", "7b"])
+def test_shipped_configs_load_and_validate(name):
+    cfg = load_config(REPO / "configs" / f"{name}.yaml")
+    validate(cfg, world_size=1)
+    assert cfg.run.name

@@ -1,0 +1,1 @@
+"""Config, data preparation, training loop, checkpoints and the `normtron` CLI."""

@@ -1,0 +1,101 @@
+"""Checkpoints with torch.distributed.checkpoint (DCP): model, optimizer and trainer state (step, scheduler, data
+position, RNG) in `checkpoints/step_XXXXXXXX/`.
+
+State-dict keys are the plain model's parameter names (wrappers stripped by DCP's get_state_dict), so a checkpoint
+does not depend on the layout that wrote it. Each checkpoint is written into `step_XXXXXXXX.tmp` and renamed into
+place only when every rank has finished, so a directory named `step_XXXXXXXX` is always complete; leftovers of an
+interrupted save are removed on the next start. The resolved config and the tokenizer are copied in, so a
+checkpoint directory is self-contained for conversion.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.stateful import Stateful
+
+from parallel.distributed import DistInfo, barrier
+
+@contextlib.contextmanager
+def _single_process_ok():
+    """DCP warns on every single-process save/load; that is a supported mode here, not a mistake."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        yield
+
+
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under `root`, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return sorted(f for f in found if (f[1] / ".metadata").is_file())
+
+
+class Checkpointer:
+    def __init__(self, run_dir: Path, keep_last: int, dist_info: DistInfo):
+        self.root = Path(run_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.dist = dist_info
+
+    def latest(self) -> Path | None:
+        found = complete_checkpoints(self.root)
+        return found[-1][1] if found else None
+
+    def remove_partial(self) -> None:
+        """Delete `*.tmp` directories left by a save that was interrupted (rank 0; call before any save)."""
+        if self.dist.is_main and self.root.is_dir():
+            for path in self.root.glob("*.tmp"):
+                shutil.rmtree(path, ignore_errors=True)
+        barrier()
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful,
+             extra_files: dict[str, Path]) -> Path:
+        final = self.root / checkpoint_dir_name(step)
+        if final.exists():  # already saved this step (e.g. periodic and final save coincide)
+            return final
+        tmp = final.with_name(final.name + ".tmp")
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        barrier()
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        with _single_process_ok():
+            dcp.save({"model": model_sd, "optimizer": optim_sd, "train": train_state}, checkpoint_id=tmp,
+                     no_dist=not torch.distributed.is_initialized())
+        barrier()
+        if self.dist.is_main:
+            for name, src in extra_files.items():
+                shutil.copy2(src, tmp / name)
+            tmp.rename(final)
+            self._prune()
+        barrier()
+        return final
+
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "train": train_state}
+        with _single_process_ok():
+            dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+    def _prune(self) -> None:
+        if self.keep_last > 0:
+            for _, path in complete_checkpoints(self.root)[:-self.keep_last]:
+                shutil.rmtree(path, ignore_errors=True)

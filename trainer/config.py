@@ -1,0 +1,268 @@
+"""Training configuration: typed dataclasses are the source of truth, YAML files and `key.sub=value` overrides only
+change their fields. Every value is checked once, up front, with errors that name the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from models.config import ModelConfig, config_field
+from trainer.errors import UserError
+
+
+@dataclass
+class RunConfig:
+    name: str = config_field("run", "run name; the run directory is <output_dir>/<name>")
+    output_dir: str = config_field("runs", "directory that holds run directories")
+    seed: int = config_field(0, "seed for initialization and data order")
+
+
+@dataclass
+class DataConfig:
+    dir: str = config_field("data/shakespeare", "directory written by `normtron prepare-data`")
+    seq_len: int = config_field(256, "tokens per training sequence")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = config_field(1000, "optimizer steps to train for")
+    batch_size: int = config_field(32, "global batch size in sequences (over all data-parallel ranks)")
+    micro_batch_size: Optional[int] = config_field(
+        None, "sequences per rank per forward/backward; batch_size/(ranks*micro_batch_size) steps are accumulated "
+              "(null = no accumulation)")
+    lr: float = config_field(1e-3, "peak learning rate")
+    min_lr_ratio: float = config_field(0.1, "final learning rate as a fraction of lr (cosine and wsd)")
+    schedule: str = config_field("cosine", "learning-rate schedule after warmup", ("cosine", "wsd", "constant"))
+    warmup_steps: int = config_field(100, "linear warmup steps")
+    decay_fraction: float = config_field(0.2, "wsd: fraction of steps spent in the final linear decay")
+    weight_decay: float = config_field(0.1, "AdamW weight decay (never on norms, biases or embeddings)")
+    beta1: float = config_field(0.9, "AdamW beta1")
+    beta2: float = config_field(0.95, "AdamW beta2")
+    adam_eps: float = config_field(1e-8, "AdamW epsilon")
+    grad_clip: float = config_field(1.0, "clip the global gradient norm to this value (0 = off)")
+    precision: str = config_field("fp32", "compute precision: fp32, or bf16 autocast with fp32 master weights",
+                                  ("fp32", "bf16"))
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = config_field(500, "save a checkpoint every N steps (and at the end)")
+    keep_last: int = config_field(2, "keep only the newest N checkpoints (0 = keep all)")
+
+
+@dataclass
+class EvalConfig:
+    every: int = config_field(250, "evaluate on val.bin every N steps (and at the end)")
+    steps: int = config_field(10, "batches of training.batch_size sequences per evaluation (capped by val.bin)")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = config_field(10, "print and record training metrics every N steps")
+    tensorboard: bool = config_field(True, "write TensorBoard events into the run directory")
+    peak_tflops: Optional[float] = config_field(
+        None, "peak device TFLOP/s for MFU (null = look up known GPUs; no MFU when unknown)")
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = config_field("ddp", "data-parallel implementation", ("ddp", "fsdp", "deepspeed"))
+    dp_replicate: int = config_field(1, "replicated data-parallel degree (FSDP/HSDP)")
+    dp_shard: int = config_field(-1, "sharded data-parallel degree (-1 = all remaining ranks)")
+    zero_stage: int = config_field(0, "DeepSpeed ZeRO stage", (0, 1, 2, 3))
+    tp: int = config_field(1, "tensor-parallel degree")
+    pp: int = config_field(1, "pipeline-parallel degree")
+    pp_schedule: str = config_field("1F1B", "pipeline schedule")
+
+
+@dataclass
+class Config:
+    run: RunConfig = dataclasses.field(default_factory=RunConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+# --- Loading -----------------------------------------------------------------------------------------------------
+
+def _fields(section: Any) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(section)}
+
+
+def all_keys(cfg: Config | None = None) -> list[str]:
+    cfg = cfg or Config()
+    return [f"{s}.{k}" for s in _fields(cfg) for k in _fields(getattr(cfg, s))]
+
+
+def _unknown_key(key: str, known: list[str]) -> UserError:
+    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; known keys: {', '.join(known)}"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+_INVALID = object()
+
+
+def _as_type(value: Any, base: type) -> Any:
+    """`value` as `base`, or _INVALID; numeric strings such as '3e-4' (which YAML leaves as str) are accepted."""
+    if base is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        return value if isinstance(value, bool) else _INVALID
+    if isinstance(value, bool):  # YAML's `true` where a number or name belongs is a mistake, not 1
+        return _INVALID
+    if base is str:
+        return str(value) if isinstance(value, (str, int, float)) else _INVALID
+    if base is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, (int, float)) and not (base is int and isinstance(value, float)):
+        return base(value)
+    if isinstance(value, str):
+        try:
+            return base(value)
+        except ValueError:
+            return _INVALID
+    return _INVALID
+
+
+def _coerce(key: str, value: Any, field: dataclasses.Field, hint: Any) -> Any:
+    """Check `value` against the field's type hint and allowed values."""
+    optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
+    base = next(a for a in typing.get_args(hint) if a is not type(None)) if optional else hint
+    if value is None:
+        if optional:
+            return None
+        raise UserError(f"{key} must not be null (expected {base.__name__})")
+    parsed = _as_type(value, base)
+    if parsed is _INVALID:
+        wanted = f"{base.__name__} or null" if optional else base.__name__
+        raise UserError(f"{key} expects {wanted}, got {value!r} ({type(value).__name__})")
+    choices = field.metadata.get("choices")
+    if choices and parsed not in choices:
+        raise UserError(f"{key}={parsed!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+    return parsed
+
+
+def set_key(cfg: Config, key: str, value: Any) -> None:
+    """Set `section.field` to `value` after type checking; unknown keys suggest the closest known key."""
+    parts = key.split(".")
+    if len(parts) != 2 or parts[0] not in _fields(cfg) or parts[1] not in _fields(getattr(cfg, parts[0])):
+        raise _unknown_key(key, all_keys(cfg))
+    section = getattr(cfg, parts[0])
+    hint = typing.get_type_hints(type(section))[parts[1]]
+    setattr(section, parts[1], _coerce(key, value, _fields(section)[parts[1]], hint))
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `section.key=value` overrides (values parsed as YAML)."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise UserError(f"config file {path} must be a mapping of sections (run:, data:, model:, ...)")
+        for section, values in data.items():
+            if section not in _fields(cfg):
+                raise _unknown_key(str(section), list(_fields(cfg)))
+            if not isinstance(values, dict):
+                raise UserError(f"section '{section}' in {path} must be a mapping of keys to values")
+            for key, value in values.items():
+                set_key(cfg, f"{section}.{key}", value)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise UserError(f"override '{item}' is not of the form section.key=value (e.g. training.lr=3e-4)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        set_key(cfg, key.strip(), value)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    cfg = Config()
+    for section, values in data.items():
+        for key, value in values.items():
+            set_key(cfg, f"{section}.{key}", value)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def describe_keys() -> str:
+    """Every config key with its default and help, for `normtron train --help`."""
+    cfg, lines = Config(), []
+    for section in _fields(cfg):
+        lines.append(f"{section}:")
+        for name, field in _fields(getattr(cfg, section)).items():
+            default = getattr(getattr(cfg, section), name)
+            choices = field.metadata.get("choices")
+            extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+            lines.append(f"  {section}.{name} = {default!r}{extra}\n      {field.metadata.get('help', '')}")
+    return "\n".join(lines)
+
+
+# --- Validation ----------------------------------------------------------------------------------------------------
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Cross-field checks that need no data on disk; raises UserError naming the key."""
+    try:
+        cfg.model.validate()
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    t = cfg.training
+    positive = {"training.steps": t.steps, "training.batch_size": t.batch_size, "data.seq_len": cfg.data.seq_len,
+                "checkpoint.every": cfg.checkpoint.every, "eval.every": cfg.eval.every,
+                "eval.steps": cfg.eval.steps, "logging.every": cfg.logging.every, "training.lr": t.lr}
+    for key, value in positive.items():
+        if value <= 0:
+            raise UserError(f"{key}={value} must be positive")
+    if t.warmup_steps < 0:
+        raise UserError(f"training.warmup_steps={t.warmup_steps} must be >= 0")
+    if not 0.0 <= t.min_lr_ratio <= 1.0 or not 0.0 < t.decay_fraction <= 1.0:
+        raise UserError("training.min_lr_ratio must lie in [0, 1] and training.decay_fraction in (0, 1]")
+    if cfg.checkpoint.keep_last < 0:
+        raise UserError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 0 (0 keeps every checkpoint)")
+    if cfg.data.seq_len > cfg.model.max_seq_len:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
+                        f"raise model.max_seq_len or shorten data.seq_len")
+    p = cfg.parallel
+    if p.backend != "ddp" or p.tp != 1 or p.pp != 1 or p.zero_stage != 0 or p.dp_replicate != 1:
+        raise UserError(f"parallel.backend={p.backend} with tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage}, "
+                        f"dp_replicate={p.dp_replicate} is not available yet; this version trains with "
+                        f"parallel.backend=ddp and tp=pp=dp_replicate=1, zero_stage=0")
+    if p.dp_shard not in (-1, world_size):
+        raise UserError(f"parallel.dp_shard={p.dp_shard} does not match the {world_size} launched ranks; "
+                        f"set it to -1 (all ranks) or launch {p.dp_shard} processes")
+    micro = t.micro_batch_size or t.batch_size // world_size
+    if micro < 1 or t.batch_size % (world_size * micro):
+        raise UserError(f"training.batch_size={t.batch_size} must be a multiple of ranks ({world_size}) x "
+                        f"training.micro_batch_size ({t.micro_batch_size or 'auto'}); adjust either")

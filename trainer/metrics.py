@@ -1,0 +1,132 @@
+"""One metrics interface, several sinks: the progress line (stdout and train.log), metrics.jsonl, TensorBoard.
+
+Only rank 0 writes. On resume, rows past the resumed step (from the interrupted attempt) are dropped from
+metrics.jsonl and TensorBoard, so each step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+LOG = logging.getLogger("normtron")
+
+
+def setup_logging(is_main: bool, log_file: Path | None = None) -> None:
+    """Rank 0 logs INFO to stdout (and `log_file`); other ranks only warnings, so output is not duplicated."""
+    LOG.handlers.clear()
+    LOG.propagate = False
+    LOG.setLevel(logging.INFO if is_main else logging.WARNING)
+    formatter = logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(formatter)
+    LOG.addHandler(stream)
+    if log_file is not None and is_main:
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(formatter)
+        LOG.addHandler(handler)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else f"{m}m{s:02d}s"
+
+
+def progress_line(row: dict, total_steps: int) -> str:
+    if "val_loss" in row:
+        return f"eval  step {row['step']} | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.2f}"
+    width = len(str(total_steps))
+    parts = [f"step {row['step']:>{width}}/{total_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
+             f"grad {row['grad_norm']:.3f}", f"{row['tokens_per_sec']:,.0f} tok/s"]
+    if "mfu" in row:
+        parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    parts.append(f"ETA {format_duration(row['eta_s'])}")
+    return " | ".join(parts)
+
+
+class JsonlSink:
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        if path.exists():  # keep only what the resumed checkpoint already covers
+            kept = [line for line in path.read_text().splitlines() if line.strip() and _step(line) <= resume_step]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (json.JSONDecodeError, AttributeError, ValueError):
+        return 1 << 62  # a torn last line from a crash: drop it
+
+
+class TensorBoardSink:
+    def __init__(self, log_dir: Path, resume_step: int):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, row: dict) -> None:
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                group = "eval" if key.startswith("val_") else "train"
+                self.writer.add_scalar(f"{group}/{key}", value, row["step"])
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MetricsLogger:
+    """Fans each metrics row out to the progress line, metrics.jsonl and TensorBoard (rank 0 only)."""
+
+    def __init__(self, run_dir: Path, total_steps: int, resume_step: int, is_main: bool, tensorboard: bool):
+        self.total_steps = total_steps
+        self.sinks = []
+        if is_main:
+            self.sinks.append(JsonlSink(run_dir / "metrics.jsonl", resume_step))
+            if tensorboard:
+                self.sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
+
+    def log(self, row: dict) -> None:
+        LOG.info(progress_line(row, self.total_steps))
+        row = {k: v for k, v in row.items() if k != "eta_s"}
+        for sink in self.sinks:
+            sink.write(row)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+
+
+# Dense bf16 peak FLOP/s of common accelerators, matched against torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0,
+                    "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0, "RTX 4090": 165.0}
+
+
+def device_peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
+    """Peak FLOP/s of one device for MFU, or None when unknown (e.g. CPUs)."""
+    if override_tflops:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None

@@ -1,0 +1,293 @@
+"""`normtron train`: config -> distributed setup -> model on meta -> init -> parallelize -> data -> loop -> checkpoints.
+
+Each arrow is one function below, called in order from `train()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
+
+from models import Transformer, count_parameters, flops_per_token
+from parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from parallel.parallelize import apply_ddp
+from trainer.checkpoint import Checkpointer
+from trainer.config import Config, config_to_dict, dump_config, validate
+from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
+from trainer.errors import UserError
+from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
+from trainer.optim import build_lr_scheduler, build_optimizer
+from trainer.prepare import unigram_baseline
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val_loss: float
+    checkpoint: Path | None
+
+
+def train(cfg: Config) -> TrainResult:
+    dist_info = init_distributed()
+    try:
+        return _train(cfg, dist_info)
+    finally:
+        shutdown_distributed()
+
+
+def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
+    # Every check that can fail on user input runs before anything is written.
+    validate(cfg, dist_info.world_size)
+    meta = load_data_meta(cfg.data.dir)
+    resolve_vocab_size(cfg, meta)
+    train_tokens = open_tokens(cfg.data.dir, "train", meta)
+    val_tokens = open_tokens(cfg.data.dir, "val", meta)
+    batches = TrainBatches(train_tokens, cfg.data.seq_len, cfg.training.batch_size, dist_info.rank,
+                           dist_info.world_size, cfg.run.seed)
+    val_windows = eval_windows(val_tokens, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size,
+                               dist_info.rank, dist_info.world_size)
+    run_dir = prepare_run_dir(cfg, dist_info)
+    setup_logging(dist_info.is_main)
+
+    model = build_model(cfg, dist_info.device)
+    model_summary = describe_model(cfg, model)
+    model = apply_ddp(model, dist_info)
+    optimizer = build_optimizer(model, cfg.training)
+    scheduler = build_lr_scheduler(optimizer, cfg.training)
+    state = TrainState(scheduler, batches)
+
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, dist_info)
+    checkpointer.remove_partial()
+    if (latest := checkpointer.latest()) is not None:
+        checkpointer.load(latest, model, optimizer, state)
+    # The run has started cleanly: from here on it writes into its directory.
+    write_resolved_config(cfg, run_dir, dist_info)
+    setup_logging(dist_info.is_main, run_dir / "train.log")
+    LOG.info(f"run {run_dir} | {dist_info.world_size} rank(s) on {dist_info.device.type} "
+             f"({dist_info.backend or 'single process'})")
+    LOG.info(model_summary)
+    if latest is not None:
+        LOG.info(f"resumed from {latest} at step {state.step}")
+
+    loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, state, checkpointer, val_tokens, val_windows,
+                     run_dir, meta)
+    return loop.run()
+
+
+# --- Setup steps -------------------------------------------------------------------------------------------------
+
+def resolve_vocab_size(cfg: Config, meta: dict) -> None:
+    vocab = meta["vocab_size"]
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = vocab
+    elif cfg.model.vocab_size < vocab:
+        raise UserError(f"the tokenizer in {cfg.data.dir} has {vocab} tokens but model.vocab_size="
+                        f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab} (or null to use the tokenizer's)")
+
+
+def prepare_run_dir(cfg: Config, dist_info: DistInfo) -> Path:
+    """Check the run directory can be used (every rank, same answer), then rank 0 creates it."""
+    output_dir, run_dir = Path(cfg.run.output_dir), cfg.run_dir
+    for path, key in ((output_dir, "run.output_dir"), (run_dir, "run.name")):
+        if path.exists() and not path.is_dir():
+            raise UserError(f"{key}: {path} exists and is a file, not a directory; choose another {key}")
+    saved = run_dir / "config.yaml"
+    if saved.is_file():
+        previous = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+        current = config_to_dict(cfg)["model"]
+        changed = sorted(k for k in current if previous.get(k) != current[k])
+        if changed:
+            diffs = ", ".join(f"model.{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
+            raise UserError(f"{run_dir} holds a run with a different model ({diffs}); use another run.name to "
+                            f"start a new run")
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    return run_dir
+
+
+def write_resolved_config(cfg: Config, run_dir: Path, dist_info: DistInfo) -> None:
+    """config.yaml with every value resolved; written only once the run has started (or resumed) cleanly."""
+    if dist_info.is_main:
+        tmp = run_dir / "config.yaml.tmp"
+        tmp.write_text(dump_config(cfg))
+        os.replace(tmp, run_dir / "config.yaml")
+    barrier()
+
+
+def build_model(cfg: Config, device: torch.device) -> Transformer:
+    """Construct on the meta device (no memory), then allocate on `device` and initialize from the run seed."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    model.to_empty(device=device)
+    torch.manual_seed(cfg.run.seed)
+    model.init_weights()
+    return model
+
+
+def describe_model(cfg: Config, model: nn.Module) -> str:
+    m = cfg.model
+    total, non_emb = count_parameters(model), count_parameters(model, exclude_embeddings=True)
+    return (f"model: {total / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M non-embedding) | {m.n_layers} layers, "
+            f"dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), vocab {m.vocab_size} | norm {m.norm}, placement "
+            f"{m.placement}{f' (alpha {m.mix_alpha})' if m.placement == 'mix' else ''}"
+            f"{', qk_norm' if m.qk_norm else ''}{', embed_norm' if m.embed_norm else ''} | "
+            f"precision {cfg.training.precision}")
+
+
+class TrainState(Stateful):
+    """Everything besides model and optimizer that a resume needs: step, tokens, schedule, data position, RNG."""
+
+    def __init__(self, scheduler, batches: TrainBatches):
+        self.scheduler, self.batches = scheduler, batches
+        self.step, self.tokens_seen = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                "data": self.batches.state_dict(), "rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.batches.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"])
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token-level cross entropy, always in fp32."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+# --- The loop ----------------------------------------------------------------------------------------------------
+
+class TrainLoop:
+    def __init__(self, cfg: Config, dist_info: DistInfo, model, optimizer, scheduler, state: TrainState,
+                 checkpointer: Checkpointer, val_tokens: np.ndarray, val_windows: np.ndarray, run_dir: Path,
+                 meta: dict):
+        self.cfg, self.dist, self.model = cfg, dist_info, model
+        self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
+        self.checkpointer, self.run_dir, self.meta = checkpointer, run_dir, meta
+        self.val_tokens, self.val_windows = val_tokens, val_windows
+        t = cfg.training
+        local_batch = t.batch_size // dist_info.world_size
+        self.micro_batch = t.micro_batch_size or local_batch
+        self.accum_steps = local_batch // self.micro_batch
+        self.tokens_per_step = t.batch_size * cfg.data.seq_len
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops)
+        self.autocast = (torch.autocast(dist_info.device.type, dtype=torch.bfloat16)
+                         if t.precision == "bf16" else contextlib.nullcontext())
+        self.extra_files = {"config.yaml": run_dir / "config.yaml",
+                            "tokenizer.model": Path(cfg.data.dir) / "tokenizer.model"}
+
+    def run(self) -> TrainResult:
+        cfg, state = self.cfg, self.state
+        metrics = MetricsLogger(self.run_dir, cfg.training.steps, state.step, self.dist.is_main,
+                                cfg.logging.tensorboard)
+        start_step, started = state.step, time.time()
+        if start_step >= cfg.training.steps:
+            LOG.info(f"run already complete at step {start_step} (training.steps={cfg.training.steps})")
+        else:
+            LOG.info(f"training steps {start_step + 1}..{cfg.training.steps}: {self.tokens_per_step:,} tokens/step "
+                     f"({cfg.training.batch_size} x {cfg.data.seq_len}), {self.accum_steps} micro-batch(es) of "
+                     f"{self.micro_batch} per rank")
+        last_time, last_step = time.time(), start_step
+        val_loss, saved = float("nan"), self.checkpointer.latest()
+        try:
+            while state.step < cfg.training.steps:
+                loss_sum, grad_norm, lr = self.train_step()
+                state.step += 1
+                state.tokens_seen += self.tokens_per_step
+                step = state.step
+                if step % cfg.logging.every == 0 or step == cfg.training.steps:
+                    loss = all_reduce_sum([loss_sum], self.dist.device)[0] / self.dist.world_size
+                    now = time.time()
+                    step_time = (now - last_time) / (step - last_step)
+                    row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_sec": self.tokens_per_step / step_time, "tokens_seen": state.tokens_seen,
+                           "elapsed_s": now - started, "eta_s": step_time * (cfg.training.steps - step)}
+                    if self.peak_flops:
+                        row["mfu"] = (row["tokens_per_sec"] * self.flops_per_token
+                                      / (self.peak_flops * self.dist.world_size))
+                    metrics.log(row)
+                    if not math.isfinite(loss):
+                        raise UserError(f"loss became {loss} at step {step}; lower training.lr or raise "
+                                        f"training.warmup_steps (the last checkpoint is intact)")
+                    last_time, last_step = time.time(), step
+                final = step == cfg.training.steps
+                do_eval, do_save = step % cfg.eval.every == 0 or final, step % cfg.checkpoint.every == 0 or final
+                if do_eval:
+                    val_loss = self.evaluate()
+                    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                if do_save:
+                    saved = self.checkpointer.save(step, self.model, self.optimizer, state, self.extra_files)
+                    LOG.info(f"checkpoint {saved}")
+                if do_eval or do_save:  # keep their time out of the next tokens/s
+                    last_time, last_step = time.time(), step
+            if not math.isfinite(val_loss):  # nothing was trained in this call: report the finished model
+                val_loss = self.evaluate()
+        finally:
+            metrics.close()
+        self.report(val_loss, state.step - start_step, time.time() - started, saved)
+        return TrainResult(self.run_dir, state.step, val_loss, saved)
+
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step over this rank's share of the global batch, with gradient accumulation."""
+        model, device = self.model, self.dist.device
+        model.train()
+        inputs, targets = self.state.batches.next_batch()
+        lr = self.optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)
+        for i, (x, y) in enumerate(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch))):
+            last = i == self.accum_steps - 1
+            no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+            with no_sync:
+                with self.autocast:
+                    logits = model(x.to(device, non_blocking=True))
+                loss = cross_entropy(logits, y.to(device, non_blocking=True)) / self.accum_steps
+                loss.backward()
+            loss_sum += loss.detach()
+        max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum.item(), grad_norm.item(), lr
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean token loss over the fixed validation windows, summed over all ranks."""
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        for chunk in np.array_split(self.val_windows, max(1, math.ceil(len(self.val_windows) / self.micro_batch))):
+            if len(chunk) == 0:
+                continue
+            x, y = stack_windows(self.val_tokens, chunk, self.cfg.data.seq_len)
+            with self.autocast:
+                logits = self.model(x.to(self.dist.device))
+            loss_sum += cross_entropy(logits, y.to(self.dist.device), reduction="sum").item()
+            count += y.numel()
+        self.model.train()
+        loss_sum, count = all_reduce_sum([loss_sum, float(count)], self.dist.device)
+        return loss_sum / count
+
+    def report(self, val_loss: float, steps_run: int, seconds: float, checkpoint: Path | None) -> None:
+        base, base_ppl = unigram_baseline(self.meta)
+        LOG.info(f"done: {steps_run} step(s) in {format_duration(seconds)}")
+        gap = base - val_loss
+        LOG.info(f"validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f}) | unigram baseline "
+                 f"{base:.4f} (ppl {base_ppl:.2f}) | {abs(gap):.4f} nats {'below' if gap >= 0 else 'ABOVE'} "
+                 f"the baseline")
+        LOG.info(f"run directory: {self.run_dir}" + (f" | checkpoint: {checkpoint}" if checkpoint else ""))
