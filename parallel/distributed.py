@@ -69,11 +69,3 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     dist.all_reduce(t)
     return t.tolist()
 
-
-def broadcast_object(obj, src: int = 0):
-    """`obj` from rank `src` on every rank (used to agree on paths and error messages)."""
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]

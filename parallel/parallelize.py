@@ -21,7 +21,3 @@ def apply_ddp(model: nn.Module, dist_info: DistInfo) -> nn.Module:
                       else {"broadcast_buffers": False})
     return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model inside a data-parallel wrapper."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
