@@ -22,6 +22,8 @@ echo "== [3/4] tokenizer and token files -> $DATA"
 normtron prepare-data --input "$CORPUS" --output "$DATA" --vocab-size 4096
 
 echo "== [4/4] pretrain configs/tiny.yaml on $NPROC processes"
+# Check first: a bad override then fails with one line instead of torchrun's report of failed workers.
+normtron train --check --world-size "$NPROC" configs/tiny.yaml "data.dir=$DATA" "$@"
 # Split the cores between the processes (torchrun would otherwise force 1 thread each, with a warning).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 torchrun --standalone --nproc-per-node "$NPROC" --no-python normtron train configs/tiny.yaml "data.dir=$DATA" "$@"

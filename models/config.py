@@ -34,6 +34,9 @@ class ModelConfig:
                                   "peri x+N(F(N(x))), mix (first floor(mix_alpha*L) layers post, rest pre)",
                                   tuple(PLACEMENTS))
     mix_alpha: float = config_field(0.25, "fraction of Post-LN layers at the bottom for placement=mix (Mix-LN)")
+    layer_placements: Optional[list[str]] = config_field(
+        None, "one placement per layer, overriding placement (e.g. [post, pre, pre, pre] or post,pre,pre,pre)",
+        tuple(p for p in PLACEMENTS if p != "mix"))
     qk_norm: bool = config_field(False, "normalize queries and keys per head before RoPE")
     embed_norm: bool = config_field(False, "normalize the embedding output (Peri-LN uses this)")
     rope_theta: float = config_field(10000.0, "RoPE base frequency")
@@ -74,6 +77,9 @@ class ModelConfig:
                              f"each key/value head must serve a whole number of query heads")
         if self.head_dim % 2:
             raise ValueError(f"model.dim/model.n_heads = {self.head_dim} is odd; RoPE needs an even head size")
+        if self.layer_placements is not None and len(self.layer_placements) != self.n_layers:
+            raise ValueError(f"model.layer_placements lists {len(self.layer_placements)} placements for "
+                             f"model.n_layers={self.n_layers} layers; give exactly one per layer")
         if not 0.0 <= self.mix_alpha <= 1.0:
             raise ValueError(f"model.mix_alpha={self.mix_alpha} must lie in [0, 1]")
         if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:

@@ -51,9 +51,10 @@ PLACEMENTS: dict[str, Callable[[int, int, "ModelConfig"], NormWiring]] = {
 
 
 def layer_wiring(cfg: "ModelConfig", layer: int) -> NormWiring:
-    """The norm wiring of block `layer` (0-based) under `cfg.placement`."""
+    """The norm wiring of block `layer` (0-based): from `cfg.layer_placements` when given, else `cfg.placement`."""
+    name = cfg.layer_placements[layer] if cfg.layer_placements else cfg.placement
     try:
-        placement = PLACEMENTS[cfg.placement]
+        placement = PLACEMENTS[name]
     except KeyError:
-        raise ValueError(f"unknown placement {cfg.placement!r}; choose one of {', '.join(PLACEMENTS)}") from None
+        raise ValueError(f"unknown placement {name!r}; choose one of {', '.join(PLACEMENTS)}") from None
     return placement(layer, cfg.n_layers, cfg)

@@ -23,6 +23,17 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.model.qk_norm is True and cfg.training.micro_batch_size is None and cfg.run.name == "abc"
 
 
+def test_per_layer_placements_as_yaml_list_or_comma_string(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  n_layers: 3\n  layer_placements: [post, pre, peri]\n")
+    assert load_config(path).model.layer_placements == ["post", "pre", "peri"]
+    assert load_config(path, ["model.layer_placements=peri,peri,pre"]).model.layer_placements == ["peri", "peri", "pre"]
+    with pytest.raises(UserError, match="give exactly one per layer"):
+        validate(load_config(path, ["model.layer_placements=post,pre"]))
+    with pytest.raises(UserError, match="'mix' is not allowed; choose one of pre, post, peri"):
+        load_config(path, ["model.layer_placements=post,mix,pre"])
+
+
 def test_every_field_is_overridable_and_round_trips():
     cfg = load_config(None)
     data = config_to_dict(cfg)

@@ -142,3 +142,13 @@ def test_resume_with_a_different_model(unchanged):
 def test_resume_with_a_different_sequence_length(unchanged):
     """The data position in the checkpoint no longer fits: refuse, and leave config.yaml as it was."""
     assert_user_error(train(unchanged, "data.seq_len=16"), "resume with the same data and data.seq_len")
+
+
+def test_check_mode_reports_errors_and_writes_nothing(unchanged):
+    from helpers import MICRO_MODEL
+    args = ["train", "--check", TINY, f"data.dir={unchanged / 'data'}", f"run.output_dir={unchanged / 'runs'}",
+            *MICRO_MODEL]
+    ok = run_cli(*args, "run.name=fresh")
+    assert "config OK for 1 rank(s)" in ok.stdout and not (unchanged / "runs" / "fresh").exists()
+    assert "will resume" in run_cli(*args, "run.name=done").stdout
+    assert_user_error(run_cli(*args, "--world-size", "3", check=False), "multiple of ranks (3)")

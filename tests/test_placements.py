@@ -89,12 +89,17 @@ def test_block_matches_formula(placement, norm):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+CUSTOM = ["post", "peri", "pre", "post"]
+
+
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
-@pytest.mark.parametrize("placement,alpha", [("pre", 0), ("post", 0), ("peri", 0), ("mix", 0.25), ("mix", 0.5)])
+@pytest.mark.parametrize("placement,alpha", [("pre", 0), ("post", 0), ("peri", 0), ("mix", 0.25), ("mix", 0.5),
+                                             ("custom", 0)])
 def test_whole_model_matches_formula(placement, alpha, norm):
     """Embedding (+ optional embed norm) -> per-layer formula -> final norm -> head, all from the formulas."""
-    cfg = make_cfg(placement=placement, norm=norm, mix_alpha=alpha or 0.25, n_layers=4,
-                   embed_norm=placement == "peri", qk_norm=True)
+    cfg = make_cfg(placement="pre" if placement == "custom" else placement, norm=norm, mix_alpha=alpha or 0.25,
+                   n_layers=4, embed_norm=placement == "peri", qk_norm=True,
+                   layer_placements=CUSTOM if placement == "custom" else None)
     model = random_model(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 9))
     rope = rope_table(cfg.head_dim, 9, cfg.rope_theta).double()
@@ -103,7 +108,7 @@ def test_whole_model_matches_formula(placement, alpha, norm):
         h = reference_norm(model.embed_norm, h, cfg)
     n_post = num_mix_post_layers(cfg.n_layers, cfg.mix_alpha) if placement == "mix" else 0
     for i, block in enumerate(model.layers.values()):
-        layer_placement = ("post" if i < n_post else "pre") if placement == "mix" else placement
+        layer_placement = {"mix": "post" if i < n_post else "pre", "custom": CUSTOM[i]}.get(placement, placement)
         h = reference_block(block, h, rope, cfg, layer_placement)
     logits = reference_norm(model.norm, h, cfg) @ model.output.weight.T
     torch.testing.assert_close(model(tokens), logits, rtol=1e-12, atol=1e-12)

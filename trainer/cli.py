@@ -46,6 +46,11 @@ def _parser() -> argparse.ArgumentParser:
                     "checkpoints/step_XXXXXXXX/. Re-running the same command resumes from the newest complete\n"
                     "checkpoint. Multi-process: torchrun --nproc-per-node N --no-python normtron train ...",
         epilog="config keys (section.key = default [choices]):\n" + describe_keys())
+    p.add_argument("--check", action="store_true",
+                   help="only check the config, data and run directory (as a launch would) and exit; useful "
+                        "before torchrun/sbatch, whose output buries a one-line error")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --check: the number of ranks to check for (default $WORLD_SIZE or 1)")
     p.add_argument("config", metavar="CONFIG.yaml", help="YAML file with any of the sections below")
     p.add_argument("overrides", nargs="*", metavar="section.key=value",
                    help="override a config value (parsed as YAML)")
@@ -71,9 +76,13 @@ def main(argv: list[str] | None = None) -> int:
                          val_fraction=args.val_fraction)
         elif args.command == "train":
             from trainer.config import load_config
-            from trainer.train import train
+            from trainer.train import check, train
 
-            train(load_config(args.config, args.overrides))
+            cfg = load_config(args.config, args.overrides)
+            if args.check:
+                print(check(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+            else:
+                train(cfg)
         elif args.command == "download-corpus":
             from trainer.corpus import download_corpus
 

@@ -119,8 +119,14 @@ def _unknown_key(key: str, known: list[str]) -> UserError:
 _INVALID = object()
 
 
-def _as_type(value: Any, base: type) -> Any:
-    """`value` as `base`, or _INVALID; numeric strings such as '3e-4' (which YAML leaves as str) are accepted."""
+def _as_type(value: Any, base: Any) -> Any:
+    """`value` as `base`, or _INVALID; numeric strings such as '3e-4' (which YAML leaves as str) are accepted,
+    and a list of strings may also be written comma-separated (handy on the command line)."""
+    if typing.get_origin(base) is list:
+        items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+            return _INVALID
+        return items
     if base is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
@@ -151,11 +157,13 @@ def _coerce(key: str, value: Any, field: dataclasses.Field, hint: Any) -> Any:
         raise UserError(f"{key} must not be null (expected {base.__name__})")
     parsed = _as_type(value, base)
     if parsed is _INVALID:
-        wanted = f"{base.__name__} or null" if optional else base.__name__
-        raise UserError(f"{key} expects {wanted}, got {value!r} ({type(value).__name__})")
+        wanted = "list of names" if typing.get_origin(base) is list else base.__name__
+        raise UserError(f"{key} expects {wanted}{' or null' if optional else ''}, got {value!r} "
+                        f"({type(value).__name__})")
     choices = field.metadata.get("choices")
-    if choices and parsed not in choices:
-        raise UserError(f"{key}={parsed!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+    for item in parsed if isinstance(parsed, list) else [parsed]:
+        if choices and item not in choices:
+            raise UserError(f"{key}={item!r} is not allowed; choose one of {', '.join(map(str, choices))}")
     return parsed
 
 

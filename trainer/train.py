@@ -48,17 +48,11 @@ def train(cfg: Config) -> TrainResult:
 
 
 def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
-    # Every check that can fail on user input runs before anything is written.
-    validate(cfg, dist_info.world_size)
-    meta = load_data_meta(cfg.data.dir)
-    resolve_vocab_size(cfg, meta)
-    train_tokens = open_tokens(cfg.data.dir, "train", meta)
-    val_tokens = open_tokens(cfg.data.dir, "val", meta)
-    batches = TrainBatches(train_tokens, cfg.data.seq_len, cfg.training.batch_size, dist_info.rank,
-                           dist_info.world_size, cfg.run.seed)
-    val_windows = eval_windows(val_tokens, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size,
-                               dist_info.rank, dist_info.world_size)
-    run_dir = prepare_run_dir(cfg, dist_info)
+    inputs = check_inputs(cfg, dist_info.world_size, dist_info.rank)
+    run_dir = cfg.run_dir
+    if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
     setup_logging(dist_info.is_main)
 
     model = build_model(cfg, dist_info.device)
@@ -66,7 +60,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     model = apply_ddp(model, dist_info)
     optimizer = build_optimizer(model, cfg.training)
     scheduler = build_lr_scheduler(optimizer, cfg.training)
-    state = TrainState(scheduler, batches)
+    state = TrainState(scheduler, inputs.batches)
 
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, dist_info)
     checkpointer.remove_partial()
@@ -81,12 +75,46 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     if latest is not None:
         LOG.info(f"resumed from {latest} at step {state.step}")
 
-    loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, state, checkpointer, val_tokens, val_windows,
-                     run_dir, meta)
+    loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, state, checkpointer, inputs, run_dir)
     return loop.run()
 
 
+def check(cfg: Config, world_size: int) -> str:
+    """`normtron train --check`: every check a launch would make, without writing anything; returns a summary."""
+    inputs = check_inputs(cfg, world_size, rank=0)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    return (f"config OK for {world_size} rank(s): {describe_model(cfg, model)}\n"
+            f"data {cfg.data.dir}: {inputs.meta['train_tokens']:,} train / {inputs.meta['val_tokens']:,} val tokens"
+            f" | run directory {cfg.run_dir}"
+            f"{' (exists: the run will resume)' if cfg.run_dir.exists() else ''}")
+
+
 # --- Setup steps -------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunInputs:
+    """What a run reads from disk, opened and checked before it writes anything."""
+    meta: dict
+    batches: TrainBatches
+    val_tokens: np.ndarray
+    val_windows: np.ndarray
+
+
+def check_inputs(cfg: Config, world_size: int, rank: int) -> RunInputs:
+    """Every check that can fail on user input: the config, the data, and the run directory (same on all ranks)."""
+    validate(cfg, world_size)
+    meta = load_data_meta(cfg.data.dir)
+    resolve_vocab_size(cfg, meta)
+    train_tokens = open_tokens(cfg.data.dir, "train", meta)
+    val_tokens = open_tokens(cfg.data.dir, "val", meta)
+    batches = TrainBatches(train_tokens, cfg.data.seq_len, cfg.training.batch_size, rank, world_size,
+                           cfg.run.seed)
+    val_windows = eval_windows(val_tokens, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size, rank,
+                               world_size)
+    check_run_dir(cfg)
+    return RunInputs(meta, batches, val_tokens, val_windows)
+
 
 def resolve_vocab_size(cfg: Config, meta: dict) -> None:
     vocab = meta["vocab_size"]
@@ -97,8 +125,8 @@ def resolve_vocab_size(cfg: Config, meta: dict) -> None:
                         f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab} (or null to use the tokenizer's)")
 
 
-def prepare_run_dir(cfg: Config, dist_info: DistInfo) -> Path:
-    """Check the run directory can be used (every rank, same answer), then rank 0 creates it."""
+def check_run_dir(cfg: Config) -> None:
+    """The run directory can be created, and an existing run in it has the same model."""
     output_dir, run_dir = Path(cfg.run.output_dir), cfg.run_dir
     for path, key in ((output_dir, "run.output_dir"), (run_dir, "run.name")):
         if path.exists() and not path.is_dir():
@@ -112,10 +140,6 @@ def prepare_run_dir(cfg: Config, dist_info: DistInfo) -> Path:
             diffs = ", ".join(f"model.{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
             raise UserError(f"{run_dir} holds a run with a different model ({diffs}); use another run.name to "
                             f"start a new run")
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
-    return run_dir
 
 
 def write_resolved_config(cfg: Config, run_dir: Path, dist_info: DistInfo) -> None:
@@ -142,7 +166,8 @@ def describe_model(cfg: Config, model: nn.Module) -> str:
     total, non_emb = count_parameters(model), count_parameters(model, exclude_embeddings=True)
     return (f"model: {total / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M non-embedding) | {m.n_layers} layers, "
             f"dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), vocab {m.vocab_size} | norm {m.norm}, placement "
-            f"{m.placement}{f' (alpha {m.mix_alpha})' if m.placement == 'mix' else ''}"
+            f"{','.join(m.layer_placements) if m.layer_placements else m.placement}"
+            f"{f' (alpha {m.mix_alpha})' if m.placement == 'mix' and not m.layer_placements else ''}"
             f"{', qk_norm' if m.qk_norm else ''}{', embed_norm' if m.embed_norm else ''} | "
             f"precision {cfg.training.precision}")
 
@@ -155,6 +180,8 @@ class TrainState(Stateful):
         self.step, self.tokens_seen = 0, 0
 
     def state_dict(self) -> dict:
+        # The CPU generator only: nothing in training draws random numbers on the device (no dropout), and a
+        # device-independent key set lets a GPU checkpoint resume on CPU and back.
         return {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
                 "data": self.batches.state_dict(), "rng": torch.get_rng_state()}
 
@@ -174,12 +201,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 
 class TrainLoop:
     def __init__(self, cfg: Config, dist_info: DistInfo, model, optimizer, scheduler, state: TrainState,
-                 checkpointer: Checkpointer, val_tokens: np.ndarray, val_windows: np.ndarray, run_dir: Path,
-                 meta: dict):
+                 checkpointer: Checkpointer, inputs: RunInputs, run_dir: Path):
         self.cfg, self.dist, self.model = cfg, dist_info, model
         self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
-        self.checkpointer, self.run_dir, self.meta = checkpointer, run_dir, meta
-        self.val_tokens, self.val_windows = val_tokens, val_windows
+        self.checkpointer, self.run_dir, self.meta = checkpointer, run_dir, inputs.meta
+        self.val_tokens, self.val_windows = inputs.val_tokens, inputs.val_windows
         t = cfg.training
         local_batch = t.batch_size // dist_info.world_size
         self.micro_batch = t.micro_batch_size or local_batch
@@ -203,30 +229,16 @@ class TrainLoop:
             LOG.info(f"training steps {start_step + 1}..{cfg.training.steps}: {self.tokens_per_step:,} tokens/step "
                      f"({cfg.training.batch_size} x {cfg.data.seq_len}), {self.accum_steps} micro-batch(es) of "
                      f"{self.micro_batch} per rank")
-        last_time, last_step = time.time(), start_step
+        self.interval_start, self.interval_step = time.time(), start_step
         val_loss, saved = float("nan"), self.checkpointer.latest()
         try:
             while state.step < cfg.training.steps:
-                loss_sum, grad_norm, lr = self.train_step()
+                loss, grad_norm, lr = self.train_step()
                 state.step += 1
                 state.tokens_seen += self.tokens_per_step
-                step = state.step
-                if step % cfg.logging.every == 0 or step == cfg.training.steps:
-                    loss = all_reduce_sum([loss_sum], self.dist.device)[0] / self.dist.world_size
-                    now = time.time()
-                    step_time = (now - last_time) / (step - last_step)
-                    row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                           "tokens_per_sec": self.tokens_per_step / step_time, "tokens_seen": state.tokens_seen,
-                           "elapsed_s": now - started, "eta_s": step_time * (cfg.training.steps - step)}
-                    if self.peak_flops:
-                        row["mfu"] = (row["tokens_per_sec"] * self.flops_per_token
-                                      / (self.peak_flops * self.dist.world_size))
-                    metrics.log(row)
-                    if not math.isfinite(loss):
-                        raise UserError(f"loss became {loss} at step {step}; lower training.lr or raise "
-                                        f"training.warmup_steps (the last checkpoint is intact)")
-                    last_time, last_step = time.time(), step
-                final = step == cfg.training.steps
+                step, final = state.step, state.step == cfg.training.steps
+                if step % cfg.logging.every == 0 or final:
+                    self.log_train_step(metrics, loss, grad_norm, lr, started)
                 do_eval, do_save = step % cfg.eval.every == 0 or final, step % cfg.checkpoint.every == 0 or final
                 if do_eval:
                     val_loss = self.evaluate()
@@ -235,7 +247,7 @@ class TrainLoop:
                     saved = self.checkpointer.save(step, self.model, self.optimizer, state, self.extra_files)
                     LOG.info(f"checkpoint {saved}")
                 if do_eval or do_save:  # keep their time out of the next tokens/s
-                    last_time, last_step = time.time(), step
+                    self.interval_start, self.interval_step = time.time(), step
             if not math.isfinite(val_loss):  # nothing was trained in this call: report the finished model
                 val_loss = self.evaluate()
         finally:
@@ -243,8 +255,27 @@ class TrainLoop:
         self.report(val_loss, state.step - start_step, time.time() - started, saved)
         return TrainResult(self.run_dir, state.step, val_loss, saved)
 
-    def train_step(self) -> tuple[float, float, float]:
-        """One optimizer step over this rank's share of the global batch, with gradient accumulation."""
+    def log_train_step(self, metrics: MetricsLogger, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+                       started: float) -> None:
+        """Average the loss over ranks and log throughput over the steps since the last log line."""
+        step, total = self.state.step, self.cfg.training.steps
+        loss_value = all_reduce_sum([loss.item()], self.dist.device)[0] / self.dist.world_size
+        now = time.time()
+        step_time = (now - self.interval_start) / (step - self.interval_step)
+        row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+               "tokens_per_sec": self.tokens_per_step / step_time, "tokens_seen": self.state.tokens_seen,
+               "elapsed_s": now - started, "eta_s": step_time * (total - step)}
+        if self.peak_flops:
+            row["mfu"] = row["tokens_per_sec"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
+        metrics.log(row)
+        if not math.isfinite(loss_value):
+            raise UserError(f"loss became {loss_value} at step {step}; lower training.lr or raise "
+                            f"training.warmup_steps (the last checkpoint is intact)")
+        self.interval_start, self.interval_step = time.time(), step
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """One optimizer step over this rank's share of the global batch, with gradient accumulation.
+        Returns (loss, grad norm) as device tensors, read only when logged, so GPUs are not synchronized per step."""
         model, device = self.model, self.dist.device
         model.train()
         inputs, targets = self.state.batches.next_batch()
@@ -264,7 +295,7 @@ class TrainLoop:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_sum.item(), grad_norm.item(), lr
+        return loss_sum, grad_norm, lr
 
     @torch.no_grad()
     def evaluate(self) -> float:
