@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -128,3 +129,13 @@ def test_eval_windows_are_fixed_and_sharded():
     tokens = np.arange(101, dtype=np.uint16)
     assert list(eval_windows(tokens, 10, 100, 0, 1)) == list(range(10))
     assert list(eval_windows(tokens, 10, 6, 1, 2)) == [1, 3, 5]
+
+
+def test_damaged_output_is_rebuilt_not_skipped(shakespeare_data, shakespeare_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(shakespeare_data, copy)
+    with open(copy / "train.bin", "r+b") as f:
+        f.truncate(1000)
+    out = run_cli("prepare-data", "--input", str(shakespeare_dir), "--output", str(copy), "--vocab-size", "512")
+    assert "up to date" not in out.stdout
+    assert (copy / "train.bin").read_bytes() == (shakespeare_data / "train.bin").read_bytes()

@@ -126,6 +126,14 @@ def test_output_dir_is_a_file(unchanged):
     assert_user_error(train(unchanged, f"run.output_dir={unchanged / 'a_file'}"), "is a file, not a directory")
 
 
+def test_truncated_token_file(unchanged, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(unchanged / "data", broken)
+    with open(broken / "val.bin", "r+b") as f:
+        f.truncate(100)
+    assert_user_error(train(unchanged, f"data.dir={broken}"), "val.bin has 100 bytes", "re-run `normtron prepare-data`")
+
+
 def test_data_dir_not_prepared(unchanged, tmp_path):
     assert_user_error(train(unchanged, f"data.dir={tmp_path}"), "is not a prepared data directory")
 

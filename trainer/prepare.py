@@ -40,9 +40,10 @@ def read_meta(data_dir: str | Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return None
+    return meta if isinstance(meta, dict) else None
 
 
 def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None = None,
@@ -63,7 +64,7 @@ def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None =
                "tokenizer_sha256": file_sha256(Path(tokenizer)) if tokenizer else None,
                "sources_sha256": sorted(s["sha256"] for s in sources)}
     existing = read_meta(output)
-    if existing and existing.get("options") == options and all((output / n).is_file() for n in _OUTPUTS):
+    if existing and existing.get("options") == options and _outputs_intact(output, existing):
         log(f"{output} is up to date ({existing['train_tokens']:,} train / {existing['val_tokens']:,} val tokens); "
             f"nothing to do")
         return existing
@@ -108,6 +109,18 @@ def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None =
 
 
 _OUTPUTS = ("tokenizer.model", "train.bin", "val.bin", "meta.json")  # meta.json last: it marks completion
+
+
+def _outputs_intact(output: Path, meta: dict) -> bool:
+    """The files meta.json describes are all there, with the sizes and tokenizer it records."""
+    try:
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        return (all((output / n).is_file() for n in _OUTPUTS)
+                and (output / "train.bin").stat().st_size == meta["train_tokens"] * itemsize
+                and (output / "val.bin").stat().st_size == meta["val_tokens"] * itemsize
+                and file_sha256(output / "tokenizer.model") == meta["tokenizer"]["sha256"])
+    except (KeyError, TypeError):
+        return False
 
 
 # --- Tokenizer -----------------------------------------------------------------------------------------------------
