@@ -6,6 +6,7 @@ where norms sit around F, as a `NormWiring`:
     input_norm:  x + F(N(x))            (Pre-LN)
     output_norm: x + N(F(x))            (Peri-LN's second norm, on the sublayer output before the add)
     post_norm:   N(x + F(x))            (Post-LN: the norm comes after the residual add)
+    residual_scale a:  a*x + F(x)       (the skip path scaled before the add)
 
 A placement maps (layer index, number of layers, model config) to the wiring of that layer, so per-layer schemes
 such as Mix-LN are one function. Adding a placement means adding one entry to `PLACEMENTS`.
@@ -26,6 +27,7 @@ class NormWiring:
     input_norm: bool = False
     output_norm: bool = False
     post_norm: bool = False
+    residual_scale: float = 1.0  # the skip path is multiplied by this before the add (DeepNorm's alpha)
 
 
 PRE = NormWiring(input_norm=True)

@@ -9,6 +9,7 @@ that pipeline stages can delete layers (or the embedding / final norm / head) an
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Callable
 
 import torch
@@ -42,6 +43,11 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
+def norm_layer(cfg: ModelConfig, dim: int, present: bool = True) -> nn.Module:
+    """Every norm in the model comes from here (the plug point for fused kernels); Identity where there is none."""
+    return build_norm(cfg.norm, dim, cfg.norm_eps, cfg.norm_bias) if present else nn.Identity()
+
+
 # --- Sublayers -------------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
@@ -54,9 +60,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        make_head_norm = lambda: build_norm(cfg.norm, cfg.head_dim, cfg.norm_eps, cfg.norm_bias)  # noqa: E731
-        self.q_norm = make_head_norm() if cfg.qk_norm else nn.Identity()
-        self.k_norm = make_head_norm() if cfg.qk_norm else nn.Identity()
+        self.q_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
+        self.k_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -65,10 +70,12 @@ class Attention(nn.Module):
         k = self.k_norm(self.k_proj(x).view(batch, seq, -1, self.head_dim))
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            is_causal=True, enable_gqa=q.shape[2] != k.shape[2],
-        )
+        # Each key/value head serves n_heads/n_kv_heads consecutive query heads. Expanding them here (rather than
+        # SDPA's enable_gqa) keeps every fused attention backend available, fp32 included.
+        repeats = q.shape[2] // k.shape[2]
+        if repeats > 1:
+            k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -88,18 +95,18 @@ class FeedForward(nn.Module):
 # --- Norm placement around one residual branch -------------------------------------------------------------------
 
 class SublayerNorms(nn.Module):
-    """x -> post(x + output(F(input(x)))), each norm present or Identity as the layer's NormWiring says."""
+    """x -> post(residual_scale * x + output(F(input(x)))), with the norms the layer's NormWiring asks for."""
 
     def __init__(self, wiring: NormWiring, cfg: ModelConfig):
         super().__init__()
-        self.wiring = wiring
-        make = lambda present: build_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias) if present else nn.Identity()  # noqa: E731
-        self.input = make(wiring.input_norm)
-        self.output = make(wiring.output_norm)
-        self.post = make(wiring.post_norm)
+        self.residual_scale = wiring.residual_scale
+        self.input = norm_layer(cfg, cfg.dim, present=wiring.input_norm)
+        self.output = norm_layer(cfg, cfg.dim, present=wiring.output_norm)
+        self.post = norm_layer(cfg, cfg.dim, present=wiring.post_norm)
 
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return self.post(x + self.output(sublayer(self.input(x))))
+        residual = x if self.residual_scale == 1.0 else self.residual_scale * x
+        return self.post(residual + self.output(sublayer(self.input(x))))
 
 
 class TransformerBlock(nn.Module):
@@ -121,8 +128,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """tokens (batch, seq) -> logits (batch, seq, vocab).
 
-    A pipeline stage may set `tok_embeddings`, `norm` or `output` to None and delete entries of `layers`; the
-    forward then takes / returns hidden states instead of tokens / logits.
+    A pipeline stage may set `tok_embeddings` (with `embed_norm`), `norm` or `output` to None and delete entries of
+    `layers`; the forward then takes / returns hidden states instead of tokens / logits.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -131,9 +138,9 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size must be set before building the model")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.embed_norm = build_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias) if cfg.embed_norm else nn.Identity()
+        self.embed_norm = norm_layer(cfg, cfg.dim, present=cfg.embed_norm)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
-        self.norm = build_norm(cfg.norm, cfg.dim, cfg.norm_eps, cfg.norm_bias)
+        self.norm = norm_layer(cfg, cfg.dim)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # Derived from the config, so not saved in checkpoints; recomputed by init_weights() after meta init.
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
@@ -145,7 +152,10 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h = self.embed_norm(self.tok_embeddings(tokens)) if self.tok_embeddings is not None else tokens
+        h = tokens
+        if self.tok_embeddings is not None:
+            h = self.tok_embeddings(tokens)
+            h = self.embed_norm(h) if self.embed_norm is not None else h
         seq = h.shape[1]
         if seq > self.rope.shape[0]:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.rope.shape[0]}")
@@ -156,18 +166,27 @@ class Transformer(nn.Module):
         return self.output(h) if self.output is not None else h
 
     @torch.no_grad()
-    def init_weights(self, buffer_device: torch.device | None = None) -> None:
-        """Fill every parameter (after `to_empty()`) and rebuild the RoPE table; seed the RNG first to reproduce."""
+    def init_weights(self, seed: int = 0, buffer_device: torch.device | None = None) -> None:
+        """Fill every parameter (after `to_empty()`) and rebuild the RoPE table.
+
+        Each weight draws from its own generator seeded by (seed, parameter name), so the values do not depend on
+        which other modules exist or in what order they are visited: a pipeline stage holding layers 8-15
+        initializes them exactly as the whole model does.
+        """
         cfg = self.cfg
         device = buffer_device or self.rope.device
         self.rope = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
         self.tie_weights()
         # Output projections write into the residual stream; GPT-2 style depth scaling keeps its variance O(1).
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.depth_scaled_init else cfg.init_std
+        done: set[int] = set()  # a tied head shares the embedding's tensor: initialize it once
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                is_out_proj = name.endswith(("o_proj", "down_proj"))
-                nn.init.normal_(module.weight, mean=0.0, std=out_std if is_out_proj else cfg.init_std)
+            if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in done:
+                done.add(id(module.weight))
+                std = out_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
+                generator = torch.Generator(device=module.weight.device)
+                generator.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()
 

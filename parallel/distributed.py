@@ -26,7 +26,7 @@ class DistInfo:
 
 
 def env_rank() -> int:
-    """This process's global rank as the launcher set it (0 when not launched by torchrun/srun)."""
+    """This process's global rank as torchrun set it (0 for a plain single process)."""
     return int(os.environ.get("RANK", "0"))
 
 
@@ -69,3 +69,11 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     dist.all_reduce(t)
     return t.tolist()
 
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank, so that all ranks act on one decision."""
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
+from helpers import REPO
 from trainer.config import all_keys, config_from_dict, config_to_dict, dump_config, load_config, validate
 from trainer.errors import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -69,13 +66,22 @@ def test_bad_overrides_name_the_key(override, message):
     (["training.batch_size=8", "training.micro_batch_size=3"], "must be a multiple of ranks (4)"),
     (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len=2048"),
     (["parallel.tp=2"], "is not available yet"),
-    (["parallel.dp_shard=2"], "parallel.dp_shard=2 does not match the 4 launched ranks"),
+    (["parallel.dp_shard=2"], "pp (1) x dp_replicate (1) x dp_shard (2) x tp (1) must equal the 4 launched ranks"),
+    (["parallel.dp_replicate=3"], "must equal the 4 launched ranks"),
+    (["parallel.dp_shard=0"], "parallel.dp_shard >= 1 or -1"),
+    (["training.grad_clip=-1"], "training.grad_clip=-1.0 must be >= 0"),
     (["model.mix_alpha=1.5"], "model.mix_alpha=1.5 must lie in [0, 1]"),
 ])
 def test_validation_names_the_key(overrides, message):
     with pytest.raises(UserError) as err:
         validate(load_config(None, overrides), world_size=4)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize("overrides", [[], ["parallel.dp_replicate=4", "parallel.dp_shard=1"],
+                                       ["parallel.dp_replicate=2"], ["parallel.dp_shard=4"]])
+def test_data_parallel_degrees_that_fill_the_world(overrides):
+    validate(load_config(None, overrides), world_size=4)
 
 
 def test_unknown_section_in_yaml(tmp_path):

@@ -6,9 +6,7 @@ import shutil
 
 import pytest
 
-from helpers import REPO, run_cli, tree_digest
-
-TINY = str(REPO / "configs" / "tiny.yaml")
+from helpers import MICRO_MODEL, TINY, run_cli, tree_digest
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +19,6 @@ def existing(shakespeare_data, tmp_path_factory):
     (root / "small_src").mkdir()
     (root / "small_src" / "a.txt").write_text("Shall I compare thee to a summer's day?\n" * 60)
     run_cli("prepare-data", "--input", str(root / "small_src"), "--output", str(small), "--vocab-size", "300")
-    from helpers import MICRO_MODEL
     run_cli("train", TINY, f"data.dir={data}", f"run.output_dir={root / 'runs'}", "run.name=done", *MICRO_MODEL,
             "training.steps=2", "checkpoint.every=1")
     (root / "a_file").write_text("not a directory\n")
@@ -49,7 +46,6 @@ def prepare(root, *args):
 
 
 def train(root, *overrides, config=TINY):
-    from helpers import MICRO_MODEL
     return run_cli("train", config, f"data.dir={root / 'data'}", f"run.output_dir={root / 'runs'}",
                    "run.name=done", *MICRO_MODEL, "training.steps=3", *overrides, check=False)
 
@@ -89,6 +85,22 @@ def test_bad_jsonl_line(unchanged, tmp_path):
 def test_prepare_output_is_a_file(unchanged, shakespeare_dir):
     result = prepare(unchanged, "--input", str(shakespeare_dir), "--output", str(unchanged / "a_file"))
     assert_user_error(result, "is a file")
+
+
+def test_corpus_too_small_for_a_validation_split(unchanged, tmp_path):
+    (tmp_path / "one.txt").write_text("Hello\n")
+    result = prepare(unchanged, "--input", str(tmp_path / "one.txt"), "--output", str(unchanged / "small"),
+                     "--tokenizer", str(unchanged / "small" / "tokenizer.model"))
+    assert_user_error(result, "too few to hold out a validation split")
+
+
+def test_parquet_text_column_of_numbers(unchanged, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "n.parquet")
+    result = prepare(unchanged, "--input", str(tmp_path / "n.parquet"), "--output", str(unchanged / "data"))
+    assert_user_error(result, "column 'text' holds int64, not strings")
 
 
 def test_vocab_too_large_for_corpus(unchanged):
@@ -153,7 +165,6 @@ def test_resume_with_a_different_sequence_length(unchanged):
 
 
 def test_check_mode_reports_errors_and_writes_nothing(unchanged):
-    from helpers import MICRO_MODEL
     args = ["train", "--check", TINY, f"data.dir={unchanged / 'data'}", f"run.output_dir={unchanged / 'runs'}",
             *MICRO_MODEL]
     ok = run_cli(*args, "run.name=fresh")

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
+from helpers import REPO
 from models import ModelConfig, Transformer, count_parameters
 from trainer.config import load_config
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def analytic_parameter_count(c: ModelConfig) -> int:
@@ -41,8 +38,7 @@ def test_meta_build_then_init_is_seeded_and_fills_everything():
         with torch.device("meta"):
             model = Transformer(small_cfg(qk_norm=True, norm="layernorm"))
         model.to_empty(device="cpu")
-        torch.manual_seed(seed)
-        model.init_weights()
+        model.init_weights(seed=seed)
         return model
 
     a, b, c = build(0), build(0), build(1)
@@ -57,6 +53,24 @@ def test_meta_build_then_init_is_seeded_and_fills_everything():
     assert abs(std.item() - 0.02 / 8 ** 0.5) < 0.002
 
 
+def test_init_does_not_depend_on_which_modules_exist():
+    """A pipeline stage that keeps layers 2-3 initializes them exactly as the whole model does."""
+    def materialized(drop_first_half: bool) -> Transformer:
+        with torch.device("meta"):
+            model = Transformer(small_cfg())
+        if drop_first_half:
+            del model.layers["0"], model.layers["1"]
+            model.tok_embeddings = model.embed_norm = None
+        model.to_empty(device="cpu")
+        model.init_weights(seed=7)
+        return model
+
+    full, stage = dict(materialized(False).named_parameters()), dict(materialized(True).named_parameters())
+    assert set(stage) < set(full)
+    for name, p in stage.items():
+        assert torch.equal(p, full[name]), name
+
+
 def test_pipeline_stage_forward_without_embedding_or_head():
     """Deleting layers / embedding / head (as pipeline stages do) keeps names and composes to the full model."""
     torch.manual_seed(0)
@@ -67,7 +81,7 @@ def test_pipeline_stage_forward_without_embedding_or_head():
     del first.layers["2"], first.layers["3"]
     first.norm, first.output = None, None
     del last.layers["0"], last.layers["1"]
-    last.tok_embeddings = None
+    last.tok_embeddings = last.embed_norm = None
     assert set(first.state_dict()) | set(last.state_dict()) == set(full.state_dict())
     tokens = torch.randint(0, 40, (2, 10))
     torch.testing.assert_close(last(first(tokens)), full(tokens))

@@ -143,3 +143,19 @@ def test_qk_norm_normalizes_each_head():
 def test_layernorm_without_bias_has_no_bias_parameter():
     model = Transformer(make_cfg(norm="layernorm", norm_bias=False))
     assert not any(name.endswith("bias") for name, _ in model.named_parameters())
+
+
+def test_residual_scale_multiplies_the_skip_path():
+    """A wiring's residual_scale a gives N(a*x + F(x)) (the hook DeepNorm-style placements use)."""
+    from models.placement import NormWiring
+    from models.transformer import SublayerNorms
+
+    cfg = make_cfg(norm="layernorm")
+    norms = SublayerNorms(NormWiring(post_norm=True, residual_scale=2.5), cfg)
+    with torch.no_grad():
+        norms.post.weight.uniform_(0.5, 1.5)
+        norms.post.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, cfg.dim)
+    f = torch.nn.Linear(cfg.dim, cfg.dim)
+    want = layer_norm(2.5 * x + f(x), norms.post.weight, norms.post.bias, cfg.norm_eps)
+    torch.testing.assert_close(norms(x, f), want, rtol=1e-12, atol=1e-12)

@@ -14,11 +14,10 @@ import pytest
 import torch
 import yaml
 
-from helpers import REPO, read_metrics, run_cli, run_torchrun
+from helpers import REPO, TINY, read_metrics, run_cli, run_torchrun
 from trainer.config import TrainingConfig, config_from_dict
 from trainer.optim import lr_factor
 
-TINY = str(REPO / "configs" / "tiny.yaml")
 TIMING_KEYS = {"tokens_per_sec", "elapsed_s", "mfu"}
 
 
@@ -172,3 +171,32 @@ def test_no_weight_decay_on_norms_biases_and_embeddings():
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert decayed == {n for n, p in model.named_parameters() if p.ndim == 2 and n != "tok_embeddings.weight"}
     assert "output.weight" in decayed
+
+
+def test_changed_hyperparameters_take_effect_on_resume(micro_args, tmp_path):
+    """The config wins over the values inside the optimizer state: halving training.lr halves the resumed lr."""
+    common = ("training.steps=6", "checkpoint.every=3", "eval.every=6", "checkpoint.keep_last=0")
+    run_cli("train", TINY, *micro_args("base", *common))
+    shutil.copytree(tmp_path / "runs" / "base", tmp_path / "runs" / "halved")
+    shutil.rmtree(tmp_path / "runs" / "halved" / "checkpoints" / "step_00000006")
+    run_cli("train", TINY, *micro_args("halved", *common, "training.lr=1.5e-3"))
+    base, halved = read_metrics(tmp_path / "runs" / "base")[0], read_metrics(tmp_path / "runs" / "halved")[0]
+    assert [r["lr"] for r in halved[:3]] == [r["lr"] for r in base[:3]]
+    for b, h in zip(base[3:], halved[3:]):
+        assert h["lr"] == pytest.approx(b["lr"] / 2, rel=1e-12)
+    assert yaml.safe_load((tmp_path / "runs" / "halved" / "config.yaml").read_text())["training"]["lr"] == 1.5e-3
+
+
+def test_divergence_stops_before_saving_a_broken_checkpoint(micro_args, tmp_path):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    result = run_cli("train", TINY, *micro_args("boom", "training.lr=1e30", "training.warmup_steps=0",
+                                                "training.grad_clip=0", "training.steps=20", "logging.every=5",
+                                                "checkpoint.every=1", "eval.every=20"), check=False)
+    assert result.returncode == 2 and "training diverged at step" in result.stderr
+    assert "Traceback" not in result.stderr
+    for ckpt in (tmp_path / "runs" / "boom" / "checkpoints").iterdir():
+        dcp_to_torch_save(ckpt, tmp_path / "ckpt.pt")
+        state = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+        weights = [v for k, v in state["model"].items()]
+        assert weights and all(torch.isfinite(w).all() for w in weights), ckpt.name

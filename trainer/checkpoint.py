@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from parallel.distributed import DistInfo, barrier
+from parallel.distributed import DistInfo, barrier, broadcast_object
 
 @contextlib.contextmanager
 def _single_process_ok():
@@ -55,7 +55,9 @@ class Checkpointer:
         self.dist = dist_info
 
     def latest(self) -> Path | None:
-        found = complete_checkpoints(self.root)
+        """The newest complete checkpoint, as rank 0 sees it (a shared file system may lag on other nodes)."""
+        found = complete_checkpoints(self.root) if self.dist.is_main else None
+        found = broadcast_object(found)
         return found[-1][1] if found else None
 
     def remove_partial(self) -> None:
@@ -68,8 +70,6 @@ class Checkpointer:
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful,
              extra_files: dict[str, Path]) -> Path:
         final = self.root / checkpoint_dir_name(step)
-        if final.exists():  # already saved this step (e.g. periodic and final save coincide)
-            return final
         tmp = final.with_name(final.name + ".tmp")
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""The `normtron` command line. Heavy imports happen inside the subcommands so `--help` stays fast."""
+"""The `normtron` command line. Each subcommand imports what it needs when it runs."""
 
 from __future__ import annotations
 
@@ -97,11 +97,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _fail(message: str) -> int:
-    """One line on stderr (once, from rank 0 when launched by torchrun) and exit code 2."""
-    from parallel.distributed import env_rank
-
-    if env_rank() == 0:
+    """One line on stderr and exit code 2. Under torchrun every rank fails alike, so rank 0 speaks for all, and the
+    first rank of every other node too (an error there may be its own, e.g. a path missing on that node)."""
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if rank == 0:
         print(f"normtron: error: {message}", file=sys.stderr)
+    elif local_rank == 0:
+        print(f"normtron: error (rank {rank}): {message}", file=sys.stderr)
     return EXIT_USER_ERROR
 
 

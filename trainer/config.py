@@ -262,14 +262,20 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                         f"raise model.max_seq_len or shorten data.seq_len")
+    if t.grad_clip < 0:
+        raise UserError(f"training.grad_clip={t.grad_clip} must be >= 0 (0 turns clipping off)")
     p = cfg.parallel
-    if p.backend != "ddp" or p.tp != 1 or p.pp != 1 or p.zero_stage != 0 or p.dp_replicate != 1:
-        raise UserError(f"parallel.backend={p.backend} with tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage}, "
-                        f"dp_replicate={p.dp_replicate} is not available yet; this version trains with "
-                        f"parallel.backend=ddp and tp=pp=dp_replicate=1, zero_stage=0")
-    if p.dp_shard not in (-1, world_size):
-        raise UserError(f"parallel.dp_shard={p.dp_shard} does not match the {world_size} launched ranks; "
-                        f"set it to -1 (all ranks) or launch {p.dp_shard} processes")
+    if p.backend != "ddp" or p.tp != 1 or p.pp != 1 or p.zero_stage != 0:
+        raise UserError(f"parallel.backend={p.backend} with tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage} is "
+                        f"not available yet; this version trains with parallel.backend=ddp, tp=1, pp=1, "
+                        f"zero_stage=0")
+    if p.dp_replicate < 1 or (p.dp_shard < 1 and p.dp_shard != -1):
+        raise UserError("parallel.dp_replicate must be >= 1 and parallel.dp_shard >= 1 or -1 (all remaining ranks)")
+    dp_shard = p.dp_shard if p.dp_shard != -1 else world_size // (p.pp * p.dp_replicate * p.tp)
+    if p.pp * p.dp_replicate * max(dp_shard, 1) * p.tp != world_size:
+        raise UserError(f"parallel.pp ({p.pp}) x dp_replicate ({p.dp_replicate}) x dp_shard ({p.dp_shard}) x "
+                        f"tp ({p.tp}) must equal the {world_size} launched ranks; change the degrees or the "
+                        f"number of processes")
     micro = t.micro_batch_size or t.batch_size // world_size
     if micro < 1 or t.batch_size % (world_size * micro):
         raise UserError(f"training.batch_size={t.batch_size} must be a multiple of ranks ({world_size}) x "

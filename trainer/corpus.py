@@ -79,6 +79,7 @@ def _read_jsonl(path: Path) -> Iterator[str]:
 
 def _read_parquet(path: Path) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow is a declared dependency
         raise UserError("reading .parquet files needs pyarrow: pip install pyarrow") from None
@@ -88,6 +89,9 @@ def _read_parquet(path: Path) -> Iterator[str]:
         raise UserError(f"{path} is not a readable parquet file ({err})") from None
     if TEXT_FIELD not in table.schema_arrow.names:
         raise UserError(f"{path} has no '{TEXT_FIELD}' column (columns: {', '.join(table.schema_arrow.names)})")
+    column_type = table.schema_arrow.field(TEXT_FIELD).type
+    if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+        raise UserError(f"{path}: column '{TEXT_FIELD}' holds {column_type}, not strings")
     for batch in table.iter_batches(columns=[TEXT_FIELD], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:

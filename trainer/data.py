@@ -94,9 +94,16 @@ def stack_windows(tokens: np.ndarray, windows: np.ndarray, seq_len: int) -> tupl
 
 
 def eval_windows(tokens: np.ndarray, seq_len: int, max_windows: int, dp_rank: int, dp_size: int) -> np.ndarray:
-    """The first `max_windows` validation windows (a fixed set, so evaluations are comparable), this rank's share."""
-    n = min(num_windows(tokens, seq_len), max_windows)
-    if n < 1:
+    """The first `max_windows` validation windows (a fixed set, so evaluations are comparable), this rank's share.
+
+    Rounded down to a multiple of the rank count so every rank runs the same number of forward passes (sharded
+    models run collectives inside the forward)."""
+    available = num_windows(tokens, seq_len)
+    if available < 1:
         raise UserError(f"data.seq_len={seq_len} is larger than the validation data ({len(tokens)} tokens); "
                         f"use a shorter data.seq_len or prepare data with a larger --val-fraction")
+    n = min(available, max_windows) // dp_size * dp_size
+    if n < 1:
+        raise UserError(f"the validation data holds {available} sequence(s) of data.seq_len={seq_len} tokens, "
+                        f"fewer than the {dp_size} ranks; use a shorter data.seq_len or a larger --val-fraction")
     return np.arange(dp_rank, n, dp_size)

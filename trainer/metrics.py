@@ -116,7 +116,8 @@ class MetricsLogger:
 
 # Dense bf16 peak FLOP/s of common accelerators, matched against torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 NVL": 835.0, "H100 PCIe": 756.0, "H100": 989.0, "GH200": 989.0,
-                    "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0, "L4": 121.0, "RTX 4090": 165.0}
+                    "A100": 312.0, "A10G": 125.0, "A10": 125.0, "L40S": 362.0, "L40": 181.0, "L4": 121.0,
+                    "RTX 4090": 165.0}
 
 
 def device_peak_flops(device: torch.device, override_tflops: float | None) -> float | None:
@@ -126,7 +127,7 @@ def device_peak_flops(device: torch.device, override_tflops: float | None) -> fl
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
+    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):  # "L40S" before "L40" before "L4"
         if key in name:
-            return tflops * 1e12
+            return PEAK_BF16_TFLOPS[key] * 1e12
     return None

@@ -18,8 +18,18 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
     for param in model.parameters():
         if param.requires_grad:
             (no_decay if param.ndim < 2 or id(param) in embedding_ids else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay"}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
+    apply_hyperparameters(optimizer, cfg)
+    return optimizer
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> None:
+    """Set betas, eps and weight decay from the config; called again after a checkpoint is loaded, because the
+    optimizer's saved param groups would otherwise bring back the values of the run that wrote it."""
+    for group in optimizer.param_groups:
+        group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
+                     weight_decay=cfg.weight_decay if group["name"] == "decay" else 0.0)
 
 
 def lr_factor(step: int, cfg: TrainingConfig) -> float:
@@ -44,3 +54,12 @@ def lr_factor(step: int, cfg: TrainingConfig) -> float:
 
 def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg=cfg))
+
+
+def apply_lr_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
+                      cfg: TrainingConfig) -> None:
+    """After a checkpoint is loaded: the configured peak lr and schedule, at the restored step."""
+    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
+    for group in optimizer.param_groups:
+        group["initial_lr"] = cfg.lr
+        group["lr"] = cfg.lr * lr_factor(scheduler.last_epoch, cfg)

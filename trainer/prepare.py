@@ -72,6 +72,8 @@ def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None =
     total_mb = sum(s["bytes"] for s in sources) / 1e6
     log(f"corpus: {len(files)} files, {total_mb:.1f} MB")
     output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob(".*.tmp-*"):  # left by a run that was killed
+        stale.unlink(missing_ok=True)
     staged = {name: output / f".{name}.tmp-{os.getpid()}" for name in (*_OUTPUTS, "all.bin")}
     try:
         sp, model_bytes, tok_info = _load_or_train_tokenizer(files, tokenizer, options["vocab_size"], log)
@@ -248,6 +250,9 @@ def _split_train_val(all_path: Path, dtype, val_fraction: float, train_path: Pat
                 train.write(chunk.tobytes())
                 n_train += len(chunk)
     del tokens
+    if n_val == 0 or n_train == 0:
+        raise UserError(f"the corpus has only {n_train + n_val} tokens, too few to hold out a validation split; "
+                        f"add text")
     p = counts[counts > 0] / counts.sum()
     return {"train_tokens": n_train, "val_tokens": n_val, "block": block,
             "val_unigram_entropy": float(-(p * np.log(p)).sum())}

@@ -6,6 +6,7 @@ Each arrow is one function below, called in order from `train()`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import time
@@ -19,15 +20,15 @@ import yaml
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
-from models import Transformer, count_parameters, flops_per_token
+from models import ModelConfig, Transformer, count_parameters, flops_per_token
 from parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
-from parallel.parallelize import apply_ddp
+from parallel.parallelize import apply_ddp, gradient_sync
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, config_to_dict, dump_config, validate
 from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
-from trainer.optim import build_lr_scheduler, build_optimizer
+from trainer.optim import apply_hyperparameters, apply_lr_schedule, build_lr_scheduler, build_optimizer
 from trainer.prepare import unigram_baseline
 
 
@@ -55,9 +56,9 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     barrier()
     setup_logging(dist_info.is_main)
 
-    model = build_model(cfg, dist_info.device)
+    model = build_model_on_meta(cfg)
     model_summary = describe_model(cfg, model)
-    model = apply_ddp(model, dist_info)
+    model = apply_ddp(model, dist_info, materialize=lambda m: materialize(m, dist_info.device, cfg.run.seed))
     optimizer = build_optimizer(model, cfg.training)
     scheduler = build_lr_scheduler(optimizer, cfg.training)
     state = TrainState(scheduler, inputs.batches)
@@ -66,6 +67,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     checkpointer.remove_partial()
     if (latest := checkpointer.latest()) is not None:
         checkpointer.load(latest, model, optimizer, state)
+        apply_hyperparameters(optimizer, cfg.training)  # the config wins over the checkpoint's values
+        apply_lr_schedule(optimizer, scheduler, cfg.training)
     # The run has started cleanly: from here on it writes into its directory.
     write_resolved_config(cfg, run_dir, dist_info)
     setup_logging(dist_info.is_main, run_dir / "train.log")
@@ -82,8 +85,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
 def check(cfg: Config, world_size: int) -> str:
     """`normtron train --check`: every check a launch would make, without writing anything; returns a summary."""
     inputs = check_inputs(cfg, world_size, rank=0)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
+    model = build_model_on_meta(cfg)
     return (f"config OK for {world_size} rank(s): {describe_model(cfg, model)}\n"
             f"data {cfg.data.dir}: {inputs.meta['train_tokens']:,} train / {inputs.meta['val_tokens']:,} val tokens"
             f" | run directory {cfg.run_dir}"
@@ -134,10 +136,11 @@ def check_run_dir(cfg: Config) -> None:
     saved = run_dir / "config.yaml"
     if saved.is_file():
         previous = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
-        current = config_to_dict(cfg)["model"]
-        changed = sorted(k for k in current if previous.get(k) != current[k])
+        current, defaults = config_to_dict(cfg)["model"], dataclasses.asdict(ModelConfig())
+        # A key the saved config lacks (added in a later version) had its default value then.
+        changed = sorted(k for k in current if previous.get(k, defaults[k]) != current[k])
         if changed:
-            diffs = ", ".join(f"model.{k}: {previous.get(k)!r} -> {current[k]!r}" for k in changed)
+            diffs = ", ".join(f"model.{k}: {previous.get(k, defaults[k])!r} -> {current[k]!r}" for k in changed)
             raise UserError(f"{run_dir} holds a run with a different model ({diffs}); use another run.name to "
                             f"start a new run")
 
@@ -151,14 +154,16 @@ def write_resolved_config(cfg: Config, run_dir: Path, dist_info: DistInfo) -> No
     barrier()
 
 
-def build_model(cfg: Config, device: torch.device) -> Transformer:
-    """Construct on the meta device (no memory), then allocate on `device` and initialize from the run seed."""
+def build_model_on_meta(cfg: Config) -> Transformer:
+    """The model's structure without memory; parallel/ decides when to materialize it."""
     with torch.device("meta"):
-        model = Transformer(cfg.model)
+        return Transformer(cfg.model)
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
+    """Allocate the (possibly sharded) parameters on `device` and initialize them from the run seed."""
     model.to_empty(device=device)
-    torch.manual_seed(cfg.run.seed)
-    model.init_weights()
-    return model
+    model.init_weights(seed=seed)
 
 
 def describe_model(cfg: Config, model: nn.Module) -> str:
@@ -190,6 +195,10 @@ class TrainState(Stateful):
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         torch.set_rng_state(state["rng"])
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: a diverged loss should print, not overflow
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -237,12 +246,19 @@ class TrainLoop:
                 state.step += 1
                 state.tokens_seen += self.tokens_per_step
                 step, final = state.step, state.step == cfg.training.steps
-                if step % cfg.logging.every == 0 or final:
-                    self.log_train_step(metrics, loss, grad_norm, lr, started)
-                do_eval, do_save = step % cfg.eval.every == 0 or final, step % cfg.checkpoint.every == 0 or final
+                do_log, do_eval, do_save = (step % every == 0 or final for every in
+                                            (cfg.logging.every, cfg.eval.every, cfg.checkpoint.every))
+                if do_log or do_save:  # never save a diverged model
+                    loss_value, grad_value = self.mean_over_ranks(loss), grad_norm.item()
+                    if do_log:
+                        self.log_train_step(metrics, loss_value, grad_value, lr, started)
+                    if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
+                        raise UserError(f"training diverged at step {step} (loss {loss_value}, grad norm "
+                                        f"{grad_value}); the newest checkpoint ({saved or 'none'}) predates it; "
+                                        f"lower training.lr or raise training.warmup_steps and start again")
                 if do_eval:
                     val_loss = self.evaluate()
-                    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))})
+                    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
                 if do_save:
                     saved = self.checkpointer.save(step, self.model, self.optimizer, state, self.extra_files)
                     LOG.info(f"checkpoint {saved}")
@@ -255,22 +271,21 @@ class TrainLoop:
         self.report(val_loss, state.step - start_step, time.time() - started, saved)
         return TrainResult(self.run_dir, state.step, val_loss, saved)
 
-    def log_train_step(self, metrics: MetricsLogger, loss: torch.Tensor, grad_norm: torch.Tensor, lr: float,
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        return all_reduce_sum([value.item()], self.dist.device)[0] / self.dist.world_size
+
+    def log_train_step(self, metrics: MetricsLogger, loss: float, grad_norm: float, lr: float,
                        started: float) -> None:
-        """Average the loss over ranks and log throughput over the steps since the last log line."""
+        """One metrics row, with throughput over the steps since the last row."""
         step, total = self.state.step, self.cfg.training.steps
-        loss_value = all_reduce_sum([loss.item()], self.dist.device)[0] / self.dist.world_size
         now = time.time()
         step_time = (now - self.interval_start) / (step - self.interval_step)
-        row = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
+        row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_sec": self.tokens_per_step / step_time, "tokens_seen": self.state.tokens_seen,
                "elapsed_s": now - started, "eta_s": step_time * (total - step)}
         if self.peak_flops:
             row["mfu"] = row["tokens_per_sec"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
         metrics.log(row)
-        if not math.isfinite(loss_value):
-            raise UserError(f"loss became {loss_value} at step {step}; lower training.lr or raise "
-                            f"training.warmup_steps (the last checkpoint is intact)")
         self.interval_start, self.interval_step = time.time(), step
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -282,9 +297,7 @@ class TrainLoop:
         lr = self.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=device)
         for i, (x, y) in enumerate(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch))):
-            last = i == self.accum_steps - 1
-            no_sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-            with no_sync:
+            with gradient_sync(model, enabled=i == self.accum_steps - 1):
                 with self.autocast:
                     logits = model(x.to(device, non_blocking=True))
                 loss = cross_entropy(logits, y.to(device, non_blocking=True)) / self.accum_steps
@@ -318,7 +331,7 @@ class TrainLoop:
         base, base_ppl = unigram_baseline(self.meta)
         LOG.info(f"done: {steps_run} step(s) in {format_duration(seconds)}")
         gap = base - val_loss
-        LOG.info(f"validation loss {val_loss:.4f} (ppl {math.exp(min(val_loss, 50)):.2f}) | unigram baseline "
+        LOG.info(f"validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) | unigram baseline "
                  f"{base:.4f} (ppl {base_ppl:.2f}) | {abs(gap):.4f} nats {'below' if gap >= 0 else 'ABOVE'} "
                  f"the baseline")
         LOG.info(f"run directory: {self.run_dir}" + (f" | checkpoint: {checkpoint}" if checkpoint else ""))
