@@ -2,16 +2,23 @@
 # Create .venv (if missing) and install normtron into it.
 #   bash launch/install.sh            the package
 #   EXTRAS=dev bash launch/install.sh the package and the test tools
-# torch: an installed torch is kept as it is; otherwise the CUDA build where an NVIDIA GPU is present and the
-# CPU build torch==2.13.0 where none is (an unpinned torch on a CPU machine would pull a multi-GB CUDA build).
+# torch: an installed torch (in the venv, or in $PYTHON's own site-packages) is kept as it is; otherwise the CUDA
+# build where an NVIDIA GPU is present and the CPU build torch==2.13.0 where none is (an unpinned torch on a CPU
+# machine would pull a multi-GB CUDA build).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${NORMTRON_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 if [ ! -x "$VENV/bin/python" ]; then
-  echo "creating $VENV with $("$PYTHON" --version)"
-  "$PYTHON" -m venv "$VENV"
+  if system_torch=$("$PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null); then
+    # e.g. a GPU container with its own torch build: keep it visible inside the venv instead of reinstalling.
+    echo "creating $VENV on top of $("$PYTHON" --version) and its installed torch $system_torch"
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+  else
+    echo "creating $VENV with $("$PYTHON" --version)"
+    "$PYTHON" -m venv "$VENV"
+  fi
 fi
 pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
 
