@@ -10,39 +10,59 @@ from models.norms import NORM_TYPES
 from models.placement import PLACEMENTS
 
 
-def config_field(default: Any, help: str, choices: Optional[tuple] = None) -> Any:
-    """A dataclass field with the help text (and allowed values) that `normtron train --help` and validation show."""
-    metadata = {"help": help, "choices": tuple(choices) if choices else None}
+def config_field(default: Any, help: str, choices: Optional[tuple] = None, ge: float | None = None,
+                 gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A dataclass field with the help text, allowed values and numeric bounds that `normtron train --help` shows
+    and `bounds_error` checks."""
+    metadata = {"help": help, "choices": tuple(choices) if choices else None,
+                "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
+_BOUND_TESTS = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+                "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+
+
+def bounds_error(key: str, value: Any, field: dataclasses.Field) -> str | None:
+    """What is wrong with a numeric `value` given the field's bounds, or None."""
+    if value is None or isinstance(value, (bool, str, list)):
+        return None
+    failed = [f"{symbol} {bound}" for name, bound in field.metadata.get("bounds", {}).items()
+              for test, symbol in [_BOUND_TESTS[name]] if not test(value, bound)]
+    return f"{key}={value} must be {' and '.join(failed)}" if failed else None
+
+
 @dataclass
 class ModelConfig:
-    dim: int = config_field(256, "hidden size")
-    n_layers: int = config_field(4, "number of transformer blocks")
-    n_heads: int = config_field(4, "attention heads (must divide dim)")
-    n_kv_heads: Optional[int] = config_field(None, "key/value heads for grouped-query attention (must divide n_heads; null = n_heads)")
-    vocab_size: Optional[int] = config_field(None, "embedding rows (null = the tokenizer's vocab size from data.dir/meta.json)")
-    ffn_hidden_dim: Optional[int] = config_field(None, "SwiGLU hidden size (null = 8/3*dim rounded up to ffn_multiple_of)")
-    ffn_multiple_of: int = config_field(256, "rounding for the automatic SwiGLU hidden size")
+    dim: int = config_field(256, "hidden size", ge=1)
+    n_layers: int = config_field(4, "number of transformer blocks", ge=1)
+    n_heads: int = config_field(4, "attention heads (must divide dim)", ge=1)
+    n_kv_heads: Optional[int] = config_field(
+        None, "key/value heads for grouped-query attention (must divide n_heads; null = n_heads)", ge=1)
+    vocab_size: Optional[int] = config_field(
+        None, "embedding rows (null = the tokenizer's vocab size from data.dir/meta.json)", ge=1, lt=2**31)
+    ffn_hidden_dim: Optional[int] = config_field(
+        None, "SwiGLU hidden size (null = 8/3*dim rounded up to ffn_multiple_of)", ge=1)
+    ffn_multiple_of: int = config_field(256, "rounding for the automatic SwiGLU hidden size", ge=1)
     norm: str = config_field("rmsnorm", "normalization type", NORM_TYPES)
-    norm_eps: float = config_field(1e-5, "epsilon inside every norm")
+    norm_eps: float = config_field(1e-5, "epsilon inside every norm", gt=0)
     norm_bias: bool = config_field(True, "LayerNorm has a bias (ignored for rmsnorm)")
     placement: str = config_field("pre", "where norms sit in each block: pre x+F(N(x)), post N(x+F(x)), "
                                   "peri x+N(F(N(x))), mix (first floor(mix_alpha*L) layers post, rest pre)",
                                   tuple(PLACEMENTS))
-    mix_alpha: float = config_field(0.25, "fraction of Post-LN layers at the bottom for placement=mix (Mix-LN)")
+    mix_alpha: float = config_field(0.25, "fraction of Post-LN layers at the bottom for placement=mix (Mix-LN)",
+                                    ge=0, le=1)
     layer_placements: Optional[list[str]] = config_field(
         None, "one placement per layer, overriding placement (e.g. [post, pre, pre, pre] or post,pre,pre,pre)",
         tuple(p for p in PLACEMENTS if p != "mix"))
     qk_norm: bool = config_field(False, "normalize queries and keys per head before RoPE")
     embed_norm: bool = config_field(False, "normalize the embedding output (Peri-LN uses this)")
-    rope_theta: float = config_field(10000.0, "RoPE base frequency")
-    max_seq_len: int = config_field(2048, "longest sequence the RoPE table covers")
+    rope_theta: float = config_field(10000.0, "RoPE base frequency", gt=0)
+    max_seq_len: int = config_field(2048, "longest sequence the RoPE table covers", ge=1, le=2**20)
     tie_embeddings: bool = config_field(False, "share the input embedding with the output head")
-    init_std: float = config_field(0.02, "std of the normal init of every linear and embedding weight")
+    init_std: float = config_field(0.02, "std of the normal init of every linear and embedding weight", gt=0)
     depth_scaled_init: bool = config_field(True, "scale output projections' init std by 1/sqrt(2*n_layers)")
 
     @property
@@ -62,13 +82,9 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the offending `model.*` key."""
-        for key in ("dim", "n_layers", "n_heads", "ffn_multiple_of", "max_seq_len"):
-            if getattr(self, key) < 1:
-                raise ValueError(f"model.{key}={getattr(self, key)} must be at least 1")
-        for key in ("n_kv_heads", "vocab_size", "ffn_hidden_dim"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ValueError(f"model.{key}={value} must be at least 1 (or null)")
+        for field in dataclasses.fields(self):
+            if (problem := bounds_error(f"model.{field.name}", getattr(self, field.name), field)) is not None:
+                raise ValueError(problem)
         if self.dim % self.n_heads:
             raise ValueError(f"model.n_heads={self.n_heads} does not divide model.dim={self.dim}; "
                              f"pick a head count that divides the hidden size")
@@ -80,7 +96,3 @@ class ModelConfig:
         if self.layer_placements is not None and len(self.layer_placements) != self.n_layers:
             raise ValueError(f"model.layer_placements lists {len(self.layer_placements)} placements for "
                              f"model.n_layers={self.n_layers} layers; give exactly one per layer")
-        if not 0.0 <= self.mix_alpha <= 1.0:
-            raise ValueError(f"model.mix_alpha={self.mix_alpha} must lie in [0, 1]")
-        if self.norm_eps <= 0 or self.init_std <= 0 or self.rope_theta <= 0:
-            raise ValueError("model.norm_eps, model.init_std and model.rope_theta must be positive")

@@ -68,9 +68,8 @@ def test_bad_overrides_name_the_key(override, message):
     (["parallel.tp=2"], "is not available yet"),
     (["parallel.dp_shard=2"], "pp (1) x dp_replicate (1) x dp_shard (2) x tp (1) must equal the 4 launched ranks"),
     (["parallel.dp_replicate=3"], "must equal the 4 launched ranks"),
-    (["parallel.dp_shard=0"], "parallel.dp_shard >= 1 or -1"),
-    (["training.grad_clip=-1"], "training.grad_clip=-1.0 must be >= 0"),
-    (["model.mix_alpha=1.5"], "model.mix_alpha=1.5 must lie in [0, 1]"),
+    (["parallel.dp_shard=0"], "parallel.dp_shard=0 must be >= 1, or -1"),
+    (["run.name=../escape"], "must be a plain directory name"),
 ])
 def test_validation_names_the_key(overrides, message):
     with pytest.raises(UserError) as err:
@@ -82,6 +81,36 @@ def test_validation_names_the_key(overrides, message):
                                        ["parallel.dp_replicate=2"], ["parallel.dp_shard=4"]])
 def test_data_parallel_degrees_that_fill_the_world(overrides):
     validate(load_config(None, overrides), world_size=4)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("training.grad_clip=-1", "training.grad_clip=-1.0 must be >= 0"),
+    ("training.beta1=1.5", "training.beta1=1.5 must be < 1"),
+    ("training.adam_eps=0", "training.adam_eps=0.0 must be > 0"),
+    ("training.lr=.nan", "training.lr expects float, got nan"),
+    ("training.lr=.inf", "training.lr expects float, got inf"),
+    ("model.mix_alpha=1.5", "model.mix_alpha=1.5 must be <= 1"),
+    ("model.max_seq_len=2000000000", "model.max_seq_len=2000000000 must be <= 1048576"),
+    ("run.seed=-1", "run.seed=-1 must be >= 0"),
+    ("run.seed=99999999999999999999999", "must be < 9223372036854775808"),
+    ("training.micro_batch_size=0", "training.micro_batch_size=0 must be >= 1"),
+    ("logging.peak_tflops=-1", "logging.peak_tflops=-1.0 must be > 0"),
+])
+def test_values_out_of_range(override, message):
+    with pytest.raises(UserError) as err:
+        load_config(None, [override])
+    assert message in str(err.value)
+
+
+def test_lenient_but_exact_parsing(tmp_path):
+    cfg = load_config(None, ["training.steps=1e3", "run.name=2024-01-01", "training.lr=3e-4"])
+    assert cfg.training.steps == 1000 and cfg.run.name == "2024-01-01" and cfg.training.lr == 3e-4
+    path = tmp_path / "c.yaml"
+    path.write_text("run:\n  # name: x\nmodel:\n  dim: 64\n")  # an all-commented section is empty, not an error
+    assert load_config(path).model.dim == 64
+    path.write_text("model:\n  dim: 64\n  dim: 128\n")
+    with pytest.raises(UserError, match="key 'dim' appears twice"):
+        load_config(path)
 
 
 def test_unknown_section_in_yaml(tmp_path):

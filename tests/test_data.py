@@ -139,3 +139,16 @@ def test_damaged_output_is_rebuilt_not_skipped(shakespeare_data, shakespeare_dir
     out = run_cli("prepare-data", "--input", str(shakespeare_dir), "--output", str(copy), "--vocab-size", "512")
     assert "up to date" not in out.stdout
     assert (copy / "train.bin").read_bytes() == (shakespeare_data / "train.bin").read_bytes()
+
+
+def test_byte_order_marks_and_upper_case_suffixes(tmp_path):
+    text = "Once more unto the breach, dear friends, once more;\n" * 40
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "A.TXT").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "in" / "b.jsonl").write_bytes(b"\xef\xbb\xbf" + (json.dumps({"text": text}) + "\n").encode())
+    run_cli("prepare-data", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--vocab-size", "300")
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["documents"] == 2
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
+    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
+    assert "\ufeff" not in sp.decode(train.tolist())

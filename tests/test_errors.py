@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -138,16 +139,42 @@ def test_output_dir_is_a_file(unchanged):
     assert_user_error(train(unchanged, f"run.output_dir={unchanged / 'a_file'}"), "is a file, not a directory")
 
 
-def test_truncated_token_file(unchanged, tmp_path):
+def _truncate_val(d):
+    with open(d / "val.bin", "r+b") as f:
+        f.truncate(100)
+
+
+def _edit_meta(**changes):
+    def edit(d):
+        meta = json.loads((d / "meta.json").read_text())
+        meta.update(changes)
+        (d / "meta.json").write_text(json.dumps(meta))
+    return edit
+
+
+def _garbage_tokens(d):
+    size = (d / "train.bin").stat().st_size
+    (d / "train.bin").write_bytes(b"\xff" * size)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (_truncate_val, "has a val.bin of 100 bytes where meta.json says"),
+    (_edit_meta(dtype="float16"), "invalid dtype or vocab_size"),
+    (_edit_meta(vocab_size=100), "vocab_size of 100 but its tokenizer has 512 pieces"),
+    (_edit_meta(val_unigram_entropy=None), "without val_unigram_entropy"),
+    (lambda d: (d / "meta.json").write_text("[]"), "has no readable meta.json"),
+    (lambda d: (d / "tokenizer.model").write_bytes(b"junk"), "tokenizer.model that is not the one"),
+    (_garbage_tokens, "holds token id 65535, outside the vocabulary of 512"),
+])
+def test_damaged_data_dir(unchanged, tmp_path, damage, message):
     broken = tmp_path / "broken"
     shutil.copytree(unchanged / "data", broken)
-    with open(broken / "val.bin", "r+b") as f:
-        f.truncate(100)
-    assert_user_error(train(unchanged, f"data.dir={broken}"), "val.bin has 100 bytes", "re-run `normtron prepare-data`")
+    damage(broken)
+    assert_user_error(train(unchanged, f"data.dir={broken}"), message, "prepare-data")
 
 
 def test_data_dir_not_prepared(unchanged, tmp_path):
-    assert_user_error(train(unchanged, f"data.dir={tmp_path}"), "is not a prepared data directory")
+    assert_user_error(train(unchanged, f"data.dir={tmp_path}"), "has no readable meta.json", "normtron prepare-data")
 
 
 def test_missing_config_file(unchanged, tmp_path):
@@ -171,3 +198,55 @@ def test_check_mode_reports_errors_and_writes_nothing(unchanged):
     assert "config OK for 1 rank(s)" in ok.stdout and not (unchanged / "runs" / "fresh").exists()
     assert "will resume" in run_cli(*args, "run.name=done").stdout
     assert_user_error(run_cli(*args, "--world-size", "3", check=False), "multiple of ranks (3)")
+
+
+def _copy_run(root, tmp_path, name):
+    shutil.copytree(root / "runs" / "done", tmp_path / "runs" / name)
+    return tmp_path / "runs" / name
+
+
+def train_copy(root, tmp_path, name, *overrides):
+    return run_cli("train", TINY, f"data.dir={root / 'data'}", f"run.output_dir={tmp_path / 'runs'}",
+                   f"run.name={name}", *MICRO_MODEL, "training.steps=3", *overrides, check=False)
+
+
+def test_damaged_checkpoint(unchanged, tmp_path):
+    run = _copy_run(unchanged, tmp_path, "torn")
+    newest = run / "checkpoints" / "step_00000002"
+    data_file = next(newest.glob("*.distcp"))
+    with open(data_file, "r+b") as f:
+        f.truncate(1000)
+    before = tree_digest(run)
+    assert_user_error(train_copy(unchanged, tmp_path, "torn"), f"checkpoint {newest} cannot be loaded",
+                      "remove it to resume from the one before")
+    assert tree_digest(run) == before
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda run: (run / "config.yaml").write_text("model: {dim: ["), "config.yaml is damaged"),
+    (lambda run: (run / "config.yaml").write_text("- 1\n"), "config.yaml is damaged"),
+    (lambda run: (shutil.rmtree(run / "checkpoints"), (run / "checkpoints").write_text("x")),
+     "checkpoints should be a directory"),
+    (lambda run: ((run / "metrics.jsonl").unlink(), (run / "metrics.jsonl").mkdir()),
+     "metrics.jsonl should be a file"),
+])
+def test_damaged_run_directory(unchanged, tmp_path, damage, message):
+    run = _copy_run(unchanged, tmp_path, "messy")
+    damage(run)
+    before = tree_digest(run)
+    assert_user_error(train_copy(unchanged, tmp_path, "messy"), message)
+    assert tree_digest(run) == before
+
+
+def test_failed_commands_leave_no_empty_directories(unchanged, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    result = prepare(unchanged, "--input", str(tmp_path / "empty.jsonl"), "--output", str(tmp_path / "a" / "b"))
+    assert_user_error(result, "empty")
+    assert not (tmp_path / "a").exists()
+    assert_user_error(train_copy(unchanged, tmp_path, "new", f"data.dir={tmp_path / 'nowhere'}"), "does not exist")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_download_cache_dir_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    assert_user_error(run_cli("download-corpus", "shakespeare", "--cache-dir", str(tmp_path / "f"), check=False))

@@ -20,10 +20,12 @@ from typing import Any
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
 from parallel.distributed import DistInfo, barrier, broadcast_object
+from trainer.errors import UserError
 
 @contextlib.contextmanager
 def _single_process_ok():
@@ -61,10 +63,13 @@ class Checkpointer:
         return found[-1][1] if found else None
 
     def remove_partial(self) -> None:
-        """Delete `*.tmp` directories left by a save that was interrupted (rank 0; call before any save)."""
+        """Delete what an interrupted save left: `*.tmp` directories and step directories without DCP metadata
+        (rank 0; call before any save)."""
         if self.dist.is_main and self.root.is_dir():
-            for path in self.root.glob("*.tmp"):
-                shutil.rmtree(path, ignore_errors=True)
+            complete = {path for _, path in complete_checkpoints(self.root)}
+            for path in self.root.iterdir():
+                if path.is_dir() and (path.name.endswith(".tmp") or STEP_DIR.match(path.name)) and path not in complete:
+                    shutil.rmtree(path, ignore_errors=True)
         barrier()
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful,
@@ -91,8 +96,18 @@ class Checkpointer:
     def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "train": train_state}
-        with _single_process_ok():
-            dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+        try:
+            with _single_process_ok():
+                dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+        except UserError:
+            raise
+        except (Exception, CheckpointException) as err:  # damage surfaces as many types; CheckpointException is a
+            # BaseException that wraps what each rank raised
+            if isinstance(err, CheckpointException) and err.failures:
+                err = next(iter(err.failures.values()))[0]  # (exception, traceback) of the first failing rank
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise UserError(f"checkpoint {path} cannot be loaded ({reason}); remove it to resume from the one "
+                            f"before, or choose another run.name") from None
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def _prune(self) -> None:

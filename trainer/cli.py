@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                    help=".txt files (one document each), .jsonl/.parquet files (one document per row, field "
                         "'text'), or directories searched recursively for them")
     p.add_argument("--output", required=True, metavar="DIR", help="directory to write the prepared data into")
-    p.add_argument("--vocab-size", type=int, default=None, metavar="N",
+    p.add_argument("--vocab-size", type=_vocab_size, default=None, metavar="N",
                    help="vocabulary size of the tokenizer to train (default 8192; with --tokenizer: taken from it)")
     p.add_argument("--tokenizer", default=None, metavar="MODEL",
                    help="use this existing sentencepiece .model instead of training one")
@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _vocab_size(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 2**31:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a vocabulary size between 1 and 2^31-1")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -80,7 +86,10 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = load_config(args.config, args.overrides)
             if args.check:
-                print(check(cfg, args.world_size or int(os.environ.get("WORLD_SIZE", "1"))))
+                world_size = args.world_size if args.world_size is not None else os.environ.get("WORLD_SIZE", "1")
+                if not str(world_size).isdigit() or int(world_size) < 1:
+                    raise UserError(f"--world-size (or $WORLD_SIZE) must be a positive whole number, not {world_size}")
+                print(check(cfg, int(world_size)))
             else:
                 train(cfg)
         elif args.command == "download-corpus":
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as err:
         return _fail(str(err))
-    except (FileNotFoundError, PermissionError, NotADirectoryError, IsADirectoryError) as err:
+    except OSError as err:  # paths the user gave: missing, not writable, a file in the way, a name too long
         return _fail(f"{err.strerror}: {err.filename}" if err.filename else str(err))
     except KeyboardInterrupt:
         return 130

@@ -5,7 +5,10 @@ change their fields. Every value is checked once, up front, with errors that nam
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -14,7 +17,7 @@ from typing import Any, Optional
 
 import yaml
 
-from models.config import ModelConfig, config_field
+from models.config import ModelConfig, bounds_error, config_field
 from trainer.errors import UserError
 
 
@@ -22,64 +25,66 @@ from trainer.errors import UserError
 class RunConfig:
     name: str = config_field("run", "run name; the run directory is <output_dir>/<name>")
     output_dir: str = config_field("runs", "directory that holds run directories")
-    seed: int = config_field(0, "seed for initialization and data order")
+    seed: int = config_field(0, "seed for initialization and data order", ge=0, lt=2**63)
 
 
 @dataclass
 class DataConfig:
     dir: str = config_field("data/shakespeare", "directory written by `normtron prepare-data`")
-    seq_len: int = config_field(256, "tokens per training sequence")
+    seq_len: int = config_field(256, "tokens per training sequence", ge=1)
 
 
 @dataclass
 class TrainingConfig:
-    steps: int = config_field(1000, "optimizer steps to train for")
-    batch_size: int = config_field(32, "global batch size in sequences (over all data-parallel ranks)")
+    steps: int = config_field(1000, "optimizer steps to train for", ge=1)
+    batch_size: int = config_field(32, "global batch size in sequences (over all data-parallel ranks)", ge=1)
     micro_batch_size: Optional[int] = config_field(
         None, "sequences per rank per forward/backward; batch_size/(ranks*micro_batch_size) steps are accumulated "
-              "(null = no accumulation)")
-    lr: float = config_field(1e-3, "peak learning rate")
-    min_lr_ratio: float = config_field(0.1, "final learning rate as a fraction of lr (cosine and wsd)")
+              "(null = no accumulation)", ge=1)
+    lr: float = config_field(1e-3, "peak learning rate", gt=0)
+    min_lr_ratio: float = config_field(0.1, "final learning rate as a fraction of lr (cosine and wsd)", ge=0, le=1)
     schedule: str = config_field("cosine", "learning-rate schedule after warmup", ("cosine", "wsd", "constant"))
-    warmup_steps: int = config_field(100, "linear warmup steps")
-    decay_fraction: float = config_field(0.2, "wsd: fraction of steps spent in the final linear decay")
-    weight_decay: float = config_field(0.1, "AdamW weight decay (never on norms, biases or embeddings)")
-    beta1: float = config_field(0.9, "AdamW beta1")
-    beta2: float = config_field(0.95, "AdamW beta2")
-    adam_eps: float = config_field(1e-8, "AdamW epsilon")
-    grad_clip: float = config_field(1.0, "clip the global gradient norm to this value (0 = off)")
+    warmup_steps: int = config_field(100, "linear warmup steps", ge=0)
+    decay_fraction: float = config_field(0.2, "wsd: fraction of steps spent in the final linear decay", gt=0,
+                                         le=1)
+    weight_decay: float = config_field(0.1, "AdamW weight decay (never on norms, biases or embeddings)", ge=0)
+    beta1: float = config_field(0.9, "AdamW beta1", ge=0, lt=1)
+    beta2: float = config_field(0.95, "AdamW beta2", ge=0, lt=1)
+    adam_eps: float = config_field(1e-8, "AdamW epsilon", gt=0)
+    grad_clip: float = config_field(1.0, "clip the global gradient norm to this value (0 = off)", ge=0)
     precision: str = config_field("fp32", "compute precision: fp32, or bf16 autocast with fp32 master weights",
                                   ("fp32", "bf16"))
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = config_field(500, "save a checkpoint every N steps (and at the end)")
-    keep_last: int = config_field(2, "keep only the newest N checkpoints (0 = keep all)")
+    every: int = config_field(500, "save a checkpoint every N steps (and at the end)", ge=1)
+    keep_last: int = config_field(2, "keep only the newest N checkpoints (0 = keep all)", ge=0)
 
 
 @dataclass
 class EvalConfig:
-    every: int = config_field(250, "evaluate on val.bin every N steps (and at the end)")
-    steps: int = config_field(10, "batches of training.batch_size sequences per evaluation (capped by val.bin)")
+    every: int = config_field(250, "evaluate on val.bin every N steps (and at the end)", ge=1)
+    steps: int = config_field(10, "batches of training.batch_size sequences per evaluation (capped by val.bin)",
+                              ge=1)
 
 
 @dataclass
 class LoggingConfig:
-    every: int = config_field(10, "print and record training metrics every N steps")
+    every: int = config_field(10, "print and record training metrics every N steps", ge=1)
     tensorboard: bool = config_field(True, "write TensorBoard events into the run directory")
     peak_tflops: Optional[float] = config_field(
-        None, "peak device TFLOP/s for MFU (null = look up known GPUs; no MFU when unknown)")
+        None, "peak device TFLOP/s for MFU (null = look up known GPUs; no MFU when unknown)", gt=0)
 
 
 @dataclass
 class ParallelConfig:
     backend: str = config_field("ddp", "data-parallel implementation", ("ddp", "fsdp", "deepspeed"))
-    dp_replicate: int = config_field(1, "replicated data-parallel degree (FSDP/HSDP)")
+    dp_replicate: int = config_field(1, "replicated data-parallel degree (FSDP/HSDP)", ge=1)
     dp_shard: int = config_field(-1, "sharded data-parallel degree (-1 = all remaining ranks)")
     zero_stage: int = config_field(0, "DeepSpeed ZeRO stage", (0, 1, 2, 3))
-    tp: int = config_field(1, "tensor-parallel degree")
-    pp: int = config_field(1, "pipeline-parallel degree")
+    tp: int = config_field(1, "tensor-parallel degree", ge=1)
+    pp: int = config_field(1, "pipeline-parallel degree", ge=1)
     pp_schedule: str = config_field("1F1B", "pipeline schedule")
 
 
@@ -133,18 +138,18 @@ def _as_type(value: Any, base: Any) -> Any:
         return value if isinstance(value, bool) else _INVALID
     if isinstance(value, bool):  # YAML's `true` where a number or name belongs is a mistake, not 1
         return _INVALID
-    if base is str:
-        return str(value) if isinstance(value, (str, int, float)) else _INVALID
-    if base is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if isinstance(value, (int, float)) and not (base is int and isinstance(value, float)):
-        return base(value)
+    if base is str:  # names such as 2024-01-01 arrive as dates from YAML
+        return str(value) if isinstance(value, (str, int, float, datetime.date)) else _INVALID
     if isinstance(value, str):
         try:
-            return base(value)
+            value = float(value) if base is float or not value.strip().lstrip("+-").isdigit() else int(value)
         except ValueError:
             return _INVALID
-    return _INVALID
+    if not isinstance(value, (int, float)) or not math.isfinite(value):
+        return _INVALID
+    if base is int:
+        return int(value) if float(value).is_integer() else _INVALID
+    return float(value)
 
 
 def _coerce(key: str, value: Any, field: dataclasses.Field, hint: Any) -> Any:
@@ -164,6 +169,8 @@ def _coerce(key: str, value: Any, field: dataclasses.Field, hint: Any) -> Any:
     for item in parsed if isinstance(parsed, list) else [parsed]:
         if choices and item not in choices:
             raise UserError(f"{key}={item!r} is not allowed; choose one of {', '.join(map(str, choices))}")
+    if (problem := bounds_error(key, parsed, field)) is not None:
+        raise UserError(problem)
     return parsed
 
 
@@ -177,25 +184,37 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
     setattr(section, parts[1], _coerce(key, value, _fields(section)[parts[1]], hint))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """Safe YAML that refuses a key given twice in one mapping (otherwise the last one silently wins)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        for key in keys:
+            if keys.count(key) > 1:
+                raise yaml.constructor.ConstructorError(None, None, f"key '{key}' appears twice", node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Defaults, then the YAML file, then `section.key=value` overrides (values parsed as YAML)."""
     cfg = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+            problem = "is not a file" if path.exists() else "does not exist"
+            raise UserError(f"config file {path} {problem}; pass a YAML file such as configs/tiny.yaml")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as err:
-            raise UserError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raise UserError(f"config file {path} is not valid YAML: {' '.join(str(err).split())}") from None
         if not isinstance(data, dict):
             raise UserError(f"config file {path} must be a mapping of sections (run:, data:, model:, ...)")
         for section, values in data.items():
             if section not in _fields(cfg):
                 raise _unknown_key(str(section), list(_fields(cfg)))
-            if not isinstance(values, dict):
+            if not isinstance(values, (dict, type(None))):  # a section whose keys are all commented out is None
                 raise UserError(f"section '{section}' in {path} must be a mapping of keys to values")
-            for key, value in values.items():
+            for key, value in (values or {}).items():
                 set_key(cfg, f"{section}.{key}", value)
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -232,8 +251,10 @@ def describe_keys() -> str:
         lines.append(f"{section}:")
         for name, field in _fields(getattr(cfg, section)).items():
             default = getattr(getattr(cfg, section), name)
-            choices = field.metadata.get("choices")
+            choices, bounds = field.metadata.get("choices"), field.metadata.get("bounds", {})
             extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
+            symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+            extra += f" ({', '.join(f'{symbols[k]} {v}' for k, v in bounds.items())})" if bounds else ""
             lines.append(f"  {section}.{name} = {default!r}{extra}\n      {field.metadata.get('help', '')}")
     return "\n".join(lines)
 
@@ -247,30 +268,19 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     except ValueError as err:
         raise UserError(str(err)) from None
     t = cfg.training
-    positive = {"training.steps": t.steps, "training.batch_size": t.batch_size, "data.seq_len": cfg.data.seq_len,
-                "checkpoint.every": cfg.checkpoint.every, "eval.every": cfg.eval.every,
-                "eval.steps": cfg.eval.steps, "logging.every": cfg.logging.every, "training.lr": t.lr}
-    for key, value in positive.items():
-        if value <= 0:
-            raise UserError(f"{key}={value} must be positive")
-    if t.warmup_steps < 0:
-        raise UserError(f"training.warmup_steps={t.warmup_steps} must be >= 0")
-    if not 0.0 <= t.min_lr_ratio <= 1.0 or not 0.0 < t.decay_fraction <= 1.0:
-        raise UserError("training.min_lr_ratio must lie in [0, 1] and training.decay_fraction in (0, 1]")
-    if cfg.checkpoint.keep_last < 0:
-        raise UserError(f"checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 0 (0 keeps every checkpoint)")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*", cfg.run.name):
+        raise UserError(f"run.name={cfg.run.name!r} must be a plain directory name (letters, digits, . _ - + = @), "
+                        f"not a path; use run.output_dir for the location")
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                         f"raise model.max_seq_len or shorten data.seq_len")
-    if t.grad_clip < 0:
-        raise UserError(f"training.grad_clip={t.grad_clip} must be >= 0 (0 turns clipping off)")
     p = cfg.parallel
     if p.backend != "ddp" or p.tp != 1 or p.pp != 1 or p.zero_stage != 0:
         raise UserError(f"parallel.backend={p.backend} with tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage} is "
                         f"not available yet; this version trains with parallel.backend=ddp, tp=1, pp=1, "
                         f"zero_stage=0")
-    if p.dp_replicate < 1 or (p.dp_shard < 1 and p.dp_shard != -1):
-        raise UserError("parallel.dp_replicate must be >= 1 and parallel.dp_shard >= 1 or -1 (all remaining ranks)")
+    if p.dp_shard < 1 and p.dp_shard != -1:
+        raise UserError(f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 for all remaining ranks")
     dp_shard = p.dp_shard if p.dp_shard != -1 else world_size // (p.pp * p.dp_replicate * p.tp)
     if p.pp * p.dp_replicate * max(dp_shard, 1) * p.tp != world_size:
         raise UserError(f"parallel.pp ({p.pp}) x dp_replicate ({p.dp_replicate}) x dp_shard ({p.dp_shard}) x "

@@ -23,16 +23,16 @@ def find_corpus_files(inputs: list[str | Path]) -> list[Path]:
     files: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in TEXT_SUFFIXES)
             if not found:
                 raise UserError(f"no {'/'.join(TEXT_SUFFIXES)} files under {item}")
             files.extend(found)
         elif item.is_file():
-            if item.suffix not in TEXT_SUFFIXES:
+            if item.suffix.lower() not in TEXT_SUFFIXES:
                 raise UserError(f"{item} is not a {'/'.join(TEXT_SUFFIXES)} file; convert it or pass a directory")
             files.append(item)
         else:
-            raise UserError(f"input {item} does not exist")
+            raise UserError(f"input {item} {'is not a regular file' if item.exists() else 'does not exist'}")
     return list(dict.fromkeys(files))
 
 
@@ -46,9 +46,10 @@ def file_sha256(path: Path) -> str:
 
 def read_documents(path: Path) -> Iterator[str]:
     """Documents of one file: a .txt file is one document; .jsonl and .parquet hold one per row in `text`."""
-    if path.suffix == ".txt":
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
         yield _decode(path.read_bytes(), path)
-    elif path.suffix == ".jsonl":
+    elif suffix == ".jsonl":
         yield from _read_jsonl(path)
     else:
         yield from _read_parquet(path)
@@ -56,7 +57,7 @@ def read_documents(path: Path) -> Iterator[str]:
 
 def _decode(data: bytes, path: Path, where: str = "") -> str:
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8").removeprefix("\ufeff")  # a byte-order mark is not text
     except UnicodeDecodeError as err:
         raise UserError(f"{path}{where} is not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); "
                         f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None

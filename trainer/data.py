@@ -14,27 +14,34 @@ import numpy as np
 import torch
 
 from trainer.errors import UserError
-from trainer.prepare import read_meta
+from trainer.prepare import data_dir_problem, read_meta
 
 
 def load_data_meta(data_dir: str | Path) -> dict:
+    """meta.json of a prepared directory, after checking the directory is complete and consistent."""
+    import sentencepiece as spm
+
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
-    required = ("vocab_size", "dtype", "train_tokens", "val_tokens", "val_unigram_entropy")
-    if (meta is None or not all(k in meta for k in required)
-            or not all((data_dir / n).is_file() for n in ("train.bin", "val.bin", "tokenizer.model"))):
-        raise UserError(f"data.dir={data_dir} is not a prepared data directory (no complete meta.json, train.bin, "
-                        f"val.bin, tokenizer.model); run `normtron prepare-data --input ... --output {data_dir}`")
+    problem = data_dir_problem(data_dir, meta) if data_dir.is_dir() else "does not exist"
+    if problem is None:
+        pieces = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizer.model")).get_piece_size()
+        if pieces != meta["vocab_size"]:
+            problem = f"has a meta.json vocab_size of {meta['vocab_size']} but its tokenizer has {pieces} pieces"
+    if problem is not None:
+        raise UserError(f"data.dir={data_dir} {problem}; (re)build it with `normtron prepare-data --input ... "
+                        f"--output {data_dir}`")
     return meta
 
 
 def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.ndarray:
-    path = Path(data_dir) / f"{split}.bin"
-    dtype = np.dtype(meta["dtype"])
-    if path.stat().st_size != meta[f"{split}_tokens"] * dtype.itemsize:
-        raise UserError(f"{path} has {path.stat().st_size} bytes but meta.json says {meta[f'{split}_tokens']} "
-                        f"{dtype.name} tokens; re-run `normtron prepare-data`")
-    return np.memmap(path, dtype=dtype, mode="r")
+    """The token memmap of `split`; its first and last million ids are checked against the vocabulary."""
+    tokens = np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
+    sample = max(int(tokens[:1 << 20].max()), int(tokens[-(1 << 20):].max()))
+    if sample >= meta["vocab_size"]:
+        raise UserError(f"{Path(data_dir) / f'{split}.bin'} holds token id {sample}, outside the vocabulary of "
+                        f"{meta['vocab_size']}; the file is damaged: re-run `normtron prepare-data`")
+    return tokens
 
 
 def num_windows(tokens: np.ndarray, seq_len: int) -> int:

@@ -80,7 +80,8 @@ class TensorBoardSink:
     def __init__(self, log_dir: Path, resume_step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1 if resume_step else None)
+        # Drops events past the checkpoint we resume from (including a crashed attempt's before any checkpoint).
+        self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1)
 
     def write(self, row: dict) -> None:
         for key, value in row.items():

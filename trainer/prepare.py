@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -64,65 +65,90 @@ def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None =
                "tokenizer_sha256": file_sha256(Path(tokenizer)) if tokenizer else None,
                "sources_sha256": sorted(s["sha256"] for s in sources)}
     existing = read_meta(output)
-    if existing and existing.get("options") == options and _outputs_intact(output, existing):
+    if existing and existing.get("options") == options and data_dir_problem(output, existing) is None:
         log(f"{output} is up to date ({existing['train_tokens']:,} train / {existing['val_tokens']:,} val tokens); "
             f"nothing to do")
         return existing
 
     total_mb = sum(s["bytes"] for s in sources) / 1e6
     log(f"corpus: {len(files)} files, {total_mb:.1f} MB")
+    created = next((p for p in (*reversed(output.parents), output) if not p.exists()), None)
     output.mkdir(parents=True, exist_ok=True)
     for stale in output.glob(".*.tmp-*"):  # left by a run that was killed
         stale.unlink(missing_ok=True)
     staged = {name: output / f".{name}.tmp-{os.getpid()}" for name in (*_OUTPUTS, "all.bin")}
     try:
-        sp, model_bytes, tok_info = _load_or_train_tokenizer(files, tokenizer, options["vocab_size"], log)
-        staged["tokenizer.model"].write_bytes(model_bytes)
-        dtype = token_dtype(sp.get_piece_size())
-        n_docs, n_tokens = _encode_corpus(files, sp, dtype, staged["all.bin"], total_mb, log)
-        if n_tokens < 4:
-            raise UserError(f"the corpus in {', '.join(map(str, inputs))} is empty; add text to it")
-        split = _split_train_val(staged["all.bin"], dtype, val_fraction, staged["train.bin"], staged["val.bin"])
-        meta = {
-            "format": FORMAT_VERSION,
-            "vocab_size": sp.get_piece_size(),
-            "dtype": dtype.name,
-            "documents": n_docs,
-            "train_tokens": split["train_tokens"],
-            "val_tokens": split["val_tokens"],
-            "split_block_tokens": split["block"],
-            "val_unigram_entropy": split["val_unigram_entropy"],
-            "tokenizer": tok_info,
-            "sources": sources,
-            "options": options,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        staged["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
+        meta = _tokenize_and_split(files, tokenizer, options, sources, staged, total_mb, log)
         (output / "meta.json").unlink(missing_ok=True)  # from here until the end, the directory reads as incomplete
         for name in _OUTPUTS:
             os.replace(staged[name], output / name)
-    finally:
+    except BaseException:
         for path in staged.values():
             path.unlink(missing_ok=True)
+        if created is not None and not any(p.is_file() for p in created.rglob("*")):
+            shutil.rmtree(created, ignore_errors=True)  # leave no empty directories behind
+        raise
+    finally:
+        staged["all.bin"].unlink(missing_ok=True)
     log(f"wrote {output}: vocab {meta['vocab_size']}, {meta['train_tokens']:,} train tokens, "
-        f"{meta['val_tokens']:,} val tokens ({dtype.name}); val unigram entropy "
+        f"{meta['val_tokens']:,} val tokens ({meta['dtype']}); val unigram entropy "
         f"{meta['val_unigram_entropy']:.3f} nats")
+    return meta
+
+
+def _tokenize_and_split(files, tokenizer, options, sources, staged, total_mb, log) -> dict:
+    """Write every output under its staged name; return meta.json's contents."""
+    sp, model_bytes, tok_info = _load_or_train_tokenizer(files, tokenizer, options["vocab_size"], log)
+    staged["tokenizer.model"].write_bytes(model_bytes)
+    dtype = token_dtype(sp.get_piece_size())
+    n_docs, n_tokens = _encode_corpus(files, sp, dtype, staged["all.bin"], total_mb, log)
+    if n_tokens < 4:
+        raise UserError(f"the corpus ({len(files)} files) is empty; add text to it")
+    split = _split_train_val(staged["all.bin"], dtype, options["val_fraction"], staged["train.bin"],
+                             staged["val.bin"])
+    meta = {
+        "format": FORMAT_VERSION,
+        "vocab_size": sp.get_piece_size(),
+        "dtype": dtype.name,
+        "documents": n_docs,
+        "train_tokens": split["train_tokens"],
+        "val_tokens": split["val_tokens"],
+        "split_block_tokens": split["block"],
+        "val_unigram_entropy": split["val_unigram_entropy"],
+        "tokenizer": tok_info,
+        "sources": sources,
+        "options": options,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    staged["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
 _OUTPUTS = ("tokenizer.model", "train.bin", "val.bin", "meta.json")  # meta.json last: it marks completion
 
 
-def _outputs_intact(output: Path, meta: dict) -> bool:
-    """The files meta.json describes are all there, with the sizes and tokenizer it records."""
+def data_dir_problem(data_dir: Path, meta: dict | None) -> str | None:
+    """Why `data_dir` is not a complete, consistent prepared directory (None when it is)."""
+    if meta is None:
+        return "has no readable meta.json"
+    missing = [name for name in _OUTPUTS if not (data_dir / name).is_file()]
+    if missing:
+        return f"lacks {', '.join(missing)}"
     try:
+        if meta["dtype"] not in ("uint16", "uint32") or not isinstance(meta["vocab_size"], int):
+            return "has a meta.json with an invalid dtype or vocab_size"
+        if not isinstance(meta["val_unigram_entropy"], float):
+            return "has a meta.json without val_unigram_entropy"
         itemsize = np.dtype(meta["dtype"]).itemsize
-        return (all((output / n).is_file() for n in _OUTPUTS)
-                and (output / "train.bin").stat().st_size == meta["train_tokens"] * itemsize
-                and (output / "val.bin").stat().st_size == meta["val_tokens"] * itemsize
-                and file_sha256(output / "tokenizer.model") == meta["tokenizer"]["sha256"])
+        for split in ("train", "val"):
+            size, count = (data_dir / f"{split}.bin").stat().st_size, meta[f"{split}_tokens"]
+            if not isinstance(count, int) or count < 1 or size != count * itemsize:
+                return f"has a {split}.bin of {size} bytes where meta.json says {count} {meta['dtype']} tokens"
+        if file_sha256(data_dir / "tokenizer.model") != meta["tokenizer"]["sha256"]:
+            return "has a tokenizer.model that is not the one its token files were made with"
     except (KeyError, TypeError):
-        return False
+        return "has an incomplete meta.json"
+    return None
 
 
 # --- Tokenizer -----------------------------------------------------------------------------------------------------

@@ -51,9 +51,6 @@ def train(cfg: Config) -> TrainResult:
 def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     inputs = check_inputs(cfg, dist_info.world_size, dist_info.rank)
     run_dir = cfg.run_dir
-    if dist_info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    barrier()
     setup_logging(dist_info.is_main)
 
     model = build_model_on_meta(cfg)
@@ -70,7 +67,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         apply_hyperparameters(optimizer, cfg.training)  # the config wins over the checkpoint's values
         apply_lr_schedule(optimizer, scheduler, cfg.training)
     # The run has started cleanly: from here on it writes into its directory.
-    write_resolved_config(cfg, run_dir, dist_info)
+    if state.step < cfg.training.steps:  # a finished run keeps the config it finished with
+        write_resolved_config(cfg, run_dir, dist_info)
     setup_logging(dist_info.is_main, run_dir / "train.log")
     LOG.info(f"run {run_dir} | {dist_info.world_size} rank(s) on {dist_info.device.type} "
              f"({dist_info.backend or 'single process'})")
@@ -128,14 +126,28 @@ def resolve_vocab_size(cfg: Config, meta: dict) -> None:
 
 
 def check_run_dir(cfg: Config) -> None:
-    """The run directory can be created, and an existing run in it has the same model."""
+    """The run directory can be created or reused: nothing in the way, writable, and any run in it has our model."""
     output_dir, run_dir = Path(cfg.run.output_dir), cfg.run_dir
     for path, key in ((output_dir, "run.output_dir"), (run_dir, "run.name")):
         if path.exists() and not path.is_dir():
             raise UserError(f"{key}: {path} exists and is a file, not a directory; choose another {key}")
+    expected = {"checkpoints": "directory", "tensorboard": "directory", "config.yaml": "file",
+                "metrics.jsonl": "file", "train.log": "file"}
+    for name, kind in expected.items():
+        path = run_dir / name
+        if path.exists() and path.is_dir() != (kind == "directory"):
+            raise UserError(f"{path} should be a {kind}; move it away or choose another run.name")
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {existing}; choose a writable run.output_dir")
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        previous = (yaml.safe_load(saved.read_text()) or {}).get("model", {})
+        try:
+            previous = yaml.safe_load(saved.read_text(encoding="utf-8"))["model"]
+            assert isinstance(previous, dict)
+        except (yaml.YAMLError, UnicodeDecodeError, TypeError, KeyError, AssertionError):
+            raise UserError(f"{saved} is damaged (no readable model section), so the run there cannot be checked "
+                            f"for resuming; repair or remove it, or choose another run.name") from None
         current, defaults = config_to_dict(cfg)["model"], dataclasses.asdict(ModelConfig())
         # A key the saved config lacks (added in a later version) had its default value then.
         changed = sorted(k for k in current if previous.get(k, defaults[k]) != current[k])
@@ -148,6 +160,7 @@ def check_run_dir(cfg: Config) -> None:
 def write_resolved_config(cfg: Config, run_dir: Path, dist_info: DistInfo) -> None:
     """config.yaml with every value resolved; written only once the run has started (or resumed) cleanly."""
     if dist_info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
         tmp = run_dir / "config.yaml.tmp"
         tmp.write_text(dump_config(cfg))
         os.replace(tmp, run_dir / "config.yaml")
