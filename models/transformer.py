@@ -20,7 +20,6 @@ from models.config import ModelConfig
 from models.norms import at_least_fp32, build_norm
 from models.placement import NormWiring, layer_wiring
 
-
 # --- Rotary position embedding (the "rotate half" layout used by Hugging Face Llama checkpoints) ---------------
 
 def rope_table(head_dim: int, max_seq_len: int, theta: float, device=None) -> torch.Tensor:

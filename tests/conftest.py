@@ -4,7 +4,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from helpers import MICRO_MODEL, run_cli
 
 

@@ -33,7 +33,8 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     result = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd or REPO, env=_env(env),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"normtron {' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+        raise AssertionError(f"normtron {' '.join(args)} failed ({result.returncode}):\n"
+                             f"{result.stdout}\n{result.stderr}")
     return result
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import yaml
-
 from helpers import REPO
+
 from trainer.config import all_keys, config_from_dict, config_to_dict, dump_config, load_config, validate
 from trainer.errors import UserError
 

@@ -8,8 +8,8 @@ import shutil
 import numpy as np
 import pytest
 import sentencepiece as spm
-
 from helpers import run_cli, tree_digest
+
 from trainer.data import TrainBatches, eval_windows
 from trainer.prepare import token_dtype
 

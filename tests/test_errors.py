@@ -6,7 +6,6 @@ import json
 import shutil
 
 import pytest
-
 from helpers import MICRO_MODEL, TINY, run_cli, tree_digest
 
 

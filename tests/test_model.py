@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from helpers import REPO
+
 from models import ModelConfig, Transformer, count_parameters
 from trainer.config import load_config
 

@@ -12,7 +12,6 @@ from models.placement import num_mix_post_layers
 from models.transformer import rope_table
 
 
-
 @pytest.fixture(autouse=True)
 def float64():
     previous = torch.get_default_dtype()

@@ -13,8 +13,8 @@ import time
 import pytest
 import torch
 import yaml
-
 from helpers import REPO, TINY, read_metrics, run_cli, run_torchrun
+
 from trainer.config import TrainingConfig, config_from_dict
 from trainer.optim import lr_factor
 

@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from parallel.distributed import DistInfo, barrier, broadcast_object
 from trainer.errors import UserError
 
+
 @contextlib.contextmanager
 def _single_process_ok():
     """DCP warns on every single-process save/load; that is a supported mode here, not a mistake."""

@@ -179,7 +179,6 @@ def _load_or_train_tokenizer(files, tokenizer, vocab_size, log):
             model_type="bpe", byte_fallback=True, split_digits=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=-1,  # Llama's ids, so HF conversion needs no remapping
-            
             max_sentence_length=16384, num_threads=os.cpu_count() or 1, minloglevel=2,
         )
     except RuntimeError as err:
