@@ -16,8 +16,6 @@ def config_field(default: Any, help: str, choices: Optional[tuple] = None, ge: f
     and `bounds_error` checks."""
     metadata = {"help": help, "choices": tuple(choices) if choices else None,
                 "bounds": {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}}
-    if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 

@@ -19,15 +19,9 @@ from trainer.prepare import data_dir_problem, read_meta
 
 def load_data_meta(data_dir: str | Path) -> dict:
     """meta.json of a prepared directory, after checking the directory is complete and consistent."""
-    import sentencepiece as spm
-
     data_dir = Path(data_dir)
     meta = read_meta(data_dir)
     problem = data_dir_problem(data_dir, meta) if data_dir.is_dir() else "does not exist"
-    if problem is None:
-        pieces = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizer.model")).get_piece_size()
-        if pieces != meta["vocab_size"]:
-            problem = f"has a meta.json vocab_size of {meta['vocab_size']} but its tokenizer has {pieces} pieces"
     if problem is not None:
         raise UserError(f"data.dir={data_dir} {problem}; (re)build it with `normtron prepare-data --input ... "
                         f"--output {data_dir}`")

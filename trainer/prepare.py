@@ -146,6 +146,11 @@ def data_dir_problem(data_dir: Path, meta: dict | None) -> str | None:
                 return f"has a {split}.bin of {size} bytes where meta.json says {count} {meta['dtype']} tokens"
         if file_sha256(data_dir / "tokenizer.model") != meta["tokenizer"]["sha256"]:
             return "has a tokenizer.model that is not the one its token files were made with"
+        import sentencepiece as spm
+
+        pieces = spm.SentencePieceProcessor(model_file=str(data_dir / "tokenizer.model")).get_piece_size()
+        if pieces != meta["vocab_size"]:
+            return f"has a meta.json vocab_size of {meta['vocab_size']} but its tokenizer has {pieces} pieces"
     except (KeyError, TypeError):
         return "has an incomplete meta.json"
     return None

@@ -144,10 +144,11 @@ def check_run_dir(cfg: Config) -> None:
     if saved.is_file():
         try:
             previous = yaml.safe_load(saved.read_text(encoding="utf-8"))["model"]
-            assert isinstance(previous, dict)
-        except (yaml.YAMLError, UnicodeDecodeError, TypeError, KeyError, AssertionError):
+        except (yaml.YAMLError, UnicodeDecodeError, TypeError, KeyError):
+            previous = None
+        if not isinstance(previous, dict):
             raise UserError(f"{saved} is damaged (no readable model section), so the run there cannot be checked "
-                            f"for resuming; repair or remove it, or choose another run.name") from None
+                            f"for resuming; repair or remove it, or choose another run.name")
         current, defaults = config_to_dict(cfg)["model"], dataclasses.asdict(ModelConfig())
         # A key the saved config lacks (added in a later version) had its default value then.
         changed = sorted(k for k in current if previous.get(k, defaults[k]) != current[k])
