@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -180,12 +180,16 @@ class Transformer(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.depth_scaled_init else cfg.init_std
         done: set[int] = set()  # a tied head shares the embedding's tensor: initialize it once
         for name, module in self.named_modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and id(module.weight) not in done:
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if id(module.weight) in done:  # never reset_parameters() here: that would redraw the tied weight
+                    continue
                 done.add(id(module.weight))
                 std = out_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
                 generator = torch.Generator(device=module.weight.device)
                 generator.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-                nn.init.normal_(module.weight, mean=0.0, std=std, generator=generator)
+                # Drawn as a whole tensor, then copied in: a sharded parameter keeps its slice of the same values.
+                values = torch.empty(module.weight.shape, dtype=module.weight.dtype, device=module.weight.device)
+                module.weight.copy_(values.normal_(mean=0.0, std=std, generator=generator))
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()
 

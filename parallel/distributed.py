@@ -6,6 +6,7 @@ Backend and device come from the hardware: NCCL on CUDA GPUs, gloo on CPU. Nothi
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 
 import torch
@@ -37,18 +38,28 @@ def pick_device(local_rank: int = 0) -> tuple[torch.device, str]:
     return torch.device("cpu"), "gloo"
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), else run as a single process."""
+def init_distributed(needs_process_group: bool = False) -> DistInfo:
+    """Join the process group when launched by torchrun (RANK/WORLD_SIZE set), else run as a single process —
+    inside a one-rank process group when `needs_process_group` (FSDP2 and DeepSpeed need one even alone)."""
     rank, world_size = env_rank(), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device, backend = pick_device(local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ and not needs_process_group:
         return DistInfo(0, 0, 1, device, None)
+    if "RANK" not in os.environ:  # a world of one, set up the way torchrun would (DeepSpeed reads these too)
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, local_rank, world_size, device, backend)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def shutdown_distributed() -> None:

@@ -9,9 +9,19 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
+import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    fully_shard,
+)
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.nn.parallel import DistributedDataParallel
 
 from parallel.distributed import DistInfo
@@ -30,11 +40,49 @@ def apply_ddp(model: nn.Module, dist_info: DistInfo, materialize: Callable[[nn.M
     return DistributedDataParallel(model, device_ids=device_ids, **no_buffer_sync)
 
 
+def apply_fsdp(model: nn.Module, mesh: DeviceMesh, materialize: Callable[[nn.Module], None], *,
+               param_dtype: torch.dtype | None, reshard_after_forward: bool, offload_params: bool) -> nn.Module:
+    """FSDP2: shard every transformer block and then the rest (embeddings, final norm, head) over the
+    data-parallel mesh dimensions, then materialize only the local shards.
+
+    Master weights, gradients and optimizer state stay fp32 and sharded; `param_dtype` (bf16) is what the gathered
+    parameters are cast to for compute, and gradients are reduced in fp32. With both dp_replicate and dp_shard > 1
+    the 2-D mesh gives HSDP: shard within a group, all-reduce across groups.
+    """
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if mesh["dp_replicate"].size() > 1 else mesh["dp_shard"]
+    options = {"mesh": dp_mesh, "reshard_after_forward": reshard_after_forward,
+               "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)}
+    if offload_params:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for block in model.layers.values():
+        fully_shard(block, **options)
+    # The root's parameters are used first and last; resharding them after forward would only re-gather them.
+    fully_shard(model, **{**options, "reshard_after_forward": False})
+    # Generated values are whole tensors; implicit replication lets each sharded parameter keep its own slice.
+    with implicit_replication():
+        materialize(model)
+    return model
+
+
 @contextlib.contextmanager
 def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Skip the gradient all-reduce inside this context when `enabled` is False (gradient accumulation)."""
-    if enabled or not isinstance(model, DistributedDataParallel):
+    """Skip the gradient reduction inside this context when `enabled` is False (gradient accumulation)."""
+    if enabled:
         yield
-    else:
+    elif isinstance(model, DistributedDataParallel):
         with model.no_sync():
             yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Clip the global gradient norm (over all shards) and return it as a plain tensor."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm

@@ -1,8 +1,9 @@
-"""Checkpoints with torch.distributed.checkpoint (DCP): model, optimizer and trainer state (step, scheduler, data
-position, RNG) in `checkpoints/step_XXXXXXXX/`.
+"""Checkpoints in `checkpoints/step_XXXXXXXX/`: model, optimizer and trainer state (step, scheduler, data position,
+RNG). Single-process, DDP and FSDP2 runs write torch.distributed.checkpoint (DCP); DeepSpeed runs write DeepSpeed's
+own format (its ZeRO partitions) into the same directory layout.
 
-State-dict keys are the plain model's parameter names (wrappers stripped by DCP's get_state_dict), so a checkpoint
-does not depend on the layout that wrote it. Each checkpoint is written into `step_XXXXXXXX.tmp` and renamed into
+DCP state-dict keys are the plain model's parameter names (wrappers stripped by DCP's get_state_dict), so such a
+checkpoint does not depend on the layout that wrote it: FSDP2 at 2 ranks resumes at 1 or 4. Each checkpoint is written into `step_XXXXXXXX.tmp` and renamed into
 place only when every rank has finished, so a directory named `step_XXXXXXXX` is always complete; leftovers of an
 interrupted save are removed on the next start. The resolved config and the tokenizer are copied in, so a
 checkpoint directory is self-contained for conversion.
@@ -15,7 +16,7 @@ import re
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -43,12 +44,47 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
+def checkpoint_format(path: Path) -> str | None:
+    """"dcp" (single process, DDP, FSDP2), "deepspeed" (DeepSpeed's engine), or None for an incomplete directory."""
+    if (path / ".metadata").is_file():
+        return "dcp"
+    if any(path.glob("*model_states.pt")):
+        return "deepspeed"
+    return None
+
+
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint under `root`, oldest first."""
     if not root.is_dir():
         return []
     found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
-    return sorted(f for f in found if (f[1] / ".metadata").is_file())
+    return sorted(f for f in found if checkpoint_format(f[1]) is not None)
+
+
+def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
+    """Model and optimizer under their plain (layout-independent) names, plus the trainer state; all ranks call."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with _single_process_ok():
+        dcp.save({"model": model_sd, "optimizer": optim_sd, "train": train_state}, checkpoint_id=path,
+                 no_dist=not torch.distributed.is_initialized())
+
+
+def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
+    """Load into whatever layout the model and optimizer have now (DCP reshards)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "train": train_state}
+    with _single_process_ok():
+        dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+class TrainingEngine(Protocol):
+    """What the checkpointer needs from a parallel backend (see trainer/engine.py)."""
+    checkpoint_format: str
+
+    def save_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
+
+    def load_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
 
 
 class Checkpointer:
@@ -64,8 +100,8 @@ class Checkpointer:
         return found[-1][1] if found else None
 
     def remove_partial(self) -> None:
-        """Delete what an interrupted save left: `*.tmp` directories and step directories without DCP metadata
-        (rank 0; call before any save)."""
+        """Delete what an interrupted save left: `*.tmp` directories and incomplete step directories (rank 0; call
+        before any save)."""
         if self.dist.is_main and self.root.is_dir():
             complete = {path for _, path in complete_checkpoints(self.root)}
             for path in self.root.iterdir():
@@ -73,18 +109,14 @@ class Checkpointer:
                     shutil.rmtree(path, ignore_errors=True)
         barrier()
 
-    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful,
-             extra_files: dict[str, Path]) -> Path:
+    def save(self, step: int, engine: TrainingEngine, train_state: Stateful, extra_files: dict[str, Path]) -> Path:
         final = self.root / checkpoint_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        with _single_process_ok():
-            dcp.save({"model": model_sd, "optimizer": optim_sd, "train": train_state}, checkpoint_id=tmp,
-                     no_dist=not torch.distributed.is_initialized())
+        engine.save_checkpoint(tmp, train_state)
         barrier()
         if self.dist.is_main:
             for name, src in extra_files.items():
@@ -94,12 +126,14 @@ class Checkpointer:
         barrier()
         return final
 
-    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "train": train_state}
+    def load(self, path: Path, engine: TrainingEngine, train_state: Stateful) -> None:
+        written_by = checkpoint_format(path)
+        if written_by != engine.checkpoint_format:
+            backends = {"dcp": "ddp or fsdp", "deepspeed": "deepspeed"}
+            raise UserError(f"checkpoint {path} was written by parallel.backend={backends[written_by]}; resume it "
+                            f"with that backend, or choose another run.name to start a new run")
         try:
-            with _single_process_ok():
-                dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+            engine.load_checkpoint(path, train_state)
         except UserError:
             raise
         except (Exception, CheckpointException) as err:  # damage surfaces as many types; CheckpointException is a
@@ -109,7 +143,6 @@ class Checkpointer:
             reason = " ".join(str(err).split())[:200] or type(err).__name__
             raise UserError(f"checkpoint {path} cannot be loaded ({reason}); remove it to resume from the one "
                             f"before, or choose another run.name") from None
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
     def _prune(self) -> None:
         if self.keep_last > 0:

@@ -7,17 +7,20 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import difflib
+import importlib.util
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
 from models.config import ModelConfig, bounds_error, config_field
+from parallel.mesh import ParallelDims
+from parallel.zero import build_deepspeed_config
 from trainer.errors import UserError
 
 
@@ -38,7 +41,7 @@ class DataConfig:
 class TrainingConfig:
     steps: int = config_field(1000, "optimizer steps to train for", ge=1)
     batch_size: int = config_field(32, "global batch size in sequences (over all data-parallel ranks)", ge=1)
-    micro_batch_size: Optional[int] = config_field(
+    micro_batch_size: int | None = config_field(
         None, "sequences per rank per forward/backward; batch_size/(ranks*micro_batch_size) steps are accumulated "
               "(null = no accumulation)", ge=1)
     lr: float = config_field(1e-3, "peak learning rate", gt=0)
@@ -73,19 +76,34 @@ class EvalConfig:
 class LoggingConfig:
     every: int = config_field(10, "print and record training metrics every N steps", ge=1)
     tensorboard: bool = config_field(True, "write TensorBoard events into the run directory")
-    peak_tflops: Optional[float] = config_field(
+    peak_tflops: float | None = config_field(
         None, "peak device TFLOP/s for MFU (null = look up known GPUs; no MFU when unknown)", gt=0)
 
 
 @dataclass
 class ParallelConfig:
-    backend: str = config_field("ddp", "data-parallel implementation", ("ddp", "fsdp", "deepspeed"))
-    dp_replicate: int = config_field(1, "replicated data-parallel degree (FSDP/HSDP)", ge=1)
-    dp_shard: int = config_field(-1, "sharded data-parallel degree (-1 = all remaining ranks)")
-    zero_stage: int = config_field(0, "DeepSpeed ZeRO stage", (0, 1, 2, 3))
+    backend: str = config_field("ddp", "data-parallel implementation: ddp (replicated), fsdp (PyTorch FSDP2 "
+                                "sharding), deepspeed (DeepSpeed ZeRO engine)", ("ddp", "fsdp", "deepspeed"))
+    dp_replicate: int = config_field(1, "fsdp: replicated data-parallel degree (> 1 with dp_shard > 1 = HSDP)", ge=1)
+    dp_shard: int = config_field(-1, "fsdp: sharded data-parallel degree (-1 = all remaining ranks)")
+    reshard_after_forward: bool = config_field(
+        True, "fsdp: free gathered parameters after forward and gather again for backward (ZeRO-3); false keeps "
+              "them until backward (ZeRO-2-like: more memory, less communication)")
+    zero_stage: int = config_field(0, "deepspeed: ZeRO stage (0 = plain data parallel, 1 = optimizer state, "
+                                      "2 = + gradients, 3 = + parameters sharded)", (0, 1, 2, 3))
+    offload_optimizer: bool = config_field(False, "deepspeed (stage >= 1): optimizer state and step on the CPU")
+    offload_params: bool = config_field(False, "fsdp: parameters, gradients and the optimizer step on the CPU "
+                                               "(CPUOffloadPolicy); deepspeed (stage 3): parameters on the CPU")
     tp: int = config_field(1, "tensor-parallel degree", ge=1)
     pp: int = config_field(1, "pipeline-parallel degree", ge=1)
     pp_schedule: str = config_field("1F1B", "pipeline schedule")
+
+
+# Sections passed through as free-form mappings rather than typed fields.
+FREE_FORM_SECTIONS = {
+    "deepspeed": "DeepSpeed config entries merged into the one normtron builds (parallel.backend=deepspeed); "
+                 "batch sizes, precision, clipping, ZeRO stage, optimizer and scheduler come from normtron's keys",
+}
 
 
 @dataclass
@@ -98,6 +116,7 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    deepspeed: dict = dataclasses.field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -112,7 +131,7 @@ def _fields(section: Any) -> dict[str, dataclasses.Field]:
 
 def all_keys(cfg: Config | None = None) -> list[str]:
     cfg = cfg or Config()
-    return [f"{s}.{k}" for s in _fields(cfg) for k in _fields(getattr(cfg, s))]
+    return [f"{s}.{k}" for s in _fields(cfg) if s not in FREE_FORM_SECTIONS for k in _fields(getattr(cfg, s))]
 
 
 def _unknown_key(key: str, known: list[str]) -> UserError:
@@ -177,11 +196,23 @@ def _coerce(key: str, value: Any, field: dataclasses.Field, hint: Any) -> Any:
 def set_key(cfg: Config, key: str, value: Any) -> None:
     """Set `section.field` to `value` after type checking; unknown keys suggest the closest known key."""
     parts = key.split(".")
+    if parts[0] in FREE_FORM_SECTIONS and len(parts) > 1 and all(parts):
+        _set_free_form(getattr(cfg, parts[0]), parts[1:], value)
+        return
     if len(parts) != 2 or parts[0] not in _fields(cfg) or parts[1] not in _fields(getattr(cfg, parts[0])):
         raise _unknown_key(key, all_keys(cfg))
     section = getattr(cfg, parts[0])
     hint = typing.get_type_hints(type(section))[parts[1]]
     setattr(section, parts[1], _coerce(key, value, _fields(section)[parts[1]], hint))
+
+
+def _set_free_form(mapping: dict, path: list[str], value: Any) -> None:
+    """`deepspeed.zero_optimization.overlap_comm=true`: nested keys are created as needed."""
+    for part in path[:-1]:
+        mapping = mapping.setdefault(part, {})
+        if not isinstance(mapping, dict):
+            raise UserError(f"cannot set '{'.'.join(path)}': '{part}' holds a value, not a mapping")
+    mapping[path[-1]] = value
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -214,6 +245,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
                 raise _unknown_key(str(section), list(_fields(cfg)))
             if not isinstance(values, (dict, type(None))):  # a section whose keys are all commented out is None
                 raise UserError(f"section '{section}' in {path} must be a mapping of keys to values")
+            if section in FREE_FORM_SECTIONS:
+                getattr(cfg, section).update(values or {})
+                continue
             for key, value in (values or {}).items():
                 set_key(cfg, f"{section}.{key}", value)
     for item in overrides:
@@ -235,6 +269,9 @@ def config_to_dict(cfg: Config) -> dict:
 def config_from_dict(data: dict) -> Config:
     cfg = Config()
     for section, values in data.items():
+        if section in FREE_FORM_SECTIONS:
+            getattr(cfg, section).update(values or {})
+            continue
         for key, value in values.items():
             set_key(cfg, f"{section}.{key}", value)
     return cfg
@@ -248,6 +285,9 @@ def describe_keys() -> str:
     """Every config key with its default and help, for `normtron train --help`."""
     cfg, lines = Config(), []
     for section in _fields(cfg):
+        if section in FREE_FORM_SECTIONS:
+            lines.append(f"{section}: {{...}}\n      {FREE_FORM_SECTIONS[section]}")
+            continue
         lines.append(f"{section}:")
         for name, field in _fields(getattr(cfg, section)).items():
             default = getattr(getattr(cfg, section), name)
@@ -274,19 +314,56 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                         f"raise model.max_seq_len or shorten data.seq_len")
-    p = cfg.parallel
-    if p.backend != "ddp" or p.tp != 1 or p.pp != 1 or p.zero_stage != 0:
-        raise UserError(f"parallel.backend={p.backend} with tp={p.tp}, pp={p.pp}, zero_stage={p.zero_stage} is "
-                        f"not available yet; this version trains with parallel.backend=ddp, tp=1, pp=1, "
-                        f"zero_stage=0")
-    if p.dp_shard < 1 and p.dp_shard != -1:
-        raise UserError(f"parallel.dp_shard={p.dp_shard} must be >= 1, or -1 for all remaining ranks")
-    dp_shard = p.dp_shard if p.dp_shard != -1 else world_size // (p.pp * p.dp_replicate * p.tp)
-    if p.pp * p.dp_replicate * max(dp_shard, 1) * p.tp != world_size:
-        raise UserError(f"parallel.pp ({p.pp}) x dp_replicate ({p.dp_replicate}) x dp_shard ({p.dp_shard}) x "
-                        f"tp ({p.tp}) must equal the {world_size} launched ranks; change the degrees or the "
-                        f"number of processes")
+    validate_parallel(cfg, world_size)
     micro = t.micro_batch_size or t.batch_size // world_size
     if micro < 1 or t.batch_size % (world_size * micro):
         raise UserError(f"training.batch_size={t.batch_size} must be a multiple of ranks ({world_size}) x "
                         f"training.micro_batch_size ({t.micro_batch_size or 'auto'}); adjust either")
+
+
+def validate_parallel(cfg: Config, world_size: int) -> None:
+    """The rank layout and the options each backend accepts."""
+    p = cfg.parallel
+    if p.tp != 1 or p.pp != 1:
+        raise UserError(f"parallel.tp={p.tp}, parallel.pp={p.pp}: tensor and pipeline parallelism are not available "
+                        f"yet; set both to 1")
+    try:
+        dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, world_size)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    other = {"ddp": "fsdp", "fsdp": "ddp", "deepspeed": "fsdp"}[p.backend]
+    if p.backend != "fsdp" and dims.dp_replicate != 1:
+        raise UserError(f"parallel.dp_replicate={p.dp_replicate} (HSDP) needs parallel.backend=fsdp; "
+                        f"parallel.backend={p.backend} replicates or shards over all ranks")
+    if p.backend != "deepspeed" and p.zero_stage != 0:
+        raise UserError(f"parallel.zero_stage={p.zero_stage} applies to parallel.backend=deepspeed; with "
+                        f"parallel.backend={p.backend} leave it at 0 (fsdp shards like ZeRO-3 by itself)")
+    if p.backend == "ddp" and (p.offload_params or p.offload_optimizer):
+        raise UserError(f"CPU offload needs parallel.backend=fsdp or deepspeed; set parallel.offload_params and "
+                        f"parallel.offload_optimizer to false for ddp (or use backend={other})")
+    if p.backend == "fsdp" and p.offload_optimizer:
+        raise UserError("parallel.offload_optimizer is a DeepSpeed option; FSDP2 offloads parameters, gradients and "
+                        "the optimizer step together: use parallel.offload_params=true instead")
+    if p.backend == "deepspeed" and p.offload_params and p.zero_stage != 3:
+        raise UserError(f"parallel.offload_params needs parallel.zero_stage=3 (only ZeRO-3 partitions parameters); "
+                        f"got zero_stage={p.zero_stage}")
+    if p.backend == "deepspeed" and p.offload_optimizer and p.zero_stage == 0:
+        raise UserError("parallel.offload_optimizer needs parallel.zero_stage >= 1 (ZeRO-Offload)")
+    if p.backend == "deepspeed":
+        if importlib.util.find_spec("deepspeed") is None:
+            raise UserError("parallel.backend=deepspeed needs DeepSpeed: pip install 'normtron[deepspeed]'")
+        deepspeed_config(cfg, world_size)
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON config this run uses: normtron's keys, then the `deepspeed:` section merged over them."""
+    t, p = cfg.training, cfg.parallel
+    local_batch = t.batch_size // world_size
+    micro = t.micro_batch_size or local_batch
+    try:
+        return build_deepspeed_config(
+            global_batch=t.batch_size, micro_batch=micro, accum_steps=local_batch // micro, grad_clip=t.grad_clip,
+            bf16=t.precision == "bf16", zero_stage=p.zero_stage, offload_optimizer=p.offload_optimizer,
+            offload_params=p.offload_params, user=cfg.deepspeed)
+    except ValueError as err:
+        raise UserError(str(err)) from None

@@ -104,8 +104,10 @@ class MetricsLogger:
             if tensorboard:
                 self.sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
 
-    def log(self, row: dict) -> None:
-        LOG.info(progress_line(row, self.total_steps))
+    def log(self, row: dict, quiet: bool = False) -> None:
+        """Record a row everywhere; `quiet` rows (not training progress) skip the progress line."""
+        if not quiet:
+            LOG.info(progress_line(row, self.total_steps))
         row = {k: v for k, v in row.items() if k != "eta_s"}
         for sink in self.sinks:
             sink.write(row)

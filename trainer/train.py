@@ -5,7 +5,6 @@ Each arrow is one function below, called in order from `train()`.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -21,14 +20,33 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from models import ModelConfig, Transformer, count_parameters, flops_per_token
-from parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
-from parallel.parallelize import apply_ddp, gradient_sync
+from parallel.distributed import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+    shutdown_distributed,
+)
+from parallel.mesh import ParallelDims
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, config_to_dict, dump_config, validate
-from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
+from trainer.data import (
+    TrainBatches,
+    eval_windows,
+    load_data_meta,
+    open_tokens,
+    stack_windows,
+)
+from trainer.engine import build_engine, compute_context
 from trainer.errors import UserError
-from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
-from trainer.optim import apply_hyperparameters, apply_lr_schedule, build_lr_scheduler, build_optimizer
+from trainer.metrics import (
+    LOG,
+    MetricsLogger,
+    device_peak_flops,
+    format_duration,
+    setup_logging,
+)
+from trainer.optim import apply_hyperparameters, apply_lr_schedule
 from trainer.prepare import unigram_baseline
 
 
@@ -41,7 +59,7 @@ class TrainResult:
 
 
 def train(cfg: Config) -> TrainResult:
-    dist_info = init_distributed()
+    dist_info = init_distributed(needs_process_group=cfg.parallel.backend != "ddp")
     try:
         return _train(cfg, dist_info)
     finally:
@@ -55,28 +73,28 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
 
     model = build_model_on_meta(cfg)
     model_summary = describe_model(cfg, model)
-    model = apply_ddp(model, dist_info, materialize=lambda m: materialize(m, dist_info.device, cfg.run.seed))
-    optimizer = build_optimizer(model, cfg.training)
-    scheduler = build_lr_scheduler(optimizer, cfg.training)
-    state = TrainState(scheduler, inputs.batches)
+    if cfg.deepspeed and cfg.parallel.backend != "deepspeed":
+        LOG.warning(f"the deepspeed: section is ignored with parallel.backend={cfg.parallel.backend}")
+    engine = build_engine(cfg, model, dist_info)
+    state = TrainState(engine.scheduler, inputs.batches)
 
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, dist_info)
     checkpointer.remove_partial()
     if (latest := checkpointer.latest()) is not None:
-        checkpointer.load(latest, model, optimizer, state)
-        apply_hyperparameters(optimizer, cfg.training)  # the config wins over the checkpoint's values
-        apply_lr_schedule(optimizer, scheduler, cfg.training)
+        checkpointer.load(latest, engine, state)
+        apply_hyperparameters(engine.optimizer, cfg.training)  # the config wins over the checkpoint's values
+        apply_lr_schedule(engine.optimizer, engine.scheduler, cfg.training)
     # The run has started cleanly: from here on it writes into its directory.
     if state.step < cfg.training.steps:  # a finished run keeps the config it finished with
         write_resolved_config(cfg, run_dir, dist_info)
     setup_logging(dist_info.is_main, run_dir / "train.log")
     LOG.info(f"run {run_dir} | {dist_info.world_size} rank(s) on {dist_info.device.type} "
-             f"({dist_info.backend or 'single process'})")
+             f"({dist_info.backend or 'single process'}) | {describe_parallel(cfg, dist_info.world_size)}")
     LOG.info(model_summary)
     if latest is not None:
         LOG.info(f"resumed from {latest} at step {state.step}")
 
-    loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, state, checkpointer, inputs, run_dir)
+    loop = TrainLoop(cfg, dist_info, engine, state, checkpointer, inputs, run_dir)
     return loop.run()
 
 
@@ -174,12 +192,6 @@ def build_model_on_meta(cfg: Config) -> Transformer:
         return Transformer(cfg.model)
 
 
-def materialize(model: nn.Module, device: torch.device, seed: int) -> None:
-    """Allocate the (possibly sharded) parameters on `device` and initialize them from the run seed."""
-    model.to_empty(device=device)
-    model.init_weights(seed=seed)
-
-
 def describe_model(cfg: Config, model: nn.Module) -> str:
     m = cfg.model
     total, non_emb = count_parameters(model), count_parameters(model, exclude_embeddings=True)
@@ -189,6 +201,19 @@ def describe_model(cfg: Config, model: nn.Module) -> str:
             f"{f' (alpha {m.mix_alpha})' if m.placement == 'mix' and not m.layer_placements else ''}"
             f"{', qk_norm' if m.qk_norm else ''}{', embed_norm' if m.embed_norm else ''} | "
             f"precision {cfg.training.precision}")
+
+
+def describe_parallel(cfg: Config, world_size: int) -> str:
+    p = cfg.parallel
+    if p.backend == "deepspeed":
+        offload = [name for name, on in (("optimizer", p.offload_optimizer), ("params", p.offload_params)) if on]
+        return f"deepspeed ZeRO-{p.zero_stage}" + (f", offload {'+'.join(offload)}" if offload else "")
+    if p.backend == "fsdp":
+        dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, world_size)
+        return (f"fsdp2 {'HSDP ' if dims.dp_replicate > 1 else ''}dp_replicate={dims.dp_replicate} "
+                f"dp_shard={dims.dp_shard}, reshard_after_forward={p.reshard_after_forward}"
+                f"{', offload params' if p.offload_params else ''}")
+    return "ddp" if world_size > 1 else "no data parallelism"
 
 
 class TrainState(Stateful):
@@ -223,10 +248,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = 
 # --- The loop ----------------------------------------------------------------------------------------------------
 
 class TrainLoop:
-    def __init__(self, cfg: Config, dist_info: DistInfo, model, optimizer, scheduler, state: TrainState,
-                 checkpointer: Checkpointer, inputs: RunInputs, run_dir: Path):
-        self.cfg, self.dist, self.model = cfg, dist_info, model
-        self.optimizer, self.scheduler, self.state = optimizer, scheduler, state
+    def __init__(self, cfg: Config, dist_info: DistInfo, engine, state: TrainState, checkpointer: Checkpointer,
+                 inputs: RunInputs, run_dir: Path):
+        self.cfg, self.dist, self.engine, self.model = cfg, dist_info, engine, engine.model
+        self.state = state
         self.checkpointer, self.run_dir, self.meta = checkpointer, run_dir, inputs.meta
         self.val_tokens, self.val_windows = inputs.val_tokens, inputs.val_windows
         t = cfg.training
@@ -236,8 +261,7 @@ class TrainLoop:
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops)
-        self.autocast = (torch.autocast(dist_info.device.type, dtype=torch.bfloat16)
-                         if t.precision == "bf16" else contextlib.nullcontext())
+        self.autocast = compute_context(cfg, dist_info.device)
         self.extra_files = {"config.yaml": run_dir / "config.yaml",
                             "tokenizer.model": Path(cfg.data.dir) / "tokenizer.model"}
 
@@ -257,6 +281,8 @@ class TrainLoop:
         try:
             while state.step < cfg.training.steps:
                 loss, grad_norm, lr = self.train_step()
+                if state.step == start_step:  # optimizer state exists once the first step is done
+                    self.log_model_states(metrics)
                 state.step += 1
                 state.tokens_seen += self.tokens_per_step
                 step, final = state.step, state.step == cfg.training.steps
@@ -274,7 +300,7 @@ class TrainLoop:
                     val_loss = self.evaluate()
                     metrics.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
                 if do_save:
-                    saved = self.checkpointer.save(step, self.model, self.optimizer, state, self.extra_files)
+                    saved = self.checkpointer.save(step, self.engine, state, self.extra_files)
                     LOG.info(f"checkpoint {saved}")
                 if do_eval or do_save:  # keep their time out of the next tokens/s
                     self.interval_start, self.interval_step = time.time(), step
@@ -287,6 +313,17 @@ class TrainLoop:
 
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         return all_reduce_sum([value.item()], self.dist.device)[0] / self.dist.world_size
+
+    def log_model_states(self, metrics: MetricsLogger) -> None:
+        """How many parameter and optimizer-state elements each rank holds (shows what sharding saves)."""
+        world, rank = self.dist.world_size, self.dist.rank
+        slots = [0.0] * (2 * world)
+        slots[rank], slots[world + rank] = map(float, self.engine.local_state_elements())
+        counts = [int(v) for v in all_reduce_sum(slots, self.dist.device)]
+        params, optim = counts[:world], counts[world:]
+        metrics.log({"step": self.state.step + 1, "param_elements": params, "optimizer_elements": optim}, quiet=True)
+        LOG.info(f"model states per rank: {max(params) / 1e6:.2f}M parameter and {max(optim) / 1e6:.2f}M "
+                 f"optimizer-state elements (max over {world} rank(s))")
 
     def log_train_step(self, metrics: MetricsLogger, loss: float, grad_norm: float, lr: float,
                        started: float) -> None:
@@ -308,20 +345,18 @@ class TrainLoop:
         model, device = self.model, self.dist.device
         model.train()
         inputs, targets = self.state.batches.next_batch()
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.engine.lr
         loss_sum = torch.zeros((), device=device)
         for i, (x, y) in enumerate(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch))):
-            with gradient_sync(model, enabled=i == self.accum_steps - 1):
+            last = i == self.accum_steps - 1
+            with self.engine.micro_batch(last):
                 with self.autocast:
                     logits = model(x.to(device, non_blocking=True))
                 loss = cross_entropy(logits, y.to(device, non_blocking=True)) / self.accum_steps
-                loss.backward()
+                self.engine.backward(loss, last)
             loss_sum += loss.detach()
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.engine.step(max_norm)
         return loss_sum, grad_norm, lr
 
     @torch.no_grad()

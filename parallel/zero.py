@@ -1,0 +1,150 @@
+"""DeepSpeed ZeRO (stages 0-3) driving the same model, optimizer, schedule and data as the PyTorch backends.
+
+DeepSpeed owns gradient reduction, clipping, the optimizer step (on its fp32 master partitions) and the checkpoint
+files; normtron keeps everything else. It picks its accelerator at import time, so `DS_ACCELERATOR=cpu` is set
+before the import whenever there is no GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+# Entries normtron derives from its own config; a `deepspeed:` section may not contradict them.
+OWNED_KEYS = {
+    "train_batch_size": "training.batch_size",
+    "train_micro_batch_size_per_gpu": "training.micro_batch_size",
+    "gradient_accumulation_steps": "training.micro_batch_size",
+    "gradient_clipping": "training.grad_clip",
+    "bf16": "training.precision",
+    "fp16": "training.precision",
+    "optimizer": "training.lr, weight_decay, beta1, beta2, adam_eps",
+    "scheduler": "training.schedule, warmup_steps",
+}
+
+
+def import_deepspeed():
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed still calls the collectives torch renamed; the warning is about DeepSpeed, not the user's setup.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=".*(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated")
+    try:
+        return importlib.import_module("deepspeed")
+    except ImportError:
+        raise ImportError("parallel.backend=deepspeed needs DeepSpeed: pip install 'normtron[deepspeed]' "
+                          "(or pip install deepspeed)") from None
+
+
+def build_deepspeed_config(*, global_batch: int, micro_batch: int, accum_steps: int, grad_clip: float,
+                           bf16: bool, zero_stage: int, offload_optimizer: bool, offload_params: bool,
+                           user: dict[str, Any]) -> dict[str, Any]:
+    """DeepSpeed's JSON config from normtron's keys, with the user's `deepspeed:` entries merged over it.
+    Raises ValueError when a user entry contradicts a value normtron sets."""
+    zero: dict[str, Any] = {"stage": zero_stage}
+    if offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    config = {
+        "train_batch_size": global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accum_steps,
+        "gradient_clipping": grad_clip,
+        "bf16": {"enabled": bf16},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # normtron's AdamW (torch.optim.AdamW) is passed in as the client
+        "zero_force_ds_cpu_optimizer": False,   # ... also under ZeRO-Offload, so both paths run the same update
+        "steps_per_print": 2**31 - 1,           # normtron prints progress itself
+        "wall_clock_breakdown": False,
+    }
+    for key, value in user.items():
+        if key in OWNED_KEYS and value != config.get(key):
+            raise ValueError(f"deepspeed.{key}={value!r} conflicts with what normtron sets from "
+                             f"{OWNED_KEYS[key]} ({config.get(key, 'not used')!r}); set it through that key")
+        if key == "zero_optimization" and isinstance(value, dict) and value.get("stage", zero_stage) != zero_stage:
+            raise ValueError(f"deepspeed.zero_optimization.stage={value['stage']} conflicts with "
+                             f"parallel.zero_stage={zero_stage}; set parallel.zero_stage")
+    return _merge(config, user)
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key),
+                                                                                             dict) else value
+    return merged
+
+
+class DeepSpeedEngine:
+    """The trainer's engine interface (see trainer/engine.py) over a `deepspeed.DeepSpeedEngine`."""
+
+    checkpoint_format = "deepspeed"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: dict[str, Any],
+                 backend: str | None):
+        deepspeed = import_deepspeed()
+        deepspeed.init_distributed(dist_backend=backend or "gloo")
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
+        self.model = self.engine  # forward, train() and eval() go through the engine
+        self.accum_steps = config["gradient_accumulation_steps"]
+
+    def micro_batch(self, last: bool):
+        return contextlib.nullcontext()  # DeepSpeed reduces gradients itself, at the accumulation boundary
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the trainer already divided by the accumulation steps
+        if not last:
+            self.engine.step()  # advances DeepSpeed's micro-step count; the optimizer steps only at the boundary
+
+    def step(self, max_norm: float) -> torch.Tensor:
+        self.engine.step()  # clipping (gradient_clipping), optimizer, scheduler, zero_grad
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def local_state_elements(self) -> tuple[int, int]:
+        """(parameter, optimizer-state) elements this rank holds; ZeRO-3 keeps a partition (`ds_tensor`) of
+        each parameter, ZeRO-1/2 partition the optimizer state (held by the wrapped torch optimizer)."""
+        params = {id(p): p for p in self.engine.module.parameters()}.values()
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        state = sum(value.numel() for s in inner.state.values() for value in s.values()
+                    if torch.is_tensor(value) and value.dim() > 0)
+        return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params), state
+
+    def save_checkpoint(self, path: Path, train_state) -> None:
+        self.engine.save_checkpoint(str(path.parent), tag=path.name, client_state={"train": train_state.state_dict()},
+                                    save_latest=False)
+        if self.engine.global_rank == 0:  # DeepSpeed's own recovery scripts; `normtron convert` does their job
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (path.parent / script).unlink(missing_ok=True)
+
+    def load_checkpoint(self, path: Path, train_state) -> None:
+        loaded, client_state = self.engine.load_checkpoint(str(path.parent), tag=path.name)
+        if loaded is None or "train" not in (client_state or {}):
+            raise ValueError("DeepSpeed found no complete checkpoint there")
+        train_state.load_state_dict(client_state["train"])
+
+
+def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state of a DeepSpeed checkpoint directory, on the CPU, without a process group
+    (ZeRO-1/2/3 through DeepSpeed's zero_to_fp32; stage 0 holds the whole model in one file)."""
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    if any(checkpoint.glob("*optim_states.pt")) and any(checkpoint.glob("zero_pp_rank_*")):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    else:
+        state = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    return {name: tensor.float() for name, tensor in state.items()}

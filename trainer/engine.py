@@ -1,0 +1,116 @@
+"""The training engine: the parallelized model with its optimizer and schedule, behind one small interface the
+loop and the checkpointer use — micro_batch/backward/step, save/load — whichever backend runs it.
+
+    ddp        materialize the whole model, wrap it in DistributedDataParallel; DCP checkpoints
+    fsdp       FSDP2 shards on the meta device, then materializes only the shards; DCP checkpoints (reshardable)
+    deepspeed  DeepSpeed's engine with ZeRO stage 0-3 around the same model and optimizer; DeepSpeed checkpoints
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.checkpoint.stateful import Stateful
+
+from parallel.distributed import DistInfo
+from parallel.mesh import ParallelDims
+from parallel.parallelize import apply_ddp, apply_fsdp, clip_grad_norm, gradient_sync
+from trainer.checkpoint import load_dcp, save_dcp
+from trainer.config import Config, deepspeed_config
+from trainer.optim import build_lr_scheduler, build_optimizer
+
+
+class TorchEngine:
+    """A single process, DDP or FSDP2: torch optimizer, torch clipping, DCP checkpoints."""
+
+    checkpoint_format = "dcp"
+
+    def __init__(self, model: nn.Module, cfg: Config):
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.training)
+        self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
+
+    def micro_batch(self, last: bool):
+        """Context for one micro-batch's forward and backward: gradients are reduced only on the last one."""
+        return gradient_sync(self.model, enabled=last)
+
+    def backward(self, loss: torch.Tensor, last: bool) -> None:
+        loss.backward()
+
+    def step(self, max_norm: float) -> torch.Tensor:
+        """Clip, update, advance the schedule; returns the pre-clipping global gradient norm."""
+        grad_norm = clip_grad_norm(self.model, max_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def local_state_elements(self) -> tuple[int, int]:
+        """(parameter, optimizer-state) elements this rank holds: a shard of each under FSDP2."""
+        params = {id(p): p for p in self.model.parameters()}.values()
+        return sum(_local(p).numel() for p in params), optimizer_state_elements(self.optimizer)
+
+    def save_checkpoint(self, path: Path, train_state: Stateful) -> None:
+        save_dcp(path, self.model, self.optimizer, train_state)
+
+    def load_checkpoint(self, path: Path, train_state: Stateful) -> None:
+        load_dcp(path, self.model, self.optimizer, train_state)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def optimizer_state_elements(optimizer: torch.optim.Optimizer) -> int:
+    """Elements of the per-parameter optimizer state (Adam's two moments; scalar step counters not counted)."""
+    return sum(_local(value).numel() for state in optimizer.state.values() for value in state.values()
+               if torch.is_tensor(value) and value.dim() > 0)
+
+
+def materialize(model: nn.Module, device: torch.device, seed: int, buffer_device: torch.device | None = None) -> None:
+    """Allocate the (possibly sharded) parameters on `device` and initialize them from the run seed."""
+    # Swap parameters in place so that a tied head still shares the embedding's parameter after to_empty().
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to_empty(device=device)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    model.init_weights(seed=seed, buffer_device=buffer_device or device)
+
+
+def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo):
+    """Parallelize the meta-device model as `parallel.*` says, materialize it, and pair it with its optimizer."""
+    p, t, device = cfg.parallel, cfg.training, dist_info.device
+    if p.backend == "ddp":
+        return TorchEngine(apply_ddp(model, dist_info, lambda m: materialize(m, device, cfg.run.seed)), cfg)
+    if p.backend == "fsdp":
+        dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, dist_info.world_size)
+        # CPU offload keeps the sharded parameters in host memory; FSDP moves what compute needs to the device.
+        init_device = torch.device("cpu") if p.offload_params else device
+        model = apply_fsdp(model, dims.build_mesh(device),
+                           lambda m: materialize(m, init_device, cfg.run.seed, buffer_device=device),
+                           param_dtype=torch.bfloat16 if t.precision == "bf16" else None,
+                           reshard_after_forward=p.reshard_after_forward, offload_params=p.offload_params)
+        return TorchEngine(model, cfg)
+    from parallel.zero import DeepSpeedEngine
+    materialize(model, device, cfg.run.seed)
+    optimizer = build_optimizer(model, t)
+    return DeepSpeedEngine(model, optimizer, build_lr_scheduler(optimizer, t),
+                           deepspeed_config(cfg, dist_info.world_size), dist_info.backend)
+
+
+def compute_context(cfg: Config, device: torch.device):
+    """Autocast where the backend does not cast itself: FSDP2 (MixedPrecisionPolicy) and DeepSpeed (bf16 weights)
+    compute in bf16 on their own; a single process and DDP keep fp32 weights and autocast the matmuls."""
+    if cfg.training.precision == "bf16" and cfg.parallel.backend == "ddp":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
