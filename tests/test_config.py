@@ -6,7 +6,8 @@ import pytest
 import yaml
 from helpers import REPO
 
-from trainer.config import all_keys, config_from_dict, config_to_dict, dump_config, load_config, validate
+from trainer.config import (all_keys, config_from_dict, config_to_dict, deepspeed_config, dump_config, load_config,
+                            validate)
 from trainer.errors import UserError
 
 
@@ -76,10 +77,21 @@ def test_bad_overrides_name_the_key(override, message):
     (["training.batch_size=6"], "training.batch_size=6 must be a multiple of ranks (4)"),
     (["training.batch_size=8", "training.micro_batch_size=3"], "must be a multiple of ranks (4)"),
     (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len=2048"),
-    (["parallel.tp=2"], "is not available yet"),
+    (["parallel.tp=2"], "tensor and pipeline parallelism are not available yet"),
     (["parallel.dp_shard=2"], "pp (1) x dp_replicate (1) x dp_shard (2) x tp (1) must equal the 4 launched ranks"),
-    (["parallel.dp_replicate=3"], "must equal the 4 launched ranks"),
+    (["parallel.backend=fsdp", "parallel.dp_replicate=3"], "must equal the 4 launched ranks"),
     (["parallel.dp_shard=0"], "parallel.dp_shard=0 must be >= 1, or -1"),
+    (["parallel.dp_replicate=2"], "parallel.dp_replicate=2 (HSDP) needs parallel.backend=fsdp"),
+    (["parallel.backend=fsdp", "parallel.zero_stage=2"], "parallel.zero_stage=2 applies to parallel.backend=deepspeed"),
+    (["parallel.offload_params=true"], "CPU offload needs parallel.backend=fsdp or deepspeed"),
+    (["parallel.backend=fsdp", "parallel.offload_optimizer=true"], "use parallel.offload_params=true instead"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=true"],
+     "parallel.offload_params needs parallel.zero_stage=3"),
+    (["parallel.backend=deepspeed", "parallel.offload_optimizer=true"], "needs parallel.zero_stage >= 1"),
+    (["parallel.backend=deepspeed", "deepspeed.train_batch_size=64"],
+     "deepspeed.train_batch_size=64 conflicts with what normtron sets from training.batch_size (32)"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=1", "deepspeed.zero_optimization.stage=3"],
+     "deepspeed.zero_optimization.stage=3 conflicts with parallel.zero_stage=1"),
     (["run.name=../escape"], "must be a plain directory name"),
 ])
 def test_validation_names_the_key(overrides, message):
@@ -91,7 +103,20 @@ def test_validation_names_the_key(overrides, message):
 @pytest.mark.parametrize("overrides", [[], ["parallel.dp_replicate=4", "parallel.dp_shard=1"],
                                        ["parallel.dp_replicate=2"], ["parallel.dp_shard=4"]])
 def test_data_parallel_degrees_that_fill_the_world(overrides):
-    validate(load_config(None, overrides), world_size=4)
+    validate(load_config(None, ["parallel.backend=fsdp", *overrides]), world_size=4)
+
+
+def test_deepspeed_section_passes_through_and_merges(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("parallel:\n  backend: deepspeed\n  zero_stage: 2\n"
+                    "deepspeed:\n  zero_optimization:\n    overlap_comm: false\n")
+    cfg = load_config(path, ["deepspeed.zero_optimization.reduce_bucket_size=1000000", "training.batch_size=8",
+                             "training.micro_batch_size=2"])
+    ds = deepspeed_config(cfg, world_size=2)
+    assert ds["zero_optimization"] == {"stage": 2, "overlap_comm": False, "reduce_bucket_size": 1000000}
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 2, 2)
+    with pytest.raises(UserError, match="cannot set .zero_optimization.overlap_comm.x."):
+        load_config(path, ["deepspeed.zero_optimization.overlap_comm.x=1"])
 
 
 def test_lenient_but_exact_parsing(tmp_path):

@@ -148,3 +148,36 @@ class Checkpointer:
         if self.keep_last > 0:
             for _, path in complete_checkpoints(self.root)[:-self.keep_last]:
                 shutil.rmtree(path, ignore_errors=True)
+
+
+def consolidate(src: Path, dst: Path) -> Path:
+    """Write the full fp32 model of a DeepSpeed checkpoint as a DCP checkpoint with `model.*` keys (plus its
+    config.yaml and tokenizer.model): layout-free, for `normtron convert to-hf` or any DCP reader."""
+    src, dst = Path(src), Path(dst)
+    written_by = checkpoint_format(src) if src.is_dir() else None
+    if written_by is None:
+        raise UserError(f"{src} is not a checkpoint directory (expected RUN/checkpoints/step_XXXXXXXX)")
+    if written_by == "dcp":
+        raise UserError(f"{src} is a DCP checkpoint, which is already layout-independent; use it as it is")
+    if dst.exists():
+        raise UserError(f"{dst} already exists; choose a new output directory")
+    from parallel.zero import consolidated_state_dict
+
+    try:
+        state = consolidated_state_dict(src)
+    except (Exception, SystemExit) as err:  # DeepSpeed reports damage with asserts, ValueErrors, pickling errors
+        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        raise UserError(f"cannot read the DeepSpeed checkpoint {src} ({reason})") from None
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with _single_process_ok():
+            dcp.save({"model": state}, checkpoint_id=tmp, no_dist=True)
+        for name in ("config.yaml", "tokenizer.model"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, tmp / name)
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst

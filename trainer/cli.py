@@ -56,6 +56,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (parsed as YAML)")
 
     p = sub.add_parser(
+        "convert", help="convert checkpoints",
+        description="Convert training checkpoints between formats.")
+    convert = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    c = convert.add_parser(
+        "consolidate", help="a DeepSpeed ZeRO checkpoint -> one full fp32 model state (DCP)",
+        description="Gather the ZeRO partitions of a DeepSpeed checkpoint (stage 0-3, any number of ranks) into the "
+                    "full fp32 model and write it as a DCP checkpoint directory with model.* keys, config.yaml and "
+                    "tokenizer.model, readable without DeepSpeed or a process group.")
+    c.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="RUN/checkpoints/step_XXXXXXXX written by DeepSpeed")
+    c.add_argument("output", metavar="OUT_DIR", help="new directory for the consolidated checkpoint")
+
+    p = sub.add_parser(
         "download-corpus", help="download a known public text corpus and print its directory",
         description="Fetch a corpus into a cache directory (once) and print the directory of its text files, "
                     "ready for `normtron prepare-data --input`.")
@@ -92,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(check(cfg, int(world_size)))
             else:
                 train(cfg)
+        elif args.command == "convert" and args.direction == "consolidate":
+            from trainer.checkpoint import consolidate
+
+            print(consolidate(Path(args.checkpoint), Path(args.output)))
         elif args.command == "download-corpus":
             from trainer.corpus import download_corpus
 
