@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 from helpers import REPO
 
@@ -84,6 +85,9 @@ def test_bad_overrides_name_the_key(override, message):
     (["parallel.dp_replicate=2"], "parallel.dp_replicate=2 (HSDP) needs parallel.backend=fsdp"),
     (["parallel.backend=fsdp", "parallel.zero_stage=2"], "parallel.zero_stage=2 applies to parallel.backend=deepspeed"),
     (["parallel.offload_params=true"], "CPU offload needs parallel.backend=fsdp or deepspeed"),
+    pytest.param(["parallel.backend=fsdp", "parallel.offload_params=true"],
+                 "without a GPU they are in host memory already",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="offload is valid where a GPU exists")),
     (["parallel.backend=fsdp", "parallel.offload_optimizer=true"], "use parallel.offload_params=true instead"),
     (["parallel.backend=deepspeed", "parallel.zero_stage=2", "parallel.offload_params=true"],
      "parallel.offload_params needs parallel.zero_stage=3"),

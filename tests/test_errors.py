@@ -199,6 +199,34 @@ def test_check_mode_reports_errors_and_writes_nothing(unchanged):
     assert_user_error(run_cli(*args, "--world-size", "3", check=False), "multiple of ranks (3)")
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.backend=fsdp", "parallel.dp_shard=2", "training.batch_size=12"],
+     "dp_shard (2) x tp (1) must equal the 3 launched ranks"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=4"], "parallel.zero_stage=4 is not allowed; choose one of 0"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=1", "parallel.offload_params=true"],
+     "parallel.offload_params needs parallel.zero_stage=3"),
+])
+def test_impossible_parallel_layouts(unchanged, overrides, message):
+    args = ["train", "--check", "--world-size", "3", TINY, f"data.dir={unchanged / 'data'}",
+            f"run.output_dir={unchanged / 'runs'}", *MICRO_MODEL, *overrides]
+    assert_user_error(run_cli(*args, check=False), message)
+
+
+def test_deepspeed_checkpoint_that_is_not_one(unchanged, tmp_path):
+    """`convert consolidate` refuses what it cannot read, and never writes a half output."""
+    ckpt = unchanged / "runs" / "done" / "checkpoints" / "step_00000002"
+    assert_user_error(run_cli("convert", "consolidate", str(ckpt), str(tmp_path / "out"), check=False),
+                      "is a DCP checkpoint, which is already layout-independent")
+    assert_user_error(run_cli("convert", "consolidate", str(tmp_path), str(tmp_path / "out"), check=False),
+                      "is not a checkpoint directory")
+    fake = tmp_path / "step_00000001"
+    fake.mkdir()
+    (fake / "mp_rank_00_model_states.pt").write_bytes(b"torn")
+    assert_user_error(run_cli("convert", "consolidate", str(fake), str(tmp_path / "out"), check=False),
+                      "cannot read the DeepSpeed checkpoint")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
+
+
 def _copy_run(root, tmp_path, name):
     shutil.copytree(root / "runs" / "done", tmp_path / "runs" / name)
     return tmp_path / "runs" / name

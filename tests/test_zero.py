@@ -66,6 +66,8 @@ SHARDED = [
     ("zero2_2_accum", 2, ["parallel.backend=deepspeed", "parallel.zero_stage=2", "training.micro_batch_size=2"],
      1, 1 / 2),
     ("zero3_2", 2, ["parallel.backend=deepspeed", "parallel.zero_stage=3"], 1 / 2, 1 / 2),
+    ("zero3_offload_2", 2, ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.offload_params=true",
+                            "parallel.offload_optimizer=true"], 1 / 2, 1 / 2),
 ]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from models.config import ModelConfig, bounds_error, config_field
@@ -331,7 +332,6 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, world_size)
     except ValueError as err:
         raise UserError(str(err)) from None
-    other = {"ddp": "fsdp", "fsdp": "ddp", "deepspeed": "fsdp"}[p.backend]
     if p.backend != "fsdp" and dims.dp_replicate != 1:
         raise UserError(f"parallel.dp_replicate={p.dp_replicate} (HSDP) needs parallel.backend=fsdp; "
                         f"parallel.backend={p.backend} replicates or shards over all ranks")
@@ -340,7 +340,10 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
                         f"parallel.backend={p.backend} leave it at 0 (fsdp shards like ZeRO-3 by itself)")
     if p.backend == "ddp" and (p.offload_params or p.offload_optimizer):
         raise UserError(f"CPU offload needs parallel.backend=fsdp or deepspeed; set parallel.offload_params and "
-                        f"parallel.offload_optimizer to false for ddp (or use backend={other})")
+                        "parallel.offload_optimizer to false for ddp")
+    if p.backend == "fsdp" and p.offload_params and not torch.cuda.is_available():
+        raise UserError("parallel.offload_params with parallel.backend=fsdp moves parameters from the GPU to host "
+                        "memory; without a GPU they are in host memory already: set it to false")
     if p.backend == "fsdp" and p.offload_optimizer:
         raise UserError("parallel.offload_optimizer is a DeepSpeed option; FSDP2 offloads parameters, gradients and "
                         "the optimizer step together: use parallel.offload_params=true instead")
