@@ -4,12 +4,5 @@ from models.config import ModelConfig
 from models.placement import PLACEMENTS, NormWiring, layer_wiring
 from models.transformer import Transformer, count_parameters, flops_per_token
 
-__all__ = [
-           "PLACEMENTS",
-           "ModelConfig",
-           "NormWiring",
-           "Transformer",
-           "count_parameters",
-           "flops_per_token",
-           "layer_wiring",
-]
+__all__ = ["ModelConfig", "PLACEMENTS", "NormWiring", "layer_wiring", "Transformer", "count_parameters",
+           "flops_per_token"]

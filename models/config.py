@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 from models.norms import NORM_TYPES
 from models.placement import PLACEMENTS
 
 
-def config_field(default: Any, help: str, choices: tuple | None = None, ge: float | None = None,
+def config_field(default: Any, help: str, choices: Optional[tuple] = None, ge: float | None = None,
                  gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
     """A dataclass field with the help text, allowed values and numeric bounds that `normtron train --help` shows
     and `bounds_error` checks."""
@@ -37,11 +37,11 @@ class ModelConfig:
     dim: int = config_field(256, "hidden size", ge=1)
     n_layers: int = config_field(4, "number of transformer blocks", ge=1)
     n_heads: int = config_field(4, "attention heads (must divide dim)", ge=1)
-    n_kv_heads: int | None = config_field(
+    n_kv_heads: Optional[int] = config_field(
         None, "key/value heads for grouped-query attention (must divide n_heads; null = n_heads)", ge=1)
-    vocab_size: int | None = config_field(
+    vocab_size: Optional[int] = config_field(
         None, "embedding rows (null = the tokenizer's vocab size from data.dir/meta.json)", ge=1, lt=2**31)
-    ffn_hidden_dim: int | None = config_field(
+    ffn_hidden_dim: Optional[int] = config_field(
         None, "SwiGLU hidden size (null = 8/3*dim rounded up to ffn_multiple_of)", ge=1)
     ffn_multiple_of: int = config_field(256, "rounding for the automatic SwiGLU hidden size", ge=1)
     norm: str = config_field("rmsnorm", "normalization type", NORM_TYPES)
@@ -52,7 +52,7 @@ class ModelConfig:
                                   tuple(PLACEMENTS))
     mix_alpha: float = config_field(0.25, "fraction of Post-LN layers at the bottom for placement=mix (Mix-LN)",
                                     ge=0, le=1)
-    layer_placements: list[str] | None = config_field(
+    layer_placements: Optional[list[str]] = config_field(
         None, "one placement per layer, overriding placement (e.g. [post, pre, pre, pre] or post,pre,pre,pre)",
         tuple(p for p in PLACEMENTS if p != "mix"))
     qk_norm: bool = config_field(False, "normalize queries and keys per head before RoPE")

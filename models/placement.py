@@ -15,9 +15,8 @@ such as Mix-LN are one function. Adding a placement means adding one entry to `P
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from models.transformer import ModelConfig
@@ -41,11 +40,11 @@ def num_mix_post_layers(n_layers: int, alpha: float) -> int:
     return math.floor(round(alpha * n_layers, 9))
 
 
-def _mix(layer: int, n_layers: int, cfg: ModelConfig) -> NormWiring:
+def _mix(layer: int, n_layers: int, cfg: "ModelConfig") -> NormWiring:
     return POST if layer < num_mix_post_layers(n_layers, cfg.mix_alpha) else PRE
 
 
-PLACEMENTS: dict[str, Callable[[int, int, ModelConfig], NormWiring]] = {
+PLACEMENTS: dict[str, Callable[[int, int, "ModelConfig"], NormWiring]] = {
     "pre": lambda layer, n_layers, cfg: PRE,
     "post": lambda layer, n_layers, cfg: POST,
     "peri": lambda layer, n_layers, cfg: PERI,
@@ -53,7 +52,7 @@ PLACEMENTS: dict[str, Callable[[int, int, ModelConfig], NormWiring]] = {
 }
 
 
-def layer_wiring(cfg: ModelConfig, layer: int) -> NormWiring:
+def layer_wiring(cfg: "ModelConfig", layer: int) -> NormWiring:
     """The norm wiring of block `layer` (0-based): from `cfg.layer_placements` when given, else `cfg.placement`."""
     name = cfg.layer_placements[layer] if cfg.layer_placements else cfg.placement
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from collections.abc import Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -3,4 +3,4 @@
 from parallel.distributed import DistInfo, init_distributed, shutdown_distributed
 from parallel.parallelize import apply_ddp, gradient_sync
 
-__all__ = ["DistInfo", "apply_ddp", "gradient_sync", "init_distributed", "shutdown_distributed"]
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "apply_ddp", "gradient_sync"]

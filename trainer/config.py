@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import yaml
@@ -42,7 +42,7 @@ class DataConfig:
 class TrainingConfig:
     steps: int = config_field(1000, "optimizer steps to train for", ge=1)
     batch_size: int = config_field(32, "global batch size in sequences (over all data-parallel ranks)", ge=1)
-    micro_batch_size: int | None = config_field(
+    micro_batch_size: Optional[int] = config_field(
         None, "sequences per rank per forward/backward; batch_size/(ranks*micro_batch_size) steps are accumulated "
               "(null = no accumulation)", ge=1)
     lr: float = config_field(1e-3, "peak learning rate", gt=0)
@@ -77,7 +77,7 @@ class EvalConfig:
 class LoggingConfig:
     every: int = config_field(10, "print and record training metrics every N steps", ge=1)
     tensorboard: bool = config_field(True, "write TensorBoard events into the run directory")
-    peak_tflops: float | None = config_field(
+    peak_tflops: Optional[float] = config_field(
         None, "peak device TFLOP/s for MFU (null = look up known GPUs; no MFU when unknown)", gt=0)
 
 

@@ -9,8 +9,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Iterator
 
 from trainer.errors import UserError
 

@@ -15,9 +15,9 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 

@@ -20,32 +20,14 @@ from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
 from models import ModelConfig, Transformer, count_parameters, flops_per_token
-from parallel.distributed import (
-    DistInfo,
-    all_reduce_sum,
-    barrier,
-    init_distributed,
-    shutdown_distributed,
-)
+from parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from parallel.mesh import ParallelDims
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, config_to_dict, dump_config, validate
-from trainer.data import (
-    TrainBatches,
-    eval_windows,
-    load_data_meta,
-    open_tokens,
-    stack_windows,
-)
+from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
 from trainer.engine import build_engine, compute_context
 from trainer.errors import UserError
-from trainer.metrics import (
-    LOG,
-    MetricsLogger,
-    device_peak_flops,
-    format_duration,
-    setup_logging,
-)
+from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
 from trainer.optim import apply_hyperparameters, apply_lr_schedule
 from trainer.prepare import unigram_baseline
 
