@@ -96,7 +96,6 @@ class DeepSpeedEngine:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
         self.model = self.engine  # forward, train() and eval() go through the engine
-        self.accum_steps = config["gradient_accumulation_steps"]
 
     def micro_batch(self, last: bool):
         return contextlib.nullcontext()  # DeepSpeed reduces gradients itself, at the accumulation boundary
