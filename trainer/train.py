@@ -23,7 +23,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from models import ModelConfig, Transformer, count_parameters, flops_per_token
 from parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from parallel.parallelize import apply_ddp, gradient_sync
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints, load_model_weights
 from trainer.config import Config, config_to_dict, dump_config, validate
 from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
 from trainer.errors import UserError
@@ -66,6 +66,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
         checkpointer.load(latest, model, optimizer, state)
         apply_hyperparameters(optimizer, cfg.training)  # the config wins over the checkpoint's values
         apply_lr_schedule(optimizer, scheduler, cfg.training)
+    elif cfg.checkpoint.init_from:
+        load_model_weights(Path(cfg.checkpoint.init_from), model)
     # The run has started cleanly: from here on it writes into its directory.
     if state.step < cfg.training.steps:  # a finished run keeps the config it finished with
         write_resolved_config(cfg, run_dir, dist_info)
@@ -75,6 +77,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     LOG.info(model_summary)
     if latest is not None:
         LOG.info(f"resumed from {latest} at step {state.step}")
+    elif cfg.checkpoint.init_from:
+        LOG.info(f"initialized the model from {cfg.checkpoint.init_from}")
 
     loop = TrainLoop(cfg, dist_info, model, optimizer, scheduler, state, checkpointer, inputs, run_dir)
     return loop.run()
@@ -113,6 +117,8 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> RunInputs:
     val_windows = eval_windows(val_tokens, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size, rank,
                                world_size)
     check_run_dir(cfg)
+    if cfg.checkpoint.init_from and not complete_checkpoints(cfg.run_dir / "checkpoints"):
+        check_init_from(Path(cfg.checkpoint.init_from), cfg.model, meta)
     return RunInputs(meta, batches, val_tokens, val_windows)
 
 
