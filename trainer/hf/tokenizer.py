@@ -10,8 +10,12 @@ from pathlib import Path
 
 
 def write_hf_tokenizer(sp_model: Path, out_dir: Path, max_length: int) -> None:
-    from tokenizers import normalizers
+    import sentencepiece as spm
+    from tokenizers import normalizers, processors
     from transformers import AutoTokenizer
+
+    sp = spm.SentencePieceProcessor(model_file=str(sp_model))
+    bos, eos, unk = (sp.id_to_piece(i) for i in (sp.bos_id(), sp.eos_id(), sp.unk_id()))
 
     shutil.copy2(sp_model, out_dir / "tokenizer.model")
     with tempfile.TemporaryDirectory() as tmp:  # Hugging Face's own sentencepiece -> tokenizers conversion
@@ -23,9 +27,12 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path, max_length: int) -> None:
     # does not, so " a" would encode differently. These two normalizers are sentencepiece's behaviour.
     backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     backend.pre_tokenizer = None
+    # BOS first, as normtron's data has it (`prepare-data` writes BOS ids EOS per document).
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1",
+                                                           special_tokens=[(bos, sp.bos_id())])
     backend.save(str(out_dir / "tokenizer.json"))
     # The generic fast class: LlamaTokenizer would rebuild the normalizers above from its own defaults.
     (out_dir / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "unk_token": unk,
         "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
         "model_max_length": max_length}, indent=2) + "\n")
