@@ -17,8 +17,7 @@ import transformers
 from helpers import TINY, run_cli, run_torchrun
 from safetensors.torch import load_file
 
-from models import ModelConfig, Transformer
-from trainer.cli import main
+from models import Transformer
 from trainer.config import load_config
 from trainer.convert import checkpoint_config, to_hf
 from trainer.train import train
@@ -138,7 +137,7 @@ def test_tokenizer_encodes_and_decodes_like_sentencepiece(micro_args, tmp_path, 
     tokenizer = transformers.AutoTokenizer.from_pretrained(out)
     sp = spm.SentencePieceProcessor(model_file=str(shakespeare_data / "tokenizer.model"))
     assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (1, 2, 0)
-    play = sorted(shakespeare_dir.glob("*.txt"))[0].read_text(encoding="utf-8")[:100_000]
+    play = min(shakespeare_dir.glob("*.txt")).read_text(encoding="utf-8")[:100_000]
     for text in [play, " leading space", "two  spaces, tab\tand newline\n\n", "digits 12345 and Ünïcödé 🙂", ""]:
         ids = tokenizer(text)["input_ids"]
         assert ids == [1, *sp.encode(text)]

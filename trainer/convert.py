@@ -13,23 +13,37 @@ import contextlib
 import io
 import json
 import os
+import pickle
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from models.config import ModelConfig
-from trainer.checkpoint import complete_checkpoints, load_failure_reason, single_process_ok
+from trainer.checkpoint import (
+    complete_checkpoints,
+    load_failure_reason,
+    single_process_ok,
+)
 from trainer.config import Config, config_from_dict, dump_config
 from trainer.errors import UserError
 from trainer.hf import mapping
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHARD_SIZE = 5 * 2**30  # Hugging Face's default for save_pretrained
+
+
+def _require_hf_libraries() -> None:
+    try:
+        import safetensors  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as err:
+        raise UserError(f"normtron convert needs the Hugging Face libraries ({err.name} is missing): "
+                        f"pip install 'normtron[hf]'") from None
 
 
 def _say(message: str) -> None:
@@ -92,7 +106,7 @@ class CheckpointTensors:
         self.path, self.cfg = path, cfg
         try:
             metadata = FileSystemReader(str(path)).read_metadata()
-        except Exception as err:
+        except (OSError, EOFError, ValueError, RuntimeError, AttributeError, pickle.UnpicklingError) as err:
             raise UserError(f"{path}/.metadata cannot be read ({load_failure_reason(err)}); the checkpoint is "
                             f"damaged") from None
         stored = {k.removeprefix("model."): md for k, md in metadata.state_dict_metadata.items()
@@ -160,6 +174,7 @@ class CheckpointTensors:
 
 def to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
           max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
+    _require_hf_libraries()
     from safetensors.torch import save_file
 
     from trainer.hf.codegen import write_remote_code
@@ -228,6 +243,7 @@ def _check_vocab(tokenizer: Path, vocab_size: int, where: str) -> None:
 # --- from-hf -------------------------------------------------------------------------------------------------------
 
 def from_hf(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
+    _require_hf_libraries()
     hf, out = Path(hf_dir), Path(out_checkpoint)
     if not (hf / "config.json").is_file():
         raise UserError(f"{hf} is not a Hugging Face model folder (no config.json); download it first, e.g. "

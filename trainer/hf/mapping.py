@@ -69,8 +69,8 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
     """config.json for the model (without auto_map)."""
     from transformers import LlamaConfig
 
-    common = dict(vocab_size=cfg.vocab_size, tie_word_embeddings=cfg.tie_embeddings, bos_token_id=1, eos_token_id=2,
-                  dtype=str(dtype).removeprefix("torch."))
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": 1,
+              "eos_token_id": 2, "dtype": str(dtype).removeprefix("torch.")}
     if is_llama(cfg):
         config = LlamaConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
                              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,

@@ -12,6 +12,7 @@ converted model is meant for evaluation and sampling of small studies rather tha
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -32,9 +33,9 @@ def model_config_from(config: NormtronConfig) -> ModelConfig:
 class NormtronForCausalLM(PreTrainedModel, GenerationMixin):
     config_class = NormtronConfig
     base_model_prefix = "model"
-    _no_split_modules = ["TransformerBlock"]
+    _no_split_modules: ClassVar[list[str]] = ["TransformerBlock"]
     # Tied only when config.tie_word_embeddings is true (Hugging Face checks it).
-    _tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"model.output.weight": "model.tok_embeddings.weight"}
 
     def __init__(self, config: NormtronConfig):
         super().__init__(config)
