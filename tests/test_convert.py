@@ -18,6 +18,7 @@ from helpers import TINY, run_cli, run_torchrun
 from safetensors.torch import load_file
 
 from models import Transformer
+from trainer.checkpoint import single_process_ok
 from trainer.config import load_config
 from trainer.convert import checkpoint_config, to_hf
 from trainer.train import train
@@ -37,7 +38,8 @@ def native_model(checkpoint: Path) -> Transformer:
     model = Transformer(cfg)
     model.init_weights(seed=123)
     state = {"model": model.state_dict()}
-    dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
+    with single_process_ok():
+        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
     model.load_state_dict(state["model"])
     return model.eval()
 
@@ -130,6 +132,15 @@ def test_custom_code_loads_without_normtron_and_cli_shards(micro_args, tmp_path,
         assert (result["logits"] - native_model(checkpoint)(tokens)).abs().max().item() < 1e-4
     sp = spm.SentencePieceProcessor(model_file=str(shakespeare_data / "tokenizer.model"))
     assert result["ids"] == [sp.bos_id(), *sp.encode("To be, or not")]
+    # ... and the folder converts back: from-hf reads NormtronForCausalLM folders too, losslessly.
+    run_cli("convert", "from-hf", str(out), str(tmp_path / "ckpt"))
+    back = to_hf(tmp_path / "ckpt", tmp_path / "back")
+    original = {}
+    for file in sorted(out.glob("model-*.safetensors")):
+        original.update(load_file(file))
+    again = load_file(back / "model.safetensors")
+    assert original.keys() == again.keys() and all(torch.equal(original[k], again[k]) for k in original)
+    assert json.loads((back / "config.json").read_text()) == json.loads((out / "config.json").read_text())
 
 
 def test_tokenizer_encodes_and_decodes_like_sentencepiece(micro_args, tmp_path, shakespeare_data, shakespeare_dir):

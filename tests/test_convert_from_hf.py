@@ -132,7 +132,9 @@ def test_to_hf_errors(converted, tmp_path, capsys):
     truncated = damaged_copy(ckpt, tmp_path / "truncated", lambda d: truncate(next(d.glob("*.distcp"))))
     fails(["convert", "to-hf", str(truncated), str(out)], capsys, "is truncated", out)
     corrupted = damaged_copy(ckpt, tmp_path / "corrupted", flip_model_tensor_bytes)
-    fails(["convert", "to-hf", str(corrupted), str(out)], capsys, "fails its checksum", out)
+    deep = tmp_path / "new" / "dirs" / "out"  # found while writing: the half-written output and its parents go
+    fails(["convert", "to-hf", str(corrupted), str(deep)], capsys, "fails its checksum", deep)
+    assert not (tmp_path / "new").exists()
     no_config = damaged_copy(ckpt, tmp_path / "no_config", lambda d: (d / "config.yaml").unlink())
     fails(["convert", "to-hf", str(no_config), str(out)], capsys, "has no config.yaml", out)
     out.mkdir()

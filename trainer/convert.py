@@ -58,6 +58,7 @@ def _output_dir(out: Path) -> Iterator[Path]:
     existing = next(p for p in out.parents if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"cannot create {out}: {existing} is not a writable directory")
+    created = [p for p in out.parents if not p.exists()]
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -67,6 +68,10 @@ def _output_dir(out: Path) -> Iterator[Path]:
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if not out.exists():  # a failure leaves no empty parent directories either
+            for parent in created:
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
 
 
 # --- Reading training checkpoints -----------------------------------------------------------------------------------
