@@ -280,6 +280,7 @@ def from_hf(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
                     raise UserError(f"{file}: {key} has shape {tuple(tensor.shape)}, config.json implies "
                                     f"{tuple(expected[ours])}; check vocab_size and the sizes in config.json")
                 state[f"model.{ours}"] = tensor.float()  # training keeps fp32 master weights
+        _say(f"read {file.name}: {len(keys)} tensors")
     missing = sorted(f"{h}" for h, ours in names.items() if f"model.{ours}" not in state)
     if missing:
         raise UserError(f"{hf} lacks {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; the weights are "
