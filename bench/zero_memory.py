@@ -8,12 +8,13 @@ FSDP2 with bf16 compute keeps fp32 sharded parameters, gradients and Adam moment
     python bench/zero_memory.py                     # every backend at N = 1, 2, 4 (CPU/gloo or GPUs/NCCL)
     python bench/zero_memory.py --world-sizes 2 --backends zero3 fsdp
 
-Each configuration runs under torchrun. A worker builds a ~50M-parameter model and trains two bf16 steps (batch of
-one 64-token sequence per rank, so activations are a few MB); it reports the peak memory of those steps above the
-memory the process held before the model existed: model states plus whatever the backend allocates around them
-(communication buckets, gathered parameters). On a GPU that is the CUDA allocator's peak; on a CPU the
-resident-set high-water mark. It prints a table (also written as CSV and Markdown) and plots measured against
-analytic bytes per parameter when matplotlib is present.
+Each configuration runs under torchrun. A worker builds a ~50M-parameter model and trains two bf16 steps (one
+64-token sequence per rank). Right after the second backward, when parameters, gradients and optimizer state all
+exist, and again after the optimizer step, it adds up every distinct tensor storage reachable from Python (see
+live_tensor_bytes); the larger value is the measured model-state memory of that rank. The table also shows the
+growth of the process's resident set (VmHWM) over the two steps, which adds what Python cannot see (DDP's
+gradient buckets, allocator slack, activations). It prints a table (also written as CSV and Markdown) and plots
+measured against analytic bytes per parameter when matplotlib is present.
 """
 
 from __future__ import annotations
@@ -31,11 +32,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+# DeepSpeed preallocates constant-size communication buffers of `reduce_bucket_size` elements (ZeRO-3: 5e8 by
+# default, 954 MiB in bf16, whatever the model size); the paper's formulas count model states only, so the
+# buckets are set to 2M elements (4 MiB) here — the `deepspeed:` passthrough a user would use on a small model.
+DS_BUCKETS = "deepspeed.zero_optimization.reduce_bucket_size=2000000"
 BACKENDS = {  # name -> config overrides
     "ddp": ["parallel.backend=ddp"],
-    "zero1": ["parallel.backend=deepspeed", "parallel.zero_stage=1"],
-    "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
-    "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+    "zero1": ["parallel.backend=deepspeed", "parallel.zero_stage=1", DS_BUCKETS],
+    "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2", DS_BUCKETS],
+    "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3", DS_BUCKETS],
     "fsdp": ["parallel.backend=fsdp"],
 }
 # ~50M parameters: 12 layers of dim 512 plus an 8192-token vocabulary (untied embedding and head).
@@ -47,38 +52,36 @@ def analytic_bytes_per_param(backend: str, n: int) -> float:
     return {"ddp": 16, "zero1": 4 + 12 / n, "zero2": 2 + 14 / n, "zero3": 16 / n, "fsdp": 16 / n}[backend]
 
 
-class PeakMemory:
-    """Peak memory of this process over a stretch of code, above a baseline: the CUDA allocator's counters on a
-    GPU; on a CPU the resident-set high-water mark (VmHWM), reset through /proc/self/clear_refs. glibc returns
-    every allocation above MALLOC_MMAP_THRESHOLD_ (fixed at 128 KiB by run_all, so freed tensors leave RSS)."""
-
-    def __init__(self, device):
-        import torch
-        self.torch, self.cuda = torch, device.type == "cuda"
-
-    def _current(self) -> int:
-        if self.cuda:
-            return self.torch.cuda.memory_allocated()
-        return _proc_status_kib("VmRSS") * 1024
-
-    def baseline(self) -> None:
-        self.base = self._current()
-
-    def reset_peak(self) -> None:
-        if self.cuda:
-            self.torch.cuda.reset_peak_memory_stats()
-        else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-
-    def peak_above_baseline(self) -> int:
-        peak = self.torch.cuda.max_memory_allocated() if self.cuda else _proc_status_kib("VmHWM") * 1024
-        return peak - self.base
+def live_tensor_bytes(model) -> int:
+    """Bytes of every distinct tensor storage reachable from Python: parameters (a DTensor counts its local shard),
+    their gradients, optimizer state and the backend's own buffers (DeepSpeed keeps its flat partitions in Python
+    attributes). Tensors only C++ holds (DDP's reducer buckets, autograd's saved activations) are not seen."""
+    import torch
+    for param in model.parameters():
+        _ = param.grad  # give C++-held gradients a Python object, so the census below sees them
+    gc.collect()
+    sizes: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if not isinstance(obj, torch.Tensor):
+            continue
+        tensor = getattr(obj, "_local_tensor", obj)  # a DTensor's storage is its local shard
+        if tensor.device.type == "meta":
+            continue
+        storage = tensor.untyped_storage()
+        if storage.data_ptr():
+            sizes[storage.data_ptr()] = max(sizes.get(storage.data_ptr(), 0), storage.nbytes())
+    return sum(sizes.values())
 
 
-def _proc_status_kib(field: str) -> int:
+def peak_rss_bytes() -> int:
+    """The process's resident-set high-water mark (everything: libraries, buffers, allocator slack)."""
     with open("/proc/self/status") as f:
-        return int(next(line.split()[1] for line in f if line.startswith(field + ":")))
+        return 1024 * int(next(line.split()[1] for line in f if line.startswith("VmHWM:")))
+
+
+def reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def worker(backend: str, out: Path) -> None:
@@ -97,26 +100,30 @@ def worker(backend: str, out: Path) -> None:
     model = build_model_on_meta(cfg)
     n_params = count_parameters(model)
     tokens = torch.randint(0, cfg.model.vocab_size, (1, cfg.data.seq_len + 1), device=dist_info.device)
-    memory = PeakMemory(dist_info.device)
+    baseline = live_tensor_bytes(model)  # meta model: nothing allocated yet
     gc.collect()
-    memory.baseline()  # libraries and process group in place, no model yet
+    rss_base = peak_rss_bytes()
     engine = build_engine(cfg, model, dist_info)
     gc.collect()
-    memory.reset_peak()  # the peak of training, not of materializing before sharding
-    for _ in range(2):  # the first step creates the optimizer state; the second runs with everything allocated
+    reset_peak_rss()  # the peak of training, not of materializing before sharding
+    states = 0
+    for step in range(2):  # the first step creates the optimizer state; the second runs with everything allocated
         with engine.micro_batch(True), compute_context(cfg, dist_info.device):
             logits = engine.model(tokens[:, :-1])
             loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
             engine.backward(loss, True)
         del logits, loss
+        if step == 1:  # after backward: parameters, gradients and optimizer state all exist
+            states = live_tensor_bytes(engine.model) - baseline
         engine.step(1.0)
-    peak = memory.peak_above_baseline()
-    slots = [0.0] * world
-    slots[dist_info.rank] = float(peak)
-    per_rank = all_reduce_sum(slots, dist_info.device)
+    states = max(states, live_tensor_bytes(engine.model) - baseline)
+    rss = peak_rss_bytes() - rss_base
+    slots = [0.0] * (2 * world)
+    slots[dist_info.rank], slots[world + dist_info.rank] = float(states), float(rss)
+    totals = all_reduce_sum(slots, dist_info.device)
     if dist_info.is_main:
         out.write_text(json.dumps({"backend": backend, "world_size": world, "params": n_params,
-                                   "bytes_per_rank": per_rank}))
+                                   "bytes_per_rank": totals[:world], "rss_per_rank": totals[world:]}))
     barrier()
     os._exit(0)  # tearing down DeepSpeed/DDP process-group state can hang on gloo; the measurement is done
 
@@ -144,7 +151,8 @@ def run_all(backends: list[str], world_sizes: list[int], out_dir: Path) -> list[
                          "measured_bytes_per_param": round(measured, 2), "analytic_bytes_per_param": round(analytic, 2),
                          "measured_MiB_per_rank": round(max(result["bytes_per_rank"]) / 2**20, 1),
                          "analytic_MiB_per_rank": round(analytic * psi / 2**20, 1),
-                         "deviation_pct": round(100 * (measured - analytic) / analytic, 1)})
+                         "deviation_pct": round(100 * (measured - analytic) / analytic, 1),
+                         "peak_rss_MiB_per_rank": round(max(result["rss_per_rank"]) / 2**20, 1)})
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "zero_memory.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -154,12 +162,14 @@ def run_all(backends: list[str], world_sizes: list[int], out_dir: Path) -> list[
 
 
 def print_table(rows: list[dict], out_dir: Path) -> None:
-    header = ["backend", "N", "measured B/Ψ", "ZeRO paper B/Ψ", "measured MiB/rank", "analytic MiB/rank", "deviation"]
+    header = ["backend", "N", "measured B/Ψ", "ZeRO paper B/Ψ", "measured MiB/rank", "analytic MiB/rank", "deviation",
+              "peak RSS growth MiB/rank"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append(f"| {r['backend']} | {r['N']} | {r['measured_bytes_per_param']:.2f} | "
                      f"{r['analytic_bytes_per_param']:.2f} | {r['measured_MiB_per_rank']:.1f} | "
-                     f"{r['analytic_MiB_per_rank']:.1f} | {r['deviation_pct']:+.1f}% |")
+                     f"{r['analytic_MiB_per_rank']:.1f} | {r['deviation_pct']:+.1f}% | "
+                     f"{r['peak_rss_MiB_per_rank']:.0f} |")
     table = "\n".join(lines)
     print(f"\nmodel states per rank, {rows[0]['params_M']}M parameters, bf16 compute + fp32 Adam\n\n{table}")
     (out_dir / "zero_memory.md").write_text(table + "\n")

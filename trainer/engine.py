@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from parallel.distributed import DistInfo
 from parallel.mesh import ParallelDims
 from parallel.parallelize import apply_ddp, apply_fsdp, clip_grad_norm, gradient_sync
-from trainer.checkpoint import load_dcp, save_dcp
+from trainer.checkpoint import load_dcp, load_model_weights, save_dcp
 from trainer.config import Config, deepspeed_config
 from trainer.optim import build_lr_scheduler, build_optimizer
 
@@ -87,11 +87,15 @@ def materialize(model: nn.Module, device: torch.device, seed: int, buffer_device
     model.init_weights(seed=seed, buffer_device=buffer_device or device)
 
 
-def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo):
-    """Parallelize the meta-device model as `parallel.*` says, materialize it, and pair it with its optimizer."""
+def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: Path | None = None):
+    """Parallelize the meta-device model as `parallel.*` says, materialize it (from the weights of the checkpoint
+    `init_from`, if given), and pair it with its optimizer."""
     p, t, device = cfg.parallel, cfg.training, dist_info.device
     if p.backend == "ddp":
-        return TorchEngine(apply_ddp(model, dist_info, lambda m: materialize(m, device, cfg.run.seed)), cfg)
+        model = apply_ddp(model, dist_info, lambda m: materialize(m, device, cfg.run.seed))
+        if init_from is not None:
+            load_model_weights(init_from, model)
+        return TorchEngine(model, cfg)
     if p.backend == "fsdp":
         dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, dist_info.world_size)
         # CPU offload keeps the sharded parameters in host memory; FSDP moves what compute needs to the device.
@@ -100,9 +104,13 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo):
                            lambda m: materialize(m, init_device, cfg.run.seed, buffer_device=device),
                            param_dtype=torch.bfloat16 if t.precision == "bf16" else None,
                            reshard_after_forward=p.reshard_after_forward, offload_params=p.offload_params)
+        if init_from is not None:
+            load_model_weights(init_from, model)
         return TorchEngine(model, cfg)
     from parallel.zero import DeepSpeedEngine
     materialize(model, device, cfg.run.seed)
+    if init_from is not None:  # before DeepSpeed copies the weights into its fp32 master partitions
+        load_model_weights(init_from, model)
     optimizer = build_optimizer(model, t)
     return DeepSpeedEngine(model, optimizer, build_lr_scheduler(optimizer, t),
                            deepspeed_config(cfg, dist_info.world_size), dist_info.backend)

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from models import ModelConfig, Transformer, count_parameters, flops_per_token
 from parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
 from parallel.mesh import ParallelDims
-from trainer.checkpoint import Checkpointer
+from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
 from trainer.config import Config, config_to_dict, dump_config, validate
 from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
 from trainer.engine import build_engine, compute_context
@@ -57,12 +57,14 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     model_summary = describe_model(cfg, model)
     if cfg.deepspeed and cfg.parallel.backend != "deepspeed":
         LOG.warning(f"the deepspeed: section is ignored with parallel.backend={cfg.parallel.backend}")
-    engine = build_engine(cfg, model, dist_info)
-    state = TrainState(engine.scheduler, inputs.batches)
-
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, dist_info)
     checkpointer.remove_partial()
-    if (latest := checkpointer.latest()) is not None:
+    latest = checkpointer.latest()
+    # A new run may start from another checkpoint's weights; a run with checkpoints of its own resumes from them.
+    init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from and latest is None else None
+    engine = build_engine(cfg, model, dist_info, init_from)
+    state = TrainState(engine.scheduler, inputs.batches)
+    if latest is not None:
         checkpointer.load(latest, engine, state)
         apply_hyperparameters(engine.optimizer, cfg.training)  # the config wins over the checkpoint's values
         apply_lr_schedule(engine.optimizer, engine.scheduler, cfg.training)
@@ -75,6 +77,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     LOG.info(model_summary)
     if latest is not None:
         LOG.info(f"resumed from {latest} at step {state.step}")
+    elif init_from is not None:
+        LOG.info(f"initialized the model from {init_from}")
 
     loop = TrainLoop(cfg, dist_info, engine, state, checkpointer, inputs, run_dir)
     return loop.run()
@@ -113,6 +117,8 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> RunInputs:
     val_windows = eval_windows(val_tokens, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size, rank,
                                world_size)
     check_run_dir(cfg)
+    if cfg.checkpoint.init_from and not complete_checkpoints(cfg.run_dir / "checkpoints"):
+        check_init_from(Path(cfg.checkpoint.init_from), cfg.model, meta)
     return RunInputs(meta, batches, val_tokens, val_windows)
 
 

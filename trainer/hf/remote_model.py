@@ -1,0 +1,80 @@
+"""The Hugging Face wrapper of the normtron Transformer, for placements that LlamaForCausalLM cannot express.
+
+`codegen.py` writes it into a converted folder as `modeling_normtron.py`, preceded by the source of models/ (norms,
+placement, config, transformer), with the `models.*` imports removed: the folder then loads with
+`trust_remote_code=True` and never imports normtron. Parameter names are the training checkpoint's own
+(`model.layers.0.attention.q_proj.weight`), since the Transformer sits at `self.model`.
+
+Generation recomputes the whole prefix at each step (no KV cache): the model's attention has no cache, and a
+converted model is meant for evaluation and sampling of small studies rather than serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from models.config import ModelConfig
+from models.transformer import Transformer, rope_table
+from trainer.hf.remote_config import NormtronConfig
+
+
+def model_config_from(config: NormtronConfig) -> ModelConfig:
+    """The normtron ModelConfig stored in a NormtronConfig (keys missing from it keep their defaults)."""
+    values = config.to_dict()
+    return ModelConfig(**{f.name: values[f.name] for f in dataclasses.fields(ModelConfig) if f.name in values})
+
+
+class NormtronForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = NormtronConfig
+    base_model_prefix = "model"
+    _no_split_modules: ClassVar[list[str]] = ["TransformerBlock"]
+    # Tied only when config.tie_word_embeddings is true (Hugging Face checks it).
+    _tied_weights_keys: ClassVar[dict[str, str]] = {"model.output.weight": "model.tok_embeddings.weight"}
+
+    def __init__(self, config: NormtronConfig):
+        super().__init__(config)
+        self.model = Transformer(model_config_from(config))
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.tok_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.tok_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.model.output
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.model.output = value
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Only what loading leaves unset: the RoPE table (a derived buffer, never saved), and weights of a model
+        built from a config alone."""
+        cfg = self.model.cfg if hasattr(self, "model") else model_config_from(self.config)
+        if isinstance(module, Transformer):
+            module.rope = rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=module.rope.device)
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=cfg.init_std)
+        elif hasattr(module, "reset_parameters") and not isinstance(module, PreTrainedModel):
+            module.reset_parameters()
+
+    def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("NormtronForCausalLM has no padding support: pass unpadded sequences of equal length")
+        logits = self.model(input_ids)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.model.cfg.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None, **kwargs) -> dict:
+        return {"input_ids": input_ids, "attention_mask": attention_mask}  # the whole prefix: there is no cache
