@@ -29,6 +29,7 @@ from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
 from trainer.optim import apply_hyperparameters, apply_lr_schedule, build_lr_scheduler, build_optimizer
+from trainer.preemption import Preempted, PreemptionWatch
 from trainer.prepare import unigram_baseline
 
 
@@ -254,6 +255,7 @@ class TrainLoop:
                      f"{self.micro_batch} per rank")
         self.interval_start, self.interval_step = time.time(), start_step
         val_loss, saved = float("nan"), self.checkpointer.latest()
+        preemption = PreemptionWatch(self.dist)  # SIGTERM/SIGUSR1: checkpoint after this step, exit for a requeue
         try:
             while state.step < cfg.training.steps:
                 loss, grad_norm, lr = self.train_step()
@@ -262,6 +264,8 @@ class TrainLoop:
                 step, final = state.step, state.step == cfg.training.steps
                 do_log, do_eval, do_save = (step % every == 0 or final for every in
                                             (cfg.logging.every, cfg.eval.every, cfg.checkpoint.every))
+                preempted = preemption.stop_requested() and not final
+                do_save = do_save or preempted
                 if do_log or do_save:  # never save a diverged model
                     loss_value, grad_value = self.mean_over_ranks(loss), grad_norm.item()
                     if do_log:
@@ -276,12 +280,15 @@ class TrainLoop:
                 if do_save:
                     saved = self.checkpointer.save(step, self.model, self.optimizer, state, self.extra_files)
                     LOG.info(f"checkpoint {saved}")
+                if preempted:
+                    raise Preempted(step, saved)
                 if do_eval or do_save:  # keep their time out of the next tokens/s
                     self.interval_start, self.interval_step = time.time(), step
             if not math.isfinite(val_loss):  # nothing was trained in this call: report the finished model
                 val_loss = self.evaluate()
         finally:
             metrics.close()
+            preemption.close()
         self.report(val_loss, state.step - start_step, time.time() - started, saved)
         return TrainResult(self.run_dir, state.step, val_loss, saved)
 

@@ -1,0 +1,58 @@
+"""Preemption: on SIGTERM or SIGUSR1 the trainer finishes its step, writes a complete checkpoint and exits with
+EXIT_REQUEUE, which tells a launcher (launch/torchrun.sh, launch/slurm/train.sbatch) to requeue the job.
+
+A signal may reach only some ranks (a user signals one process, or a scheduler's signal arrives at different
+times), so every rank reports its flag each step and all stop after the same step: one tiny all-reduce per step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+from parallel.distributed import DistInfo, all_reduce_sum
+from trainer.metrics import LOG
+
+EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later"
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Set by launch/torchrun.sh: torchrun reports any failing worker as exit code 1, so the workers leave this file to say
+# that they stopped for a requeue.
+MARKER_ENV = "NORMTRON_PREEMPTED_FILE"
+
+
+class Preempted(Exception):
+    """Raised by the loop after the preemption checkpoint; `normtron` turns it into exit code EXIT_REQUEUE."""
+
+    def __init__(self, step: int, checkpoint: Path):
+        super().__init__(f"stopped by a signal after step {step}; checkpoint {checkpoint} holds the run")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class PreemptionWatch:
+    """Catches the stop signals from construction on; `stop_requested()` is the ranks' common decision."""
+
+    def __init__(self, dist_info: DistInfo):
+        self.dist, self.received = dist_info, None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._on_signal)
+            signal.siginterrupt(sig, False)  # restart interrupted system calls (collectives, file writes)
+
+    def _on_signal(self, signum, frame) -> None:
+        self.received = signal.Signals(signum).name
+
+    def stop_requested(self) -> bool:
+        """True on every rank once any rank has received a stop signal. Call on all ranks at the same point."""
+        return all_reduce_sum([1.0 if self.received else 0.0], self.dist.device)[0] > 0
+
+    def close(self) -> None:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def requeue_exit(err: Preempted) -> int:
+    """The exit code for a preempted run; leaves the launcher's marker file when one was asked for."""
+    LOG.info(f"{err}; exit code {EXIT_REQUEUE}: requeue the job (or re-run the command) to resume")
+    if marker := os.environ.get(MARKER_ENV):
+        Path(marker).touch()
+    return EXIT_REQUEUE
