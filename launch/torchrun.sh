@@ -44,7 +44,14 @@ if [ -n "${NORMTRON_PYTHON:-}" ]; then PYTHON=$NORMTRON_PYTHON
 elif [ -x "$REPO/.venv/bin/python" ]; then PYTHON=$REPO/.venv/bin/python
 else PYTHON=python3; fi
 
-GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null) || die "$PYTHON cannot import torch"
+# Visible GPUs: Slurm and users restrict them with CUDA_VISIBLE_DEVICES; otherwise all that nvidia-smi lists.
+if [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+  GPUS=$(tr ',' '\n' <<< "$CUDA_VISIBLE_DEVICES" | grep -c '^[0-9A-Za-z]')
+elif command -v nvidia-smi >/dev/null 2>&1; then
+  GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+else
+  GPUS=0
+fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo "${NPROC:-2}")}
 [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "--nproc-per-node must be a positive whole number, not $NPROC_PER_NODE"
 [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "--nnodes must be a positive whole number, not $NNODES"

@@ -33,9 +33,9 @@ class PreemptionWatch:
     """Catches the stop signals from construction on; `stop_requested()` is the ranks' common decision."""
 
     def __init__(self, dist_info: DistInfo):
-        self.dist, self.received = dist_info, None
+        self.dist, self.received, self.stopping = dist_info, None, False
+        self.previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
         for sig in STOP_SIGNALS:
-            signal.signal(sig, self._on_signal)
             signal.siginterrupt(sig, False)  # restart interrupted system calls (collectives, file writes)
 
     def _on_signal(self, signum, frame) -> None:
@@ -43,11 +43,14 @@ class PreemptionWatch:
 
     def stop_requested(self) -> bool:
         """True on every rank once any rank has received a stop signal. Call on all ranks at the same point."""
-        return all_reduce_sum([1.0 if self.received else 0.0], self.dist.device)[0] > 0
+        self.stopping = all_reduce_sum([1.0 if self.received else 0.0], self.dist.device)[0] > 0
+        return self.stopping
 
     def close(self) -> None:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        """Restore the earlier handlers; once stopping, ignore repeats (a launcher may pass the signal on again), so
+        that they cannot kill the process while it exits with the requeue code."""
+        for sig, previous in self.previous.items():
+            signal.signal(sig, signal.SIG_IGN if self.stopping else previous)
 
 
 def requeue_exit(err: Preempted) -> int:
