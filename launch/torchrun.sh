@@ -21,7 +21,7 @@ set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EXIT_REQUEUE=75  # trainer/preemption.py EXIT_REQUEUE
 
-die() { echo "torchrun.sh: error: $*" >&2; exit 2; }
+die() { echo "normtron: error: launch/torchrun.sh: $*" >&2; exit 2; }
 
 NNODES=1 NPROC_PER_NODE="" RDZV_ENDPOINT="" RDZV_ID=normtron LOCAL_ADDR="" LOG_DIR=logs
 while [ $# -gt 0 ]; do

@@ -60,7 +60,6 @@ class LocalSlurm:
         self.root = Path(tempfile.mkdtemp(prefix="nt-slurm-"))
         self.conf = self.root / "slurm.conf"
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
-        self.pid_files: list[Path] = []
 
     def __enter__(self):
         try:
@@ -137,14 +136,14 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
     def _daemon(self, cmd: list[str], pid_file: Path) -> None:
         """Start a daemon that forks itself into the background and writes `pid_file`."""
-        self.pid_files.append(pid_file)
         result = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=60, check=False)
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed ({result.returncode}): {result.stderr}\n{self.logs()}")
         self.wait_for(pid_file.is_file, 30, f"{cmd[0]} to write {pid_file}")
 
     def stop(self) -> None:
-        """Cancel every job, stop every daemon this cluster started, and delete its directory."""
+        """Cancel every job, stop the daemons, then end whatever is left of this cluster (slurmstepd, job
+        processes, munged): every process whose environment names this cluster's slurm.conf."""
         if self.conf.is_file():
             self._run(["scancel", "--full", "--user", "root"])
             try:
@@ -152,21 +151,31 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
             except TimeoutError:
                 pass
             self._run(["scontrol", "shutdown"])
-        for pid_file in self.pid_files:  # the slurm daemons stop on `scontrol shutdown`; munged, and any that
-            pid = self._pid(pid_file)      # did not, get SIGTERM (then SIGKILL)
-            if pid and _alive(pid):
-                _terminate(pid)
+            for _ in range(50):  # the daemons take a moment to go
+                if not self.processes():
+                    break
+                time.sleep(0.1)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in self.processes():
+                _signal(pid, sig)
+            deadline = time.time() + 10
+            while self.processes() and time.time() < deadline:
+                time.sleep(0.1)
         shutil.rmtree(self.root, ignore_errors=True)
 
-    @staticmethod
-    def _pid(pid_file: Path) -> int | None:
-        try:
-            return int(pid_file.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def alive_daemons(self) -> list[int]:
-        return [p for f in self.pid_files if (p := self._pid(f)) and _alive(p)]
+    def processes(self) -> list[int]:
+        """Live processes started by or for this cluster (daemons, job steps, jobs): SLURM_CONF is in their
+        environment, as every daemon and job inherits it from `self.env`."""
+        marker, found = f"SLURM_CONF={self.conf}".encode(), []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit() or int(proc.name) == os.getpid():
+                continue
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0") and _alive(int(proc.name)):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+        return found
 
     # --- client commands ------------------------------------------------------------------------------------------
 
@@ -209,17 +218,19 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 
 
 def _alive(pid: int) -> bool:
+    """Running (a zombie has exited: it only waits for its parent to collect it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    return True
 
 
-def _terminate(pid: int, grace: float = 10) -> None:
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.time() + grace
-    while time.time() < deadline and _alive(pid):
-        time.sleep(0.1)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+if __name__ == "__main__":  # `python3 tests/slurm_cluster.py`: install Slurm and munge up front (.ci/run)
+    ensure_installed()

@@ -128,6 +128,18 @@ def test_stop_signal_to_one_rank_checkpoints_and_resume_loses_nothing(runs, refe
     assert_same_losses(run_dir, reference)
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2", TINY], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+    (["--nproc-per-node", "zero", TINY], "--nproc-per-node must be a positive whole number"),
+    (["--bogus", TINY], "unknown option --bogus"),
+    ([TINY, "training.stpes=3"], "training.stpes"),  # the trainer's own check, before torchrun starts
+])
+def test_launcher_rejects_bad_input_with_one_line(args, message, tmp_path):
+    rc, out = finish(launch("--log-dir", str(tmp_path / "logs"), *args))
+    assert rc == 2 and message in out and "Traceback" not in out, out
+    assert out.count("normtron: error:") == 1
+
+
 # --- Slurm --------------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -135,7 +147,7 @@ def slurm():
     try:
         with LocalSlurm(nodes=2, cpus=2) as cluster:
             yield cluster
-        assert not cluster.alive_daemons(), "a Slurm daemon outlived the cluster"
+        assert not cluster.processes(), "a Slurm daemon or job outlived the cluster"
     except SlurmUnavailable as err:
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the Slurm tests: {err}")

@@ -29,7 +29,7 @@ from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
 from trainer.optim import apply_hyperparameters, apply_lr_schedule, build_lr_scheduler, build_optimizer
-from trainer.preemption import Preempted, PreemptionWatch
+from trainer.preemption import PreemptionWatch
 from trainer.prepare import unigram_baseline
 
 
@@ -39,6 +39,7 @@ class TrainResult:
     step: int
     val_loss: float
     checkpoint: Path | None
+    preempted: bool = False  # stopped early by a signal, after writing `checkpoint`: exit for a requeue
 
 
 def train(cfg: Config) -> TrainResult:
@@ -255,7 +256,7 @@ class TrainLoop:
                      f"{self.micro_batch} per rank")
         self.interval_start, self.interval_step = time.time(), start_step
         val_loss, saved = float("nan"), self.checkpointer.latest()
-        preemption = PreemptionWatch(self.dist)  # SIGTERM/SIGUSR1: checkpoint after this step, exit for a requeue
+        preemption = PreemptionWatch()  # SIGTERM/SIGUSR1: checkpoint after this step, exit for a requeue
         try:
             while state.step < cfg.training.steps:
                 loss, grad_norm, lr = self.train_step()
@@ -280,8 +281,8 @@ class TrainLoop:
                 if do_save:
                     saved = self.checkpointer.save(step, self.model, self.optimizer, state, self.extra_files)
                     LOG.info(f"checkpoint {saved}")
-                if preempted:
-                    raise Preempted(step, saved)
+                if preempted:  # returned, not raised: a traceback would keep the model alive past shutdown
+                    return TrainResult(self.run_dir, step, val_loss, saved, preempted=True)
                 if do_eval or do_save:  # keep their time out of the next tokens/s
                     self.interval_start, self.interval_step = time.time(), step
             if not math.isfinite(val_loss):  # nothing was trained in this call: report the finished model

@@ -14,7 +14,7 @@ if printf '%s\n' "$@" | grep -qx -- '--'; then
   while [ "$1" != "--" ]; do SBATCH_ARGS+=("$1"); shift; done
   shift
 fi
-[ $# -ge 1 ] || { echo "submit.sh: error: usage: submit.sh [SBATCH OPTIONS --] CONFIG.yaml [overrides]" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "normtron: error: submit.sh: usage: submit.sh [SBATCH OPTIONS --] CONFIG.yaml [overrides]" >&2; exit 2; }
 LOGS=${NORMTRON_LOGS:-$REPO/logs}
 mkdir -p "$LOGS"
 export NORMTRON_REPO=$REPO NORMTRON_LOGS=$LOGS
