@@ -80,8 +80,14 @@ exec > >(trap '' USR1 TERM INT; exec tee -a "$LOG") 2>&1
 echo "== $(date -u +%FT%TZ) $(hostname) node $NODE/$NNODES: $NPROC_PER_NODE process(es), ${GPUS} GPU(s)," \
      "OMP_NUM_THREADS=$OMP_NUM_THREADS, ${RDZV[*]}"
 
+# A stop signal before training starts: nothing to save, so stop here and ask for the requeue.
+STOPPED=""
+trap 'STOPPED=USR1' USR1
+trap 'STOPPED=TERM' TERM
 # A bad config fails here with one line, not inside torchrun's report of failed workers.
-"$PYTHON" -m trainer train --check --world-size $((NNODES * NPROC_PER_NODE)) "$@" || exit $?
+"$PYTHON" -m trainer train --check --world-size $((NNODES * NPROC_PER_NODE)) "$@"; rc=$?
+if [ -n "$STOPPED" ]; then echo "torchrun.sh: $STOPPED received before training started"; exit $EXIT_REQUEUE; fi
+[ "$rc" -eq 0 ] || exit "$rc"
 
 MARKER=$(mktemp "${TMPDIR:-/tmp}/normtron-preempted.XXXXXX") && rm -f "$MARKER"
 export NORMTRON_PREEMPTED_FILE=$MARKER  # trainer/preemption.py leaves it when it stops for a requeue

@@ -128,6 +128,21 @@ def test_stop_signal_to_one_rank_checkpoints_and_resume_loses_nothing(runs, refe
     assert_same_losses(run_dir, reference)
 
 
+def test_sigterm_stops_a_single_process_run_with_a_checkpoint(runs):
+    """Without any launcher: SIGTERM to `normtron train` -> checkpoint after the current step, exit code 75."""
+    run_dir = runs.root / "runs" / "single_term"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", TINY, *runs("single_term")], cwd=REPO,
+                            env={**os.environ, **LAUNCH_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_for_steps(run_dir, 5, lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == EXIT_REQUEUE, out[-3000:]
+    stopped = max(step_losses(run_dir))
+    assert stopped < STEPS and f"stopped by a signal after step {stopped}" in out
+    assert (run_dir / "checkpoints" / f"step_{stopped:08d}" / ".metadata").is_file()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nnodes", "2", TINY], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
     (["--nproc-per-node", "zero", TINY], "--nproc-per-node must be a positive whole number"),
