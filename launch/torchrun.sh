@@ -33,7 +33,7 @@ while [ $# -gt 0 ]; do
     --local-addr|--local_addr) LOCAL_ADDR=${2:?}; shift 2 ;;
     --log-dir|--log_dir) LOG_DIR=${2:?}; shift 2 ;;
     --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
-    -h|--help) sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,/^set /p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     --*) die "unknown option $1 (launch options come before CONFIG.yaml; see --help)" ;;
     *) break ;;
   esac
