@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                          val_fraction=args.val_fraction)
         elif args.command == "train":
             from trainer.config import load_config
+            from trainer.preemption import requeue_exit
             from trainer.train import check, train
 
             cfg = load_config(args.config, args.overrides)
@@ -134,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise UserError(f"--world-size (or $WORLD_SIZE) must be a positive whole number, not {world_size}")
                 print(check(cfg, int(world_size)))
             else:
-                train(cfg)
+                result = train(cfg)
+                if result.preempted:
+                    return requeue_exit(result.step, result.checkpoint)
         elif args.command == "download-corpus":
             from trainer.corpus import download_corpus
 

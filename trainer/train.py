@@ -29,6 +29,7 @@ from trainer.engine import build_engine, compute_context
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
 from trainer.optim import apply_hyperparameters, apply_lr_schedule
+from trainer.preemption import PreemptionWatch
 from trainer.prepare import unigram_baseline
 
 
@@ -38,6 +39,7 @@ class TrainResult:
     step: int
     val_loss: float
     checkpoint: Path | None
+    preempted: bool = False  # stopped early by a signal, after writing `checkpoint`: exit for a requeue
 
 
 def train(cfg: Config) -> TrainResult:
@@ -266,6 +268,7 @@ class TrainLoop:
                      f"{self.micro_batch} per rank")
         self.interval_start, self.interval_step = time.time(), start_step
         val_loss, saved = float("nan"), self.checkpointer.latest()
+        preemption = PreemptionWatch()  # SIGTERM/SIGUSR1: checkpoint after this step, exit for a requeue
         try:
             while state.step < cfg.training.steps:
                 loss, grad_norm, lr = self.train_step()
@@ -276,6 +279,8 @@ class TrainLoop:
                 step, final = state.step, state.step == cfg.training.steps
                 do_log, do_eval, do_save = (step % every == 0 or final for every in
                                             (cfg.logging.every, cfg.eval.every, cfg.checkpoint.every))
+                preempted = preemption.stop_requested() and not final
+                do_save = do_save or preempted
                 if do_log or do_save:  # never save a diverged model
                     loss_value, grad_value = self.mean_over_ranks(loss), grad_norm.item()
                     if do_log:
@@ -290,12 +295,15 @@ class TrainLoop:
                 if do_save:
                     saved = self.checkpointer.save(step, self.engine, state, self.extra_files)
                     LOG.info(f"checkpoint {saved}")
+                if preempted:  # returned, not raised: a traceback would keep the model alive past shutdown
+                    return TrainResult(self.run_dir, step, val_loss, saved, preempted=True)
                 if do_eval or do_save:  # keep their time out of the next tokens/s
                     self.interval_start, self.interval_step = time.time(), step
             if not math.isfinite(val_loss):  # nothing was trained in this call: report the finished model
                 val_loss = self.evaluate()
         finally:
             metrics.close()
+            preemption.close()
         self.report(val_loss, state.step - start_step, time.time() - started, saved)
         return TrainResult(self.run_dir, state.step, val_loss, saved)
 

@@ -1,0 +1,221 @@
+"""Cluster launch: launch/torchrun.sh (one node, two agents on loopback), preemption (a signal -> checkpoint ->
+exit 75 -> resume with nothing lost), and launch/slurm/train.sbatch under a real Slurm with two emulated nodes.
+
+Every run is compared with one reference: the same micro model trained by plain torchrun, one agent, two ranks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from helpers import MICRO_MODEL, REPO, TINY, read_metrics, run_torchrun
+from slurm_cluster import LocalSlurm, SlurmUnavailable, free_ports
+
+from trainer.preemption import EXIT_REQUEUE
+
+STEPS = 300  # long enough (~5 s) that a signal sent after the first steps lands mid-run
+RUN = [*MICRO_MODEL, f"training.steps={STEPS}", "checkpoint.every=100", "eval.every=100"]
+LAUNCH_ENV = {"NORMTRON_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def runs(shakespeare_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch")
+
+    def args(name: str) -> list[str]:
+        return [f"data.dir={shakespeare_data}", f"run.output_dir={root / 'runs'}", f"run.name={name}", *RUN]
+    args.root = root
+    return args
+
+
+@pytest.fixture(scope="module")
+def reference(runs) -> dict[int, float]:
+    """step -> loss of the uninterrupted run: plain torchrun, one agent, world size 2."""
+    run_torchrun(2, "train", TINY, *runs("reference"))
+    return step_losses(runs.root / "runs" / "reference")
+
+
+def step_losses(run_dir: Path) -> dict[int, float]:
+    rows, _ = read_metrics(run_dir)
+    steps = [r["step"] for r in rows]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"  # nothing redone
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def assert_same_losses(run_dir: Path, reference: dict[int, float]) -> None:
+    losses = step_losses(run_dir)
+    assert list(losses) == list(range(1, STEPS + 1))  # every step exactly once
+    for step, loss in reference.items():
+        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+
+
+def launch(*args: str, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(["bash", str(REPO / "launch" / "torchrun.sh"), *args], cwd=REPO,
+                            env={**os.environ, **LAUNCH_ENV, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for_steps(run_dir: Path, n: int, alive, timeout: float = 120) -> None:
+    """Until the run has logged `n` steps (it must still be running)."""
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline:
+        assert alive(), "the run ended before it could be signalled"
+        if metrics.is_file() and metrics.read_text().count('"loss"') >= n:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"{metrics} did not reach {n} steps")
+
+
+def children(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    return [int(p) for p in out.split()]
+
+
+def process_env(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(item.decode().split("=", 1) for item in raw if b"=" in item)
+
+
+# --- launch/torchrun.sh -------------------------------------------------------------------------------------------
+
+def test_two_torchrun_agents_on_loopback_match_one_agent(runs, reference, tmp_path):
+    """Multi-node emulation: two agents (--nnodes 2, c10d on 127.0.0.1), one rank each, train as one job."""
+    port = free_ports(1)[0]
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "t",
+              "--local-addr", "127.0.0.1", "--log-dir", str(tmp_path / "logs"), TINY, *runs("two_agents")]
+    agents = [launch(*common, env={"NODE_RANK": str(i)}) for i in range(2)]
+    results = [finish(a) for a in agents]
+    for rc, out in results:
+        assert rc == 0, out[-3000:]
+    assert "2 rank(s)" in results[0][1] + results[1][1]
+    assert_same_losses(runs.root / "runs" / "two_agents", reference)
+    for i in range(2):  # one log per node, with the node's own header
+        assert f"node {i}/2: 1 process(es)" in (tmp_path / "logs" / f"node{i}.log").read_text()
+
+
+def test_stop_signal_to_one_rank_checkpoints_and_resume_loses_nothing(runs, reference, tmp_path):
+    """SIGUSR1 to rank 1 only: both ranks stop after the same step with a complete checkpoint and exit 75; running
+    the same command again resumes there and reproduces the uninterrupted run."""
+    args = ["--nproc-per-node", "2", "--log-dir", str(tmp_path / "logs"), TINY, *runs("signalled")]
+    run_dir = runs.root / "runs" / "signalled"
+    proc = launch(*args)
+    wait_for_steps(run_dir, 10, lambda: proc.poll() is None)
+    agent = next(p for p in children(proc.pid) if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes())
+    rank1 = next(p for p in children(agent) if process_env(p).get("RANK") == "1")
+    os.kill(rank1, signal.SIGUSR1)
+    rc, out = finish(proc)
+    assert rc == EXIT_REQUEUE, out[-3000:]
+    stopped = int(re.search(r"stopped by a signal after step (\d+)", out).group(1))
+    assert 10 <= stopped < STEPS
+    assert (run_dir / "checkpoints" / f"step_{stopped:08d}" / ".metadata").is_file()
+    assert max(step_losses(run_dir)) == stopped  # no step trained past the checkpoint
+
+    rc, out = finish(launch(*args))
+    assert rc == 0, out[-3000:]
+    assert f"at step {stopped}" in out  # "resumed from .../step_000000NN at step NN"
+    assert_same_losses(run_dir, reference)
+
+
+def test_sigterm_stops_a_single_process_run_with_a_checkpoint(runs):
+    """Without any launcher: SIGTERM to `normtron train` -> checkpoint after the current step, exit code 75."""
+    run_dir = runs.root / "runs" / "single_term"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", TINY, *runs("single_term")], cwd=REPO,
+                            env={**os.environ, **LAUNCH_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    wait_for_steps(run_dir, 5, lambda: proc.poll() is None)
+    proc.send_signal(signal.SIGTERM)
+    rc, out = finish(proc)
+    assert rc == EXIT_REQUEUE, out[-3000:]
+    stopped = max(step_losses(run_dir))
+    assert stopped < STEPS and f"stopped by a signal after step {stopped}" in out
+    assert (run_dir / "checkpoints" / f"step_{stopped:08d}" / ".metadata").is_file()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--nnodes", "2", TINY], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
+    (["--nproc-per-node", "zero", TINY], "--nproc-per-node must be a positive whole number"),
+    (["--bogus", TINY], "unknown option --bogus"),
+    ([TINY, "training.stpes=3"], "training.stpes"),  # the trainer's own check, before torchrun starts
+])
+def test_launcher_rejects_bad_input_with_one_line(args, message, tmp_path):
+    rc, out = finish(launch("--log-dir", str(tmp_path / "logs"), *args))
+    assert rc == 2 and message in out and "Traceback" not in out, out
+    assert out.count("normtron: error:") == 1
+
+
+# --- Slurm --------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slurm():
+    try:
+        with LocalSlurm(nodes=2, cpus=2) as cluster:
+            yield cluster
+        assert not cluster.processes(), "a Slurm daemon or job outlived the cluster"
+    except SlurmUnavailable as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm tests: {err}")
+        pytest.skip(f"no Slurm: {err}")
+
+
+def slurm_env(tmp_path: Path) -> dict[str, str]:
+    """Emulated nodes n1, n2 share this host and their names do not resolve: rendezvous on 127.0.0.1."""
+    return {**LAUNCH_ENV, "NORMTRON_RDZV_HOST": "127.0.0.1", "NORMTRON_LOCAL_ADDR": "127.0.0.1",
+            "NORMTRON_RDZV_PORT": str(free_ports(1)[0]), "NORMTRON_NPROC_PER_NODE": "1",
+            "NORMTRON_LOGS": str(tmp_path / "logs")}
+
+
+def wait_for_job(slurm: LocalSlurm, job: int, timeout: float = 240) -> dict[str, str]:
+    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED")
+    return slurm.wait_for(lambda: (j := slurm.job(job)).get("JobState") in done and j, timeout, f"job {job}")
+
+
+def test_slurm_two_node_job_matches_one_node_run(slurm, runs, reference, tmp_path):
+    """launch/slurm/submit.sh -> train.sbatch on 2 nodes x 1 rank: same losses as the 1-node 2-rank reference."""
+    env = slurm_env(tmp_path)
+    out = subprocess.run(["bash", str(REPO / "launch" / "slurm" / "submit.sh"), "--nodes", "2", "--job-name", "nt2",
+                          "--", TINY, *runs("slurm_two_nodes")], env={**slurm.env, **env}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    job = int(re.search(r"submitted job (\d+)", out).group(1))
+    info = wait_for_job(slurm, job)
+    output = (tmp_path / "logs" / f"nt2-{job}.out").read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", output[-3000:]
+    assert info["NodeList"] == "n[1-2]" and "2 node(s) n1 n2" in output
+    run_dir = runs.root / "runs" / "slurm_two_nodes"
+    assert_same_losses(run_dir, reference)
+    assert (run_dir / "checkpoints" / f"step_{STEPS:08d}" / ".metadata").is_file()
+    for node in range(2):  # one log per node under the run's log directory
+        assert f"node {node}/2: 1 process(es)" in (tmp_path / "logs" / "slurm_two_nodes" / f"node{node}.log").read_text()
+
+
+def test_slurm_preemption_checkpoints_requeues_and_resumes(slurm, runs, reference, tmp_path):
+    """`scancel --signal=USR1` mid-run: the trainers checkpoint, the job requeues itself, and the second attempt
+    resumes at that step; the losses equal the uninterrupted run's, every step once."""
+    env = slurm_env(tmp_path)
+    (tmp_path / "logs").mkdir()
+    output = tmp_path / "logs" / "job.out"
+    job = slurm.sbatch("--nodes", "2", "--output", str(output), str(REPO / "launch" / "slurm" / "train.sbatch"),
+                       TINY, *runs("slurm_preempted"), env={**env, "NORMTRON_REPO": str(REPO)}, cwd=tmp_path)
+    run_dir = runs.root / "runs" / "slurm_preempted"
+    wait_for_steps(run_dir, 10, lambda: slurm.job(job).get("JobState") in ("PENDING", "CONFIGURING", "RUNNING"))
+    subprocess.run(["scancel", "--signal=USR1", str(job)], env=slurm.env, check=True, timeout=30)
+    slurm.wait_for(lambda: slurm.job(job).get("Restarts") == "1", 120, "the job to requeue")
+    info = wait_for_job(slurm, job)
+    log = output.read_text()
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", log[-3000:]
+    stopped = int(re.search(r"stopped by a signal after step (\d+)", log).group(1))
+    assert 10 <= stopped < STEPS
+    assert "requeueing it" in log and "attempt 2" in log
+    assert f"resumed from {run_dir / 'checkpoints' / f'step_{stopped:08d}'} at step {stopped}" in log
+    assert_same_losses(run_dir, reference)
