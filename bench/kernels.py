@@ -3,6 +3,7 @@
     python bench/kernels.py                       # 16384 rows x hidden 1024..16384, bf16, RMSNorm and LayerNorm
     python bench/kernels.py --hidden 4096 --norm rmsnorm --rows 32768
     TRITON_INTERPRET=1 python bench/kernels.py --smoke   # tiny shapes on CPU: checks the script, measures nothing
+    python bench/kernels.py --ptxas               # no GPU needed: compile every kernel for an H100, print registers
 
 For each norm and hidden size it times, as medians (triton.testing.do_bench), the forward and the forward+backward of
 `norm(x)` and of the fused `add_norm(x, residual)` (y = Norm(x + residual) and the new residual), and prints the
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -35,6 +37,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--norm", choices=["rmsnorm", "layernorm"], nargs="+", default=["rmsnorm", "layernorm"])
     p.add_argument("--impls", nargs="+", default=["triton", "eager", "compile", "liger"],
                    choices=["triton", "eager", "compile", "liger"], help="implementations to time")
+    p.add_argument("--ptxas", action="store_true",
+                   help="compile every kernel variant for sm_90a (H100) with Triton's bundled ptxas and print its "
+                        "register and spill report; needs no GPU")
     p.add_argument("--smoke", action="store_true",
                    help="tiny shapes on whatever device there is (on CPU: Triton's interpreter, wall-clock timer); "
                         "checks that the script runs, its numbers mean nothing")
@@ -152,8 +157,62 @@ def measure(fn, leaves, x, residual, outputs_grad, time_ms) -> tuple[float, floa
     return time_ms(forward), time_ms(forward_backward)
 
 
+# --- Compile report --------------------------------------------------------------------------------------------
+
+def ptxas_report(hidden_sizes: list[int], arch: int = 90) -> list[str]:
+    """Each kernel as the launcher would run it for each hidden size (bf16 tensors, fp32 statistics), compiled by
+    Triton for `arch` and assembled with its ptxas -v: one line of registers and spill bytes per variant."""
+    import subprocess
+    import tempfile
+
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from kernels import triton_norm as K
+
+    target = GPUTarget("cuda", arch, 32)
+    try:
+        ptxas = get_ptxas(arch).path
+    except TypeError:  # Triton < 3.9 has one ptxas for every architecture
+        ptxas = get_ptxas().path
+    stats = {"MEAN", "RSTD", "DW_PART", "DB_PART"}
+    lines = []
+    for n in hidden_sizes:
+        for rms in (True, False):
+            for layout, kernels in ((K.forward_layout, (K._norm_fwd_rows, K._norm_fwd_chunked)),
+                                    (K.backward_layout, (K._norm_bwd_rows, K._norm_bwd_chunked))):
+                block, rows, warps = layout(n)
+                fn = kernels[0] if rows else kernels[1]
+                flags = {"IS_RMS": rms, "HAS_RES": True, "STORE_H": True, "HAS_BIAS": not rms, "HAS_DH": True,
+                         "STORE_DR": False, "ROWS": rows, "BLOCK": block, "ACC": tl.float32}
+                constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
+                # Upper-case arguments are pointers (but the sizes M, N), eps a float, the rest int32 strides.
+                signature = {a: "constexpr" if a in constexprs else ("*fp32" if a in stats else "*bf16")
+                             if a.isupper() and a not in ("M", "N") else "fp32" if a == "eps" else "i32"
+                             for a in fn.arg_names}
+                compiled = triton.compile(ASTSource(fn, signature, constexprs=constexprs), target=target,
+                                          options={"num_warps": warps})
+                with tempfile.NamedTemporaryFile("w", suffix=".ptx") as ptx:
+                    ptx.write(compiled.asm["ptx"])
+                    ptx.flush()
+                    out = subprocess.run([ptxas, "-v", f"--gpu-name=sm_{arch}a", ptx.name, "-o", os.devnull],
+                                         capture_output=True, text=True, check=True).stderr
+                registers = re.search(r"Used (\d+) registers", out).group(1)
+                spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out).groups()
+                usage = f"{registers} registers, {spills[0]} bytes spill stores, {spills[1]} bytes spill loads"
+                lines.append(f"{'rmsnorm' if rms else 'layernorm':<10}hidden {n:>6}  {fn.__name__:<18}"
+                             f"block {block:>5} x {max(rows, 1):>3} rows, {warps:>2} warps | {usage}")
+    return lines
+
+
 def main() -> int:
     args = parse_args()
+    if args.ptxas:
+        print("\n".join(ptxas_report([64, 128, 1000, *args.hidden])))
+        return 0
     if args.smoke:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":

@@ -213,13 +213,22 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _layout(n: int, max_block: int) -> tuple[int, int, int]:
-    """(block, rows per step, warps) for rows of n elements: rows * block ~ TILE, with ~8-16 elements per thread.
-    rows == 0 means the row is longer than one block and goes in chunks of `block`."""
+def _layout(n: int, max_block: int, per_thread: int) -> tuple[int, int, int]:
+    """(block, rows per step, warps) for rows of n elements: rows * block ~ TILE, `per_thread` elements per thread
+    (4 to 16 warps). rows == 0 means the row is longer than one block and goes in chunks of `block`."""
     block = min(triton.next_power_of_2(n), max_block)
     rows = max(1, min(128, TILE // block)) if block >= n else 0
-    tile = block * max(rows, 1)
-    return block, rows, 16 if tile >= 8192 else 8 if tile >= 2048 else 4
+    warps = min(16, max(4, block * max(rows, 1) // (32 * per_thread)))
+    return block, rows, warps
+
+
+def forward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]:
+    return _layout(n, max_block or FWD_MAX_BLOCK, per_thread=16)
+
+
+def backward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]:
+    # Half the forward's elements per thread: the backward holds ~8 values per element (ptxas spilled at 16).
+    return _layout(n, max_block or BWD_MAX_BLOCK, per_thread=8)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -253,7 +262,7 @@ class _FusedNorm(torch.autograd.Function):
         h = torch.empty((m, n), dtype=h_dtype, device=device) if store_h else x2
         rstd = torch.empty(m, dtype=torch.promote_types(x.dtype, torch.float32), device=device)
         mean = rstd if rms else torch.empty_like(rstd)
-        block, rows, warps = _layout(n, max_block or FWD_MAX_BLOCK)
+        block, rows, warps = forward_layout(n, max_block)
         args = (x2, r2, h, y, weight, bias if bias is not None else weight, mean, rstd,
                 x2.stride(0), r2.stride(0), h.stride(0), y.stride(0))
         flags = {"IS_RMS": rms, "HAS_RES": residual is not None, "STORE_H": store_h, "HAS_BIAS": bias is not None,
@@ -277,7 +286,7 @@ class _FusedNorm(torch.autograd.Function):
         dx = torch.empty((m, n), dtype=ctx.x_dtype, device=device)
         store_dr = ctx.r_dtype is not None and ctx.r_dtype != ctx.x_dtype
         dr = torch.empty((m, n), dtype=ctx.r_dtype, device=device) if store_dr else dx
-        block, rows, warps = _layout(n, ctx.max_block or BWD_MAX_BLOCK)
+        block, rows, warps = backward_layout(n, ctx.max_block)
         rows_per_program = triton.cdiv(m, _backward_programs(m, device))
         if rows:  # whole tiles per program, so that only the last program has a partial one
             rows_per_program = triton.cdiv(rows_per_program, rows) * rows
