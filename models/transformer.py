@@ -106,7 +106,7 @@ class SublayerNorms(nn.Module):
 
     def __init__(self, wiring: NormWiring, cfg: ModelConfig):
         super().__init__()
-        self.residual_scale = wiring.residual_scale
+        self.residual_scale, self.norm_after_add = wiring.residual_scale, wiring.post_norm
         self.input = norm_layer(cfg, cfg.dim, present=wiring.input_norm)
         self.output = norm_layer(cfg, cfg.dim, present=wiring.output_norm)
         self.post = norm_layer(cfg, cfg.dim, present=wiring.post_norm)
@@ -116,7 +116,7 @@ class SublayerNorms(nn.Module):
         normed, x = self.input.add_forward(x, residual)
         out = self.output(sublayer(normed))
         skip = x if self.residual_scale == 1.0 else self.residual_scale * x
-        if not isinstance(self.post, NoNorm):
+        if self.norm_after_add:  # Post-LN: the add cannot wait
             y = self.post.add_forward(out, skip)[0]
             return (y, None) if defer_add else y
         return (out, skip) if defer_add else out + skip
