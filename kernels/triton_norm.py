@@ -20,7 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-TILE = 4096  # elements a program holds per step: several rows at once when they are shorter than this
 FWD_MAX_BLOCK = 8192  # longest row the forward holds in registers; longer rows are processed in chunks of this size
 BWD_MAX_BLOCK = 4096  # the backward keeps more live per element (x, dy, weight, the dweight/dbias sums)
 
@@ -167,42 +166,43 @@ def _norm_bwd_chunked(H, W, DY, DH, DX, DR, MEAN, RSTD, DW_PART, DB_PART,
     DW_PART += pid.to(tl.int64) * N
     DB_PART += pid.to(tl.int64) * N
     cols = tl.arange(0, BLOCK)
-    for i in range(tl.minimum(rows_per_program, M - first)):
+    for i in range(rows_per_program):
         r = first + i
-        rstd = tl.load(RSTD + r)
-        if IS_RMS:
-            mean = 0.0
-        else:
-            mean = tl.load(MEAN + r)
-        acc1 = tl.zeros([BLOCK], dtype=ACC)
-        acc2 = tl.zeros([BLOCK], dtype=ACC)
-        for start in range(0, N, BLOCK):
-            c = start + cols
-            m = c < N
-            xhat = tl.where(m, (tl.load(H + r * stride_h + c, mask=m, other=0.0).to(ACC) - mean) * rstd, 0.0)
-            wdy = (tl.load(W + c, mask=m, other=0.0).to(ACC)
-                   * tl.load(DY + r * stride_dy + c, mask=m, other=0.0).to(ACC))
-            acc1 += xhat * wdy
-            acc2 += wdy
-        c1 = tl.sum(acc1, axis=0) / N
-        c2 = tl.sum(acc2, axis=0) / N
-        for start in range(0, N, BLOCK):
-            c = start + cols
-            m = c < N
-            xhat = tl.where(m, (tl.load(H + r * stride_h + c, mask=m, other=0.0).to(ACC) - mean) * rstd, 0.0)
-            dy = tl.load(DY + r * stride_dy + c, mask=m, other=0.0).to(ACC)
-            dx = _dx(xhat, tl.load(W + c, mask=m, other=0.0).to(ACC) * dy, c1, c2, rstd, IS_RMS)
-            if HAS_DH:
-                dx += tl.load(DH + r * stride_dh + c, mask=m, other=0.0).to(ACC)
-            tl.store(DX + r * stride_dx + c, dx.to(DX.dtype.element_ty), mask=m)
-            if STORE_DR:
-                tl.store(DR + r * stride_dr + c, dx.to(DR.dtype.element_ty), mask=m)
-            tl.store(DW_PART + c, tl.load(DW_PART + c, mask=m, other=0.0) + dy * xhat, mask=m)
-            if HAS_BIAS:
-                tl.store(DB_PART + c, tl.load(DB_PART + c, mask=m, other=0.0) + dy, mask=m)
-            # The partial row is this program's alone; the barrier orders its read-modify-write between rows even
-            # if the compiler gives the load and the store of an element to different threads.
-            tl.debug_barrier()
+        if r < M:  # the last program may have fewer rows
+            rstd = tl.load(RSTD + r)
+            if IS_RMS:
+                mean = 0.0
+            else:
+                mean = tl.load(MEAN + r)
+            acc1 = tl.zeros([BLOCK], dtype=ACC)
+            acc2 = tl.zeros([BLOCK], dtype=ACC)
+            for start in range(0, N, BLOCK):
+                c = start + cols
+                m = c < N
+                xhat = tl.where(m, (tl.load(H + r * stride_h + c, mask=m, other=0.0).to(ACC) - mean) * rstd, 0.0)
+                wdy = (tl.load(W + c, mask=m, other=0.0).to(ACC)
+                       * tl.load(DY + r * stride_dy + c, mask=m, other=0.0).to(ACC))
+                acc1 += xhat * wdy
+                acc2 += wdy
+            c1 = tl.sum(acc1, axis=0) / N
+            c2 = tl.sum(acc2, axis=0) / N
+            for start in range(0, N, BLOCK):
+                c = start + cols
+                m = c < N
+                xhat = tl.where(m, (tl.load(H + r * stride_h + c, mask=m, other=0.0).to(ACC) - mean) * rstd, 0.0)
+                dy = tl.load(DY + r * stride_dy + c, mask=m, other=0.0).to(ACC)
+                dx = _dx(xhat, tl.load(W + c, mask=m, other=0.0).to(ACC) * dy, c1, c2, rstd, IS_RMS)
+                if HAS_DH:
+                    dx += tl.load(DH + r * stride_dh + c, mask=m, other=0.0).to(ACC)
+                tl.store(DX + r * stride_dx + c, dx.to(DX.dtype.element_ty), mask=m)
+                if STORE_DR:
+                    tl.store(DR + r * stride_dr + c, dx.to(DR.dtype.element_ty), mask=m)
+                tl.store(DW_PART + c, tl.load(DW_PART + c, mask=m, other=0.0) + dy * xhat, mask=m)
+                if HAS_BIAS:
+                    tl.store(DB_PART + c, tl.load(DB_PART + c, mask=m, other=0.0) + dy, mask=m)
+                # The partial row is this program's alone; the barrier orders its read-modify-write between rows even
+                # if the compiler gives the load and the store of an element to different threads.
+                tl.debug_barrier()
 
 
 # --- Launch -------------------------------------------------------------------------------------------------------
@@ -213,22 +213,24 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _layout(n: int, max_block: int, per_thread: int) -> tuple[int, int, int]:
-    """(block, rows per step, warps) for rows of n elements: rows * block ~ TILE, `per_thread` elements per thread
-    (4 to 16 warps). rows == 0 means the row is longer than one block and goes in chunks of `block`."""
+def _layout(n: int, max_block: int, tile: int, per_thread: int) -> tuple[int, int, int]:
+    """(block, rows per step, warps) for rows of n elements: several rows per step while rows * block <= tile,
+    `per_thread` elements per thread (4 to 16 warps). rows == 0: the row is longer than one block and goes in
+    chunks of `block`."""
     block = min(triton.next_power_of_2(n), max_block)
-    rows = max(1, min(128, TILE // block)) if block >= n else 0
+    rows = max(1, min(128, tile // block)) if block >= n else 0
     warps = min(16, max(4, block * max(rows, 1) // (32 * per_thread)))
     return block, rows, warps
 
 
 def forward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]:
-    return _layout(n, max_block or FWD_MAX_BLOCK, per_thread=16)
+    return _layout(n, max_block or FWD_MAX_BLOCK, tile=4096, per_thread=16)
 
 
 def backward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]:
-    # Half the forward's elements per thread: the backward holds ~8 values per element (ptxas spilled at 16).
-    return _layout(n, max_block or BWD_MAX_BLOCK, per_thread=8)
+    # The backward holds ~8 values per element: smaller tiles and half the elements per thread, or ptxas spills
+    # (checked by `bench/kernels.py --ptxas` with Triton 3.6, 3.8 and 3.9).
+    return _layout(n, max_block or BWD_MAX_BLOCK, tile=2048, per_thread=8)
 
 
 def _acc_dtype(dtype: torch.dtype):
