@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
+from kernels import KERNEL_CHOICES
 from models.norms import NORM_TYPES
 from models.placement import PLACEMENTS
 
@@ -34,6 +35,9 @@ def bounds_error(key: str, value: Any, field: dataclasses.Field) -> str | None:
 
 @dataclass
 class ModelConfig:
+    # Keys that choose how the model is computed, not what it is: a run may resume with them changed.
+    COMPUTE_ONLY_KEYS: ClassVar[frozenset[str]] = frozenset({"kernels"})
+
     dim: int = config_field(256, "hidden size", ge=1)
     n_layers: int = config_field(4, "number of transformer blocks", ge=1)
     n_heads: int = config_field(4, "attention heads (must divide dim)", ge=1)
@@ -47,6 +51,9 @@ class ModelConfig:
     norm: str = config_field("rmsnorm", "normalization type", NORM_TYPES)
     norm_eps: float = config_field(1e-5, "epsilon inside every norm", gt=0)
     norm_bias: bool = config_field(True, "LayerNorm has a bias (ignored for rmsnorm)")
+    kernels: str = config_field("auto", "how norms are computed: triton (fused Triton kernels, residual add included), "
+                                "torch (PyTorch ops) or auto (Triton on CUDA GPUs, PyTorch elsewhere); same weights "
+                                "either way, so a run may resume with another choice", KERNEL_CHOICES)
     placement: str = config_field("pre", "where norms sit in each block: pre x+F(N(x)), post N(x+F(x)), "
                                   "peri x+N(F(N(x))), mix (first floor(mix_alpha*L) layers post, rest pre)",
                                   tuple(PLACEMENTS))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
-from models.norms import at_least_fp32, build_norm
+from models.norms import NoNorm, at_least_fp32, build_norm
 from models.placement import NormWiring, layer_wiring
 
 # --- Rotary position embedding (the "rotate half" layout used by Hugging Face Llama checkpoints) ---------------
@@ -43,8 +43,8 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 def norm_layer(cfg: ModelConfig, dim: int, present: bool = True) -> nn.Module:
-    """Every norm in the model comes from here (the plug point for fused kernels); Identity where there is none."""
-    return build_norm(cfg.norm, dim, cfg.norm_eps, cfg.norm_bias) if present else nn.Identity()
+    """Every norm in the model comes from here, computed by `cfg.kernels`; NoNorm (identity) where there is none."""
+    return build_norm(cfg.norm, dim, cfg.norm_eps, cfg.norm_bias, cfg.kernels) if present else NoNorm()
 
 
 # --- Sublayers -------------------------------------------------------------------------------------------------
@@ -93,22 +93,38 @@ class FeedForward(nn.Module):
 
 # --- Norm placement around one residual branch -------------------------------------------------------------------
 
+# A branch's residual add may be left pending, as (out, skip) with the stream's value out + skip, for whichever norm
+# reads the stream next to do it: norm.add_forward(out, skip) -> (norm(out + skip), out + skip), one fused kernel
+# with Triton. So Pre-LN's add meets the next sublayer's (or block's, or the final) input norm, and Post-LN's add its
+# own post norm, with no per-placement code: the NormWiring alone says where the norms are.
+
 class SublayerNorms(nn.Module):
-    """x -> post(residual_scale * x + output(F(input(x)))), with the norms the layer's NormWiring asks for."""
+    """x -> post(residual_scale * x + output(F(input(x)))), with the norms the layer's NormWiring asks for.
+
+    `residual` is an add an earlier branch left pending (the input is then x + residual); with `defer_add` this
+    branch returns (out, skip) with its own add pending instead of the sum (unless its post norm needs it now)."""
 
     def __init__(self, wiring: NormWiring, cfg: ModelConfig):
         super().__init__()
-        self.residual_scale = wiring.residual_scale
+        self.residual_scale, self.norm_after_add = wiring.residual_scale, wiring.post_norm
         self.input = norm_layer(cfg, cfg.dim, present=wiring.input_norm)
         self.output = norm_layer(cfg, cfg.dim, present=wiring.output_norm)
         self.post = norm_layer(cfg, cfg.dim, present=wiring.post_norm)
 
-    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        residual = x if self.residual_scale == 1.0 else self.residual_scale * x
-        return self.post(residual + self.output(sublayer(self.input(x))))
+    def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor],
+                residual: torch.Tensor | None = None, defer_add: bool = False):
+        normed, x = self.input.add_forward(x, residual)
+        out = self.output(sublayer(normed))
+        skip = x if self.residual_scale == 1.0 else self.residual_scale * x
+        if self.norm_after_add:  # Post-LN: the add cannot wait
+            y = self.post.add_forward(out, skip)[0]
+            return (y, None) if defer_add else y
+        return (out, skip) if defer_add else out + skip
 
 
 class TransformerBlock(nn.Module):
+    """x -> x' through the attention and MLP branches; `residual` and `defer_add` as in SublayerNorms."""
+
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         wiring = layer_wiring(cfg, layer_id)
@@ -117,9 +133,10 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
         self.ffn_norms = SublayerNorms(wiring, cfg)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-        x = self.attention_norms(x, lambda h: self.attention(h, rope))
-        return self.ffn_norms(x, self.feed_forward)
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, residual: torch.Tensor | None = None,
+                defer_add: bool = False):
+        x, residual = self.attention_norms(x, lambda h: self.attention(h, rope), residual, defer_add=True)
+        return self.ffn_norms(x, self.feed_forward, residual, defer_add)
 
 
 # --- The model ---------------------------------------------------------------------------------------------------
@@ -159,9 +176,13 @@ class Transformer(nn.Module):
         if seq > self.rope.shape[0]:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.rope.shape[0]}")
         rope = self.rope[:seq]
+        residual = None  # the last block's pending residual add, done by the final norm
         for layer in self.layers.values():
-            h = layer(h, rope)
-        h = self.norm(h) if self.norm is not None else h
+            h, residual = layer(h, rope, residual, defer_add=True)
+        if self.norm is not None:
+            h = self.norm.add_forward(h, residual)[0]
+        elif residual is not None:  # a pipeline stage without the final norm hands on the plain sum
+            h = h + residual
         return self.output(h) if self.output is not None else h
 
     @torch.no_grad()

@@ -182,7 +182,7 @@ def check_init_from(path: Path, model_cfg: Any, data_meta: dict) -> None:
         raise UserError(f"checkpoint.init_from={path} has no readable config.yaml with a model section") from None
     current = dataclasses.asdict(model_cfg)
     changed = [f"model.{k}: {saved.get(k)!r} there, {v!r} here" for k, v in current.items()
-               if k not in _INIT_ONLY_KEYS and saved.get(k) != v]
+               if k not in _INIT_ONLY_KEYS and k not in model_cfg.COMPUTE_ONLY_KEYS and saved.get(k) != v]
     if changed:
         raise UserError(f"checkpoint.init_from={path} holds a different model ({'; '.join(changed)}); start from "
                         f"its config.yaml, e.g. `normtron train {path / 'config.yaml'} data.dir=...`")

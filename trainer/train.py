@@ -19,8 +19,10 @@ import yaml
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
 
+from kernels import describe_kernels, triton_problem
 from models import ModelConfig, Transformer, count_parameters, flops_per_token
-from parallel.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown_distributed
+from parallel.distributed import (DistInfo, all_reduce_sum, barrier, init_distributed, pick_device,
+                                  shutdown_distributed)
 from parallel.mesh import ParallelDims
 from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
 from trainer.config import Config, config_to_dict, dump_config, validate
@@ -110,6 +112,7 @@ class RunInputs:
 def check_inputs(cfg: Config, world_size: int, rank: int) -> RunInputs:
     """Every check that can fail on user input: the config, the data, and the run directory (same on all ranks)."""
     validate(cfg, world_size)
+    check_kernels(cfg.model.kernels, pick_device()[0])
     meta = load_data_meta(cfg.data.dir)
     resolve_vocab_size(cfg, meta)
     train_tokens = open_tokens(cfg.data.dir, "train", meta)
@@ -122,6 +125,11 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> RunInputs:
     if cfg.checkpoint.init_from and not complete_checkpoints(cfg.run_dir / "checkpoints"):
         check_init_from(Path(cfg.checkpoint.init_from), cfg.model, meta)
     return RunInputs(meta, batches, val_tokens, val_windows)
+
+
+def check_kernels(choice: str, device: torch.device) -> None:
+    if choice == "triton" and (problem := triton_problem(device.type)):
+        raise UserError(f"model.kernels=triton cannot run here: {problem}; use model.kernels=auto or torch")
 
 
 def resolve_vocab_size(cfg: Config, meta: dict) -> None:
@@ -159,7 +167,8 @@ def check_run_dir(cfg: Config) -> None:
                             f"for resuming; repair or remove it, or choose another run.name")
         current, defaults = config_to_dict(cfg)["model"], dataclasses.asdict(ModelConfig())
         # A key the saved config lacks (added in a later version) had its default value then.
-        changed = sorted(k for k in current if previous.get(k, defaults[k]) != current[k])
+        changed = sorted(k for k in current if previous.get(k, defaults[k]) != current[k]
+                         and k not in ModelConfig.COMPUTE_ONLY_KEYS)
         if changed:
             diffs = ", ".join(f"model.{k}: {previous.get(k, defaults[k])!r} -> {current[k]!r}" for k in changed)
             raise UserError(f"{run_dir} holds a run with a different model ({diffs}); use another run.name to "
@@ -190,7 +199,7 @@ def describe_model(cfg: Config, model: nn.Module) -> str:
             f"{','.join(m.layer_placements) if m.layer_placements else m.placement}"
             f"{f' (alpha {m.mix_alpha})' if m.placement == 'mix' and not m.layer_placements else ''}"
             f"{', qk_norm' if m.qk_norm else ''}{', embed_norm' if m.embed_norm else ''} | "
-            f"precision {cfg.training.precision}")
+            f"{describe_kernels(m.kernels, pick_device()[0])} | precision {cfg.training.precision}")
 
 
 def describe_parallel(cfg: Config, world_size: int) -> str:
