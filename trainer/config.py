@@ -342,7 +342,7 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         raise UserError(f"parallel.zero_stage={p.zero_stage} applies to parallel.backend=deepspeed; with "
                         f"parallel.backend={p.backend} leave it at 0 (fsdp shards like ZeRO-3 by itself)")
     if p.backend == "ddp" and (p.offload_params or p.offload_optimizer):
-        raise UserError(f"CPU offload needs parallel.backend=fsdp or deepspeed; set parallel.offload_params and "
+        raise UserError("CPU offload needs parallel.backend=fsdp or deepspeed; set parallel.offload_params and "
                         "parallel.offload_optimizer to false for ddp")
     if p.backend == "fsdp" and p.offload_params and not torch.cuda.is_available():
         raise UserError("parallel.offload_params with parallel.backend=fsdp moves parameters from the GPU to host "
