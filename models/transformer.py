@@ -94,18 +94,21 @@ class FeedForward(nn.Module):
 # --- Norm placement around one residual branch -------------------------------------------------------------------
 
 class SublayerNorms(nn.Module):
-    """x -> post(residual_scale * x + output(F(input(x)))), with the norms the layer's NormWiring asks for."""
+    """x -> post(residual_scale * x + output(F(input_scale * input(x)))), with the norms the layer's NormWiring
+    asks for."""
 
     def __init__(self, wiring: NormWiring, cfg: ModelConfig):
         super().__init__()
-        self.residual_scale = wiring.residual_scale
+        self.residual_scale, self.input_scale = wiring.residual_scale, wiring.input_scale
         self.input = norm_layer(cfg, cfg.dim, present=wiring.input_norm)
         self.output = norm_layer(cfg, cfg.dim, present=wiring.output_norm)
         self.post = norm_layer(cfg, cfg.dim, present=wiring.post_norm)
 
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         residual = x if self.residual_scale == 1.0 else self.residual_scale * x
-        return self.post(residual + self.output(sublayer(self.input(x))))
+        h = self.input(x)
+        h = h if self.input_scale == 1.0 else self.input_scale * h
+        return self.post(residual + self.output(sublayer(h)))
 
 
 class TransformerBlock(nn.Module):
@@ -184,7 +187,7 @@ class Transformer(nn.Module):
                 if id(module.weight) in done:  # never reset_parameters() here: that would redraw the tied weight
                     continue
                 done.add(id(module.weight))
-                std = out_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
+                std = self._init_std(name, out_std)
                 generator = torch.Generator(device=module.weight.device)
                 generator.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
                 # Drawn as a whole tensor, then copied in: a sharded parameter keeps its slice of the same values.
@@ -192,6 +195,16 @@ class Transformer(nn.Module):
                 module.weight.copy_(values.normal_(mean=0.0, std=std, generator=generator))
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()
+
+    def _init_std(self, name: str, out_std: float) -> float:
+        """The init std of weight `name`: GPT-2 depth scaling for output projections, or DeepNorm's beta for
+        value/output/MLP weights of a layer whose wiring has an init gain."""
+        parts = name.split(".")
+        if parts[0] == "layers":
+            gain = layer_wiring(self.cfg, int(parts[1])).init_gain
+            if gain != 1.0 and parts[-1] in ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                return self.cfg.init_std * gain
+        return out_std if name.endswith(("o_proj", "down_proj")) else self.cfg.init_std
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
