@@ -85,12 +85,20 @@ class TensorBoardSink:
 
     def write(self, row: dict) -> None:
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                group = "eval" if key.startswith("val_") else "train"
+            group = "eval" if key.startswith("val_") else "train"
+            if key != "step" and _is_number(value):
                 self.writer.add_scalar(f"{group}/{key}", value, row["step"])
+            elif isinstance(value, list):  # per-layer diagnostics: one series per layer
+                for i, item in enumerate(value):
+                    if _is_number(item):
+                        self.writer.add_scalar(f"layers/{key}/{i}", item, row["step"])
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MetricsLogger:
