@@ -56,6 +56,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (parsed as YAML)")
 
     p = sub.add_parser(
+        "study", help="train a grid of runs (placement x lr x depth x seed ...) and write a report",
+        description="Train every combination of the grid in STUDY.yaml, each in its own run directory under "
+                    "<output_dir>/runs, several at a time; finished runs are skipped and interrupted ones resume. "
+                    "Then write <output_dir>/report/: report.md, PNG plots, runs.csv, cells.csv, report.json. "
+                    "See configs/study/ for examples.")
+    p.add_argument("study", metavar="STUDY.yaml", help="study file: base, output_dir, grid, overrides, reference")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the existing runs")
+    p.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                   help="runs at a time (default: the study's max_parallel, else one per 2 CPU cores / per GPU)")
+
+    p = sub.add_parser(
         "convert", help="convert checkpoints",
         description="Convert training checkpoints between formats.")
     convert = p.add_subparsers(dest="direction", metavar="DIRECTION", required=True)
@@ -104,6 +115,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(check(cfg, int(world_size)))
             else:
                 train(cfg)
+        elif args.command == "study":
+            from trainer.report import write_report
+            from trainer.study import load_study, run_study
+
+            if args.max_parallel is not None and args.max_parallel < 1:
+                raise UserError(f"--max-parallel must be at least 1, not {args.max_parallel}")
+            study = load_study(args.study, args.max_parallel)
+            if not args.report_only:
+                run_study(study)
+            print(f"report: {write_report(study) / 'report.md'}")
         elif args.command == "convert" and args.direction == "consolidate":
             from trainer.checkpoint import consolidate
 
