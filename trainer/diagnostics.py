@@ -8,15 +8,16 @@ last step, so a study can compare the profile at init with the one at the end).
                                                      and the variance over features averaged over tokens
     max_act, max_act_ratio                           max |h| at each block's output, and its ratio to the median
                                                      |h| (of the first sequence): massive activations
-    max_attn_logit                                   max over heads and causal (q, k) pairs of q.k/sqrt(d), from
-                                                     the first sequence of the batch
+    max_attn_logit                                   max over sequences, heads and causal (q, k) pairs of
+                                                     q.k/sqrt(d)
 
 Activations come from forward hooks registered for the first micro-batch of a diagnostic step and removed after
 it, so other steps run the model untouched. Attention logits are hidden inside SDPA, so the hooks keep the
-(QK-normed) queries and keys of one sequence and recompute their logits. Under data parallelism the activation
+(QK-normed) queries and keys of the micro-batch and recompute their logits, a few heads at a time. Under data parallelism the activation
 statistics are averaged over ranks (maxima: the max over ranks); sharded FSDP2 gradients and weights are reduced
 over their shards, so every logged value is that of the whole layer. DeepSpeed partitions gradients and weights
 inside its engine, so its runs get the activation statistics only (plus the global grad norm every run logs).
+All activation statistics cover the first micro-batch of the step on each rank.
 """
 
 from __future__ import annotations
@@ -56,14 +57,20 @@ def sum_of_squares(groups: list[list[torch.Tensor]], device: torch.device) -> to
 
 
 def max_causal_logit(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """max over heads and j <= i of q_i.k_j / sqrt(head_dim), as SDPA computes them (after RoPE; KV heads shared by
-    consecutive query heads). q: (batch, seq, heads, head_dim), k: (batch, seq, kv_heads, head_dim)."""
+    """max over sequences, heads and j <= i of q_i.k_j / sqrt(head_dim), as SDPA computes them (after RoPE; KV heads
+    shared by consecutive query heads). q: (batch, seq, heads, head_dim), k: (batch, seq, kv_heads, head_dim).
+    One sequence and a few heads at a time, so the score matrices stay small at long sequence lengths."""
     q, k = apply_rope(q.float(), rope), apply_rope(k.float(), rope)
     k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    seq = q.shape[1]
+    seq, heads = q.shape[1], q.shape[2]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).amax()
+    chunk = max(1, 2**24 // (seq * seq))  # heads per score block: at most 16M scores (64 MB)
+    best = torch.tensor(float("-inf"), device=q.device)
+    for b in range(q.shape[0]):
+        for h in range(0, heads, chunk):
+            scores = torch.einsum("qhd,khd->hqk", q[b, :, h:h + chunk], k[b, :, h:h + chunk]) / math.sqrt(q.shape[-1])
+            best = torch.maximum(best, scores.masked_fill(~causal, float("-inf")).amax())
+    return best
 
 
 class ActivationProbe:
@@ -93,14 +100,15 @@ class ActivationProbe:
 
     def _keep(self, name: str, which: str):
         def hook(module, args, output):
-            self.qk.setdefault(name, {}).setdefault(which, output[:1].detach())
+            self.qk.setdefault(name, {}).setdefault(which, output.detach())
         return hook
 
     def _attention_hook(self, name: str):
         def hook(module, args, output):
             if name in self.qk and "logit" not in self.qk[name]:
                 with torch.no_grad():
-                    self.qk[name]["logit"] = max_causal_logit(self.qk[name]["q"], self.qk[name]["k"], args[1])
+                    kept = self.qk[name]
+                    kept["logit"] = max_causal_logit(kept.pop("q"), kept.pop("k"), args[1])
         return hook
 
     def _block_hook(self, name: str):

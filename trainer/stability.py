@@ -69,8 +69,8 @@ class StabilityMonitor:
         """Whether the loop must read the loss and grad norm on every step."""
         return self.spikes is not None or self.nonfinite == "skip"
 
-    def observe(self, step: int, loss: float, grad_norm: float, skipped: bool, newest_checkpoint) -> bool:
-        """Check one step; returns whether its state is finite (safe to checkpoint). Raises UserError for stop."""
+    def observe(self, step: int, loss: float, grad_norm: float, skipped: bool) -> bool:
+        """Check one step; returns whether the model state is finite (safe to checkpoint and go on)."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             if self.spikes is not None:
                 self.last_z = z = self.spikes.update(loss)
@@ -86,12 +86,16 @@ class StabilityMonitor:
             return True
         self.nonfinite_steps += 1
         self._event(step, "nonfinite", loss, grad_norm, f"non-finite loss {loss} / grad norm {grad_norm} at step "
-                    f"{step}", warn=self.nonfinite != "stop")
-        if self.nonfinite == "stop":
-            raise UserError(f"training diverged at step {step} (loss {loss}, grad norm {grad_norm}); the newest "
-                            f"checkpoint ({newest_checkpoint or 'none'}) predates it; lower training.lr or raise "
-                            f"training.warmup_steps and start again (or set stability.nonfinite=skip)")
+                    f"{step}", warn=self.nonfinite == "log")
         return False
+
+    def stop(self, step: int, loss: float, grad_norm: float, newest_checkpoint) -> UserError | None:
+        """The error that ends the run after a non-finite step under `nonfinite: stop` (None otherwise)."""
+        if self.nonfinite != "stop":
+            return None
+        return UserError(f"training diverged at step {step} (loss {loss}, grad norm {grad_norm}); the newest "
+                         f"checkpoint ({newest_checkpoint or 'none'}) predates it; lower training.lr or raise "
+                         f"training.warmup_steps and start again (or set stability.nonfinite=skip)")
 
     def _event(self, step: int, event: str, loss: float, grad_norm: float, message: str, warn: bool = True) -> None:
         if warn:

@@ -285,9 +285,11 @@ class TrainLoop:
                                             (cfg.logging.every, cfg.eval.every, cfg.checkpoint.every))
                 if do_log or do_save or self.stability.every_step:
                     loss_value, grad_value = self.mean_over_ranks(loss), grad_norm.item()
+                    finite = self.stability.observe(step, loss_value, grad_value, self.skip_nonfinite)
                     if do_log:
                         self.log_train_step(metrics, loss_value, grad_value, lr, started)
-                    finite = self.stability.observe(step, loss_value, grad_value, self.skip_nonfinite, saved)
+                    if not finite and (error := self.stability.stop(step, loss_value, grad_value, saved)):
+                        raise error
                     if do_save and not finite:  # never save a diverged model
                         LOG.warning(f"no checkpoint at step {step}: the model state is not finite")
                         do_save = False
