@@ -112,6 +112,14 @@ class MetricsLogger:
             if tensorboard:
                 self.sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
 
+    def recorded_events(self) -> list[str]:
+        """The "event" of every row already in metrics.jsonl (after the resume truncation); empty off rank 0."""
+        sink = next((s for s in self.sinks if isinstance(s, JsonlSink)), None)
+        if sink is None:
+            return []
+        rows = (json.loads(line) for line in sink.path.read_text().splitlines() if line.strip())
+        return [row["event"] for row in rows if isinstance(row, dict) and "event" in row]
+
     def log(self, row: dict, quiet: bool = False) -> None:
         """Record a row everywhere; `quiet` rows (not training progress) skip the progress line."""
         if not quiet:

@@ -90,7 +90,7 @@ def reference_runs(study: Study, runs: list[dict], free: tuple[str, ...]) -> lis
             continue
         default = max(values) if axis == "model.n_layers" else values[0]
         fixed[axis] = study.reference.get(axis, default)
-    return [r for r in runs if all(r[a] == v for a, v in fixed.items()) and not r["status"] == "pending"]
+    return [r for r in runs if all(r[a] == v for a, v in fixed.items()) and r["status"] != "pending"]
 
 
 def _series_key(study: Study, run: dict) -> str:
@@ -259,10 +259,10 @@ def write_report(study: Study) -> Path:
     lines = [f"# Study report: {study.path.name}", "",
              f"Base config `{study.base.name}`, overrides {study.overrides or 'none'}; grid: "
              + ", ".join(f"`{k}` ∈ {v}" for k, v in study.grid.items()) + ".", "",
-             f"{sum(r['status'] != 'pending' for r in runs)}/{len(runs)} runs done, "
-             f"{sum(r['diverged'] for r in runs)} diverged. Final validation loss: mean ± std over seeds of the "
-             f"runs that did not diverge. A run diverged if it stopped on a non-finite loss or ended above "
-             f"ln(vocab) (uniform guessing).", "",
+             (f"{sum(r['status'] != 'pending' for r in runs)}/{len(runs)} runs done, "
+              f"{sum(r['diverged'] for r in runs)} diverged. Final validation loss: mean ± std over seeds of the "
+              f"runs that did not diverge. A run diverged if it stopped on a non-finite loss or ended above "
+              f"ln(vocab) (uniform guessing)."), "",
              "| " + " | ".join(a.split(".")[-1] for a in axes) + " | runs | diverged | final val loss | "
              "steps to divergence | max attn logit (end) |",
              "|" + "---|" * (len(axes) + 5)]

@@ -58,11 +58,13 @@ class StabilityMonitor:
     """Applies the non-finite action and spike detection to each step's (loss, grad norm); events are warned about
     and written to metrics.jsonl as rows with an "event" key."""
 
-    def __init__(self, nonfinite: str, spike_window: int, spike_zscore: float, metrics: MetricsLogger):
+    def __init__(self, nonfinite: str, spike_window: int, spike_zscore: float, metrics: MetricsLogger,
+                 previous_events: list[str] = ()):
         self.nonfinite, self.metrics = nonfinite, metrics
         self.spikes = SpikeDetector(spike_window, spike_zscore) if spike_window > 0 else None
-        self.skipped_steps = self.loss_spikes = self.nonfinite_steps = 0
-        self.last_z: float | None = None
+        # Counts continue across a resume from the events already recorded (the detector's window starts afresh).
+        self.skipped_steps = previous_events.count("skipped_step")
+        self.loss_spikes = previous_events.count("loss_spike")
 
     @property
     def every_step(self) -> bool:
@@ -73,7 +75,7 @@ class StabilityMonitor:
         """Check one step; returns whether the model state is finite (safe to checkpoint and go on)."""
         if math.isfinite(loss) and math.isfinite(grad_norm):
             if self.spikes is not None:
-                self.last_z = z = self.spikes.update(loss)
+                z = self.spikes.update(loss)
                 if self.spikes.is_spike(z):
                     self.loss_spikes += 1
                     self._event(step, "loss_spike", loss, grad_norm, f"loss spike at step {step}: loss {loss:.4f} "
@@ -84,7 +86,6 @@ class StabilityMonitor:
             self._event(step, "skipped_step", loss, grad_norm, f"step {step} skipped: non-finite loss {loss} / "
                         f"grad norm {grad_norm}; no update applied ({self.skipped_steps} skipped so far)")
             return True
-        self.nonfinite_steps += 1
         self._event(step, "nonfinite", loss, grad_norm, f"non-finite loss {loss} / grad norm {grad_norm} at step "
                     f"{step}", warn=self.nonfinite == "log")
         return False
@@ -104,8 +105,5 @@ class StabilityMonitor:
                          quiet=True)
 
     def counters(self) -> dict:
-        """Counts for the training log row (since this process started)."""
-        row = {"skipped_steps": self.skipped_steps, "loss_spikes": self.loss_spikes}
-        if self.last_z is not None:
-            row["loss_z"] = self.last_z
-        return row
+        """Counts for the training log row (over the whole run)."""
+        return {"skipped_steps": self.skipped_steps, "loss_spikes": self.loss_spikes}

@@ -269,7 +269,8 @@ class TrainLoop:
         self.interval_start, self.interval_step = time.time(), start_step
         val_loss, saved = float("nan"), self.checkpointer.latest()
         s = cfg.stability
-        self.stability = StabilityMonitor(s.nonfinite, s.spike_window, s.spike_zscore, metrics)
+        self.stability = StabilityMonitor(s.nonfinite, s.spike_window, s.spike_zscore, metrics,
+                                          metrics.recorded_events())
         try:
             while state.step < cfg.training.steps:
                 diagnose = self.diagnostics.due(state.step + 1)
