@@ -137,21 +137,31 @@ def test_z_loss_matches_float64():
 
 def _diag_rows(run_dir):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "layer_grad_norm" in r}
+    return {r["step"]: r for r in rows if "resid_rms" in r}
 
 
-def test_fsdp_diagnostics_match_single_process(micro_args, tmp_path):
-    """2-rank FSDP2 shards parameters and gradients; the logged per-layer values are those of the whole layer,
-    equal to a single process's on the same global batch (medians are per rank, so max_act_ratio is not compared)."""
+ACTIVATION_KEYS = ("resid_rms", "resid_var", "max_act", "max_attn_logit")
+GRADIENT_KEYS = ("layer_grad_norm", "attn_grad_norm", "mlp_grad_norm", "update_ratio")
+
+
+@pytest.mark.parametrize("backend", ["fsdp", "ddp", "deepspeed"])
+def test_two_rank_diagnostics_match_single_process(micro_args, tmp_path, backend):
+    """2 ranks on halves of the same global batch log the whole model's values, equal to a single process's: FSDP2
+    reduces sharded gradient and weight norms over the shards, activations are reduced over ranks. DeepSpeed (ZeRO-3
+    here) logs the activation statistics only. Medians are per rank, so max_act_ratio is not compared."""
     common = ("training.steps=2", "diagnostics.every=1", "eval.every=2", "checkpoint.every=2")
+    layout = {"fsdp": ["parallel.backend=fsdp"], "ddp": [],
+              "deepspeed": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}[backend]
     run_cli("train", TINY, *micro_args("single", *common))
-    run_torchrun(2, "train", TINY, *micro_args("fsdp", *common, "parallel.backend=fsdp"))
-    single, sharded = _diag_rows(tmp_path / "runs" / "single"), _diag_rows(tmp_path / "runs" / "fsdp")
+    run_torchrun(2, "train", TINY, *micro_args("sharded", *common, *layout))
+    single, sharded = _diag_rows(tmp_path / "runs" / "single"), _diag_rows(tmp_path / "runs" / "sharded")
     assert sorted(single) == sorted(sharded) == [1, 2]
     for step in (1, 2):
-        for key in ("layer_grad_norm", "attn_grad_norm", "mlp_grad_norm", "update_ratio", "resid_rms", "resid_var",
-                    "max_act", "max_attn_logit"):
+        keys = ACTIVATION_KEYS if backend == "deepspeed" else ACTIVATION_KEYS + GRADIENT_KEYS
+        for key in keys:
             assert sharded[step][key] == pytest.approx(single[step][key], rel=2e-4), (step, key)
+        if backend == "deepspeed":
+            assert not set(GRADIENT_KEYS) & set(sharded[step])
 
 
 def test_nonfinite_skip_drops_the_updates_and_counts_them(micro_args, tmp_path):
