@@ -172,17 +172,18 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
     axes[0].legend(fontsize=7)
     save(fig, "grad_norm_profile.png")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for label, group in sorted(ref.items()):
-        for index, style in ((0, ":"), (-1, "-")):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.cm.tab10.colors
+    for n, (label, group) in enumerate(sorted(ref.items())):
+        for index, style in ((0, ":"), (-1, "-")):  # same color per series: dotted at init, solid at the end
             profile = _mean_profile(group, index, "resid_var")
             if profile:
-                ax.plot(range(1, len(profile) + 1), profile, style, marker="o",
-                        label=f"{label} ({'init' if index == 0 else 'end'})")
+                ax.plot(range(1, len(profile) + 1), profile, style, marker="o", color=colors[n % len(colors)],
+                        label=label if index == -1 else None)
     ax.set_yscale("log")
     ax.set_xlabel("block (depth)")
     ax.set_ylabel("residual-stream variance at block output")
-    ax.set_title(ref_title, fontsize=9)
+    ax.set_title(f"{ref_title} (dotted: step 1, solid: last step)", fontsize=9)
     ax.legend(fontsize=6)
     save(fig, "residual_variance.png")
 
