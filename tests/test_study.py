@@ -154,3 +154,25 @@ def test_bad_study_file_message(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("normtron: error: study cell lr=-1: training.lr=-1") and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_missing_corpus_fails_before_any_run(tmp_path, capsys):
+    from trainer.cli import main
+
+    study = write_study(tmp_path / "study.yaml", tmp_path / "no-data", {"model.placement": ["pre", "post"]})
+    assert main(["study", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"normtron: error: data.dir={tmp_path / 'no-data'} does not exist") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_runs_make_the_study_exit_with_an_error(shakespeare_data, tmp_path):
+    """A run that fails for another reason than divergence (here: its run directory is a file) is reported, the
+    report is still written, and the study exits with code 2 and one line naming the logs."""
+    study = write_study(tmp_path / "study.yaml", shakespeare_data, {"model.placement": ["pre"]})
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    (tmp_path / "out" / "runs" / "placement=pre").write_text("in the way")
+    result = run_cli("study", str(study), check=False)
+    assert result.returncode == 2 and "1 of 1 runs failed" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
+    assert json.loads((tmp_path / "out" / "status" / "placement=pre.json").read_text())["status"] == "failed"

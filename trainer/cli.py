@@ -122,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.max_parallel is not None and args.max_parallel < 1:
                 raise UserError(f"--max-parallel must be at least 1, not {args.max_parallel}")
             study = load_study(args.study, args.max_parallel)
-            if not args.report_only:
-                run_study(study)
+            failed = 0 if args.report_only else run_study(study)
             print(f"report: {write_report(study) / 'report.md'}")
+            if failed:
+                raise UserError(f"{failed} of {len(study.cells)} runs failed (their logs are in "
+                                f"{study.output_dir / 'logs'}); re-run the study to retry them")
         elif args.command == "convert" and args.direction == "consolidate":
             from trainer.checkpoint import consolidate
 

@@ -32,6 +32,7 @@ import yaml
 
 from trainer.checkpoint import complete_checkpoints
 from trainer.config import load_config, validate
+from trainer.data import load_data_meta
 from trainer.errors import UserError
 from trainer.metrics import format_duration
 
@@ -129,6 +130,7 @@ def load_study(path: str | Path, max_parallel: int | None = None) -> Study:
     study = Study(path, base, output_dir, parallel, overrides, grid, reference, [])
     short = _short_names(list(grid))
     common = [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
+    data_dirs: set[str] = set()
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
         name = cell_name(values, short)
@@ -140,6 +142,9 @@ def load_study(path: str | Path, max_parallel: int | None = None) -> Study:
         except UserError as err:
             raise UserError(f"study cell {name}: {err}") from None
         study.cells.append(Cell(values, name, cfg.run_dir, cfg.training.steps, run_overrides))
+        data_dirs.add(cfg.data.dir)
+    for data_dir in sorted(data_dirs):  # a missing corpus fails here once, not in every run
+        load_data_meta(data_dir)
     return study
 
 
@@ -158,9 +163,10 @@ def cell_status(study: Study, cell: Cell) -> str:
     return "pending"
 
 
-def run_study(study: Study) -> None:
+def run_study(study: Study) -> int:
     """Train every pending cell, `max_parallel` at a time, printing progress; finished and diverged cells are
-    skipped and interrupted ones resume from their newest checkpoint (the trainer's own resume)."""
+    skipped and interrupted ones resume from their newest checkpoint (the trainer's own resume). Returns how many
+    runs failed (not counting divergence)."""
     total = len(study.cells)
     pending = [c for c in study.cells if cell_status(study, c) == "pending"]
     print(f"study {study.path}: {total} runs, {total - len(pending)} already done, {len(pending)} to run, "
@@ -180,11 +186,10 @@ def run_study(study: Study) -> None:
                        "PYTHONUNBUFFERED": "1"}
                 if gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
-                log = open(study.log_file(cell), "a")
                 cmd = [sys.executable, "-m", "trainer", "train", str(study.base), *cell.overrides]
-                process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                           start_new_session=True)
-                log.close()
+                with open(study.log_file(cell), "a") as log:  # the child keeps its own handle
+                    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                               start_new_session=True)
                 running[slot] = (cell, process, time.time())
                 print(f"  start {cell.name}", flush=True)
             time.sleep(0.2)
@@ -205,8 +210,7 @@ def run_study(study: Study) -> None:
         for _, process, _ in running.values():
             os.killpg(process.pid, signal.SIGTERM)
         raise
-    if failed:
-        print(f"{failed} run(s) failed; see {study.output_dir / 'logs'} (re-run the study to retry them)")
+    return failed
 
 
 def record_outcome(study: Study, cell: Cell, returncode: int) -> str:
