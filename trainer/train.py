@@ -343,7 +343,8 @@ class TrainLoop:
 
     def train_step(self, diagnose: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over this rank's share of the global batch, with gradient accumulation.
-        Returns (loss, grad norm) as device tensors, read only when needed, so GPUs are not synchronized per step.
+        Returns (loss, grad norm) as device tensors, read on logging/checkpoint steps only unless the stability
+        guards need every step (spike detection, skip), so GPUs are otherwise not synchronized per step.
         The loss is the cross entropy; an optional z-loss term is trained on but not included in it.
         On a `diagnose` step the first micro-batch's forward runs under the diagnostics' activation probe."""
         model, device = self.model, self.dist.device
