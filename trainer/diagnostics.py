@@ -17,7 +17,8 @@ it, so other steps run the model untouched. Attention logits are hidden inside S
 statistics are averaged over ranks (maxima: the max over ranks); sharded FSDP2 gradients and weights are reduced
 over their shards, so every logged value is that of the whole layer. DeepSpeed partitions gradients and weights
 inside its engine, so its runs get the activation statistics only (plus the global grad norm every run logs).
-All activation statistics cover the first micro-batch of the step on each rank.
+All activation statistics cover the first micro-batch of the step on each rank. The update ratio needs a copy of
+the blocks' (local, sharded) weights across the optimizer step: one extra copy of them on diagnostic steps.
 """
 
 from __future__ import annotations
