@@ -55,7 +55,9 @@ class ModelConfig:
                                 "torch (PyTorch ops) or auto (Triton on CUDA GPUs, PyTorch elsewhere); same weights "
                                 "either way, so a run may resume with another choice", KERNEL_CHOICES)
     placement: str = config_field("pre", "where norms sit in each block: pre x+F(N(x)), post N(x+F(x)), "
-                                  "peri x+N(F(N(x))), mix (first floor(mix_alpha*L) layers post, rest pre)",
+                                  "peri x+N(F(N(x))), mix (first floor(mix_alpha*L) layers post, rest pre), "
+                                  "deepnorm LN(a*x+F(x)) a=(2L)^(1/4) with v/o/MLP init x(8L)^(-1/4), "
+                                  "lns x+F(N(x)/sqrt(l)), reordered x+N(F(x)) (OLMo 2)",
                                   tuple(PLACEMENTS))
     mix_alpha: float = config_field(0.25, "fraction of Post-LN layers at the bottom for placement=mix (Mix-LN)",
                                     ge=0, le=1)

@@ -7,6 +7,8 @@ where norms sit around F, as a `NormWiring`:
     output_norm: x + N(F(x))            (Peri-LN's second norm, on the sublayer output before the add)
     post_norm:   N(x + F(x))            (Post-LN: the norm comes after the residual add)
     residual_scale a:  a*x + F(x)       (the skip path scaled before the add)
+    input_scale s:     x + F(s*N(x))    (the input norm's output scaled: LayerNorm Scaling)
+    init_gain b:       the value, output and MLP weights of the layer start at b times their usual init (DeepNorm)
 
 A placement maps (layer index, number of layers, model config) to the wiring of that layer, so per-layer schemes
 such as Mix-LN are one function. Adding a placement means adding one entry to `PLACEMENTS`.
@@ -28,11 +30,14 @@ class NormWiring:
     output_norm: bool = False
     post_norm: bool = False
     residual_scale: float = 1.0  # the skip path is multiplied by this before the add (DeepNorm's alpha)
+    input_scale: float = 1.0     # the input norm's output is multiplied by this (LayerNorm Scaling's 1/sqrt(l))
+    init_gain: float = 1.0       # v/o/MLP init std multiplier, replacing depth-scaled init (DeepNorm's beta)
 
 
 PRE = NormWiring(input_norm=True)
 POST = NormWiring(post_norm=True)
 PERI = NormWiring(input_norm=True, output_norm=True)
+REORDERED = NormWiring(output_norm=True)
 
 
 def num_mix_post_layers(n_layers: int, alpha: float) -> int:
@@ -44,11 +49,26 @@ def _mix(layer: int, n_layers: int, cfg: "ModelConfig") -> NormWiring:
     return POST if layer < num_mix_post_layers(n_layers, cfg.mix_alpha) else PRE
 
 
+def _deepnorm(layer: int, n_layers: int, cfg: ModelConfig) -> NormWiring:
+    """DeepNet (Wang et al., 2022), decoder-only constants for N layers: x_{l+1} = LN(alpha*x + F(x)) with
+    alpha = (2N)^(1/4), and v/o/MLP weights initialized scaled by beta = (8N)^(-1/4). (Mix-LN's code hard-codes
+    beta = 1/sqrt(8), which is (8N)^(-1/4) only at N = 32.)"""
+    return NormWiring(post_norm=True, residual_scale=(2 * n_layers) ** 0.25, init_gain=(8 * n_layers) ** -0.25)
+
+
+def _lns(layer: int, n_layers: int, cfg: ModelConfig) -> NormWiring:
+    """LayerNorm Scaling (Sun et al., 2025): Pre-LN with each norm output scaled by 1/sqrt(l), l = layer + 1."""
+    return NormWiring(input_norm=True, input_scale=1.0 / math.sqrt(layer + 1))
+
+
 PLACEMENTS: dict[str, Callable[[int, int, "ModelConfig"], NormWiring]] = {
     "pre": lambda layer, n_layers, cfg: PRE,
     "post": lambda layer, n_layers, cfg: POST,
     "peri": lambda layer, n_layers, cfg: PERI,
     "mix": _mix,
+    "deepnorm": _deepnorm,
+    "lns": _lns,
+    "reordered": lambda layer, n_layers, cfg: REORDERED,  # OLMo 2: x + N(F(x)), no input norm
 }
 
 

@@ -99,14 +99,16 @@ class FeedForward(nn.Module):
 # own post norm, with no per-placement code: the NormWiring alone says where the norms are.
 
 class SublayerNorms(nn.Module):
-    """x -> post(residual_scale * x + output(F(input(x)))), with the norms the layer's NormWiring asks for.
+    """x -> post(residual_scale * x + output(F(input_scale * input(x)))), with the norms the layer's NormWiring
+    asks for.
 
     `residual` is an add an earlier branch left pending (the input is then x + residual); with `defer_add` this
     branch returns (out, skip) with its own add pending instead of the sum (unless its post norm needs it now)."""
 
     def __init__(self, wiring: NormWiring, cfg: ModelConfig):
         super().__init__()
-        self.residual_scale, self.norm_after_add = wiring.residual_scale, wiring.post_norm
+        self.residual_scale, self.input_scale = wiring.residual_scale, wiring.input_scale
+        self.norm_after_add = wiring.post_norm
         self.input = norm_layer(cfg, cfg.dim, present=wiring.input_norm)
         self.output = norm_layer(cfg, cfg.dim, present=wiring.output_norm)
         self.post = norm_layer(cfg, cfg.dim, present=wiring.post_norm)
@@ -114,6 +116,7 @@ class SublayerNorms(nn.Module):
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor],
                 residual: torch.Tensor | None = None, defer_add: bool = False):
         normed, x = self.input.add_forward(x, residual)
+        normed = normed if self.input_scale == 1.0 else self.input_scale * normed
         out = self.output(sublayer(normed))
         skip = x if self.residual_scale == 1.0 else self.residual_scale * x
         if self.norm_after_add:  # Post-LN: the add cannot wait
@@ -205,7 +208,7 @@ class Transformer(nn.Module):
                 if id(module.weight) in done:  # never reset_parameters() here: that would redraw the tied weight
                     continue
                 done.add(id(module.weight))
-                std = out_std if name.endswith(("o_proj", "down_proj")) else cfg.init_std
+                std = self._init_std(name, out_std)
                 generator = torch.Generator(device=module.weight.device)
                 generator.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
                 # Drawn as a whole tensor, then copied in: a sharded parameter keeps its slice of the same values.
@@ -213,6 +216,16 @@ class Transformer(nn.Module):
                 module.weight.copy_(values.normal_(mean=0.0, std=std, generator=generator))
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()
+
+    def _init_std(self, name: str, out_std: float) -> float:
+        """The init std of weight `name`: GPT-2 depth scaling for output projections, or DeepNorm's beta for
+        value/output/MLP weights of a layer whose wiring has an init gain."""
+        parts = name.split(".")
+        if parts[0] == "layers":
+            gain = layer_wiring(self.cfg, int(parts[1])).init_gain
+            if gain != 1.0 and parts[-1] in ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+                return self.cfg.init_std * gain
+        return out_std if name.endswith(("o_proj", "down_proj")) else self.cfg.init_std
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

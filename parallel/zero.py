@@ -105,7 +105,7 @@ class DeepSpeedEngine:
         if not last:
             self.engine.step()  # advances DeepSpeed's micro-step count; the optimizer steps only at the boundary
 
-    def step(self, max_norm: float) -> torch.Tensor:
+    def step(self, max_norm: float, skip_nonfinite: bool = False) -> torch.Tensor:
         self.engine.step()  # clipping (gradient_clipping), optimizer, scheduler, zero_grad
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else float(norm))

@@ -37,8 +37,9 @@ def reference_norm(module, x, cfg):
     return layer_norm(x, module.weight, getattr(module, "bias", None), cfg.norm_eps)
 
 
-def reference_block(block, x, rope, cfg, placement):
-    """The placement's formula with the block's own attention/MLP as F (F itself is checked against HF Llama)."""
+def reference_block(block, x, rope, cfg, placement, layer=0):
+    """The placement's formula with the block's own attention/MLP as F (F itself is checked against HF Llama);
+    `layer` is the 0-based index of the block (LNS depends on it)."""
     def N(which, h):
         return reference_norm(which, h, cfg)
 
@@ -50,6 +51,17 @@ def reference_block(block, x, rope, cfg, placement):
     if placement == "pre":      # x + F(N(x))
         x = x + attn(N(a.input, x))
         return x + mlp(N(f.input, x))
+    if placement == "deepnorm":  # LN(alpha*x + F(x)), alpha = (2N)^(1/4)
+        alpha = (2 * cfg.n_layers) ** 0.25
+        x = N(a.post, alpha * x + attn(x))
+        return N(f.post, alpha * x + mlp(x))
+    if placement == "lns":      # x + F(N(x) / sqrt(l)), l = layer + 1
+        s = 1 / math.sqrt(layer + 1)
+        x = x + attn(s * N(a.input, x))
+        return x + mlp(s * N(f.input, x))
+    if placement == "reordered":  # x + N(F(x))
+        x = x + N(a.output, attn(x))
+        return x + N(f.output, mlp(x))
     if placement == "post":     # N(x + F(x))
         x = N(a.post, x + attn(x))
         return N(f.post, x + mlp(x))
@@ -76,15 +88,15 @@ def make_cfg(**kw) -> ModelConfig:
 
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
-@pytest.mark.parametrize("placement", ["pre", "post", "peri"])
+@pytest.mark.parametrize("placement", ["pre", "post", "peri", "deepnorm", "lns", "reordered"])
 def test_block_matches_formula(placement, norm):
     cfg = make_cfg(placement=placement, norm=norm)
     model = random_model(cfg)
     x = torch.randn(2, 7, cfg.dim) * 3.0
     rope = rope_table(cfg.head_dim, 7, cfg.rope_theta).double()
-    for block in model.layers.values():
+    for i, block in enumerate(model.layers.values()):
         got = block(x, rope)
-        want = reference_block(block, x, rope, cfg, placement)
+        want = reference_block(block, x, rope, cfg, placement, layer=i)
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -93,7 +105,7 @@ CUSTOM = ["post", "peri", "pre", "post"]
 
 @pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
 @pytest.mark.parametrize("placement,alpha", [("pre", 0), ("post", 0), ("peri", 0), ("mix", 0.25), ("mix", 0.5),
-                                             ("custom", 0)])
+                                             ("custom", 0), ("deepnorm", 0), ("lns", 0), ("reordered", 0)])
 def test_whole_model_matches_formula(placement, alpha, norm):
     """Embedding (+ optional embed norm) -> per-layer formula -> final norm -> head, all from the formulas."""
     cfg = make_cfg(placement="pre" if placement == "custom" else placement, norm=norm, mix_alpha=alpha or 0.25,
@@ -108,7 +120,7 @@ def test_whole_model_matches_formula(placement, alpha, norm):
     n_post = num_mix_post_layers(cfg.n_layers, cfg.mix_alpha) if placement == "mix" else 0
     for i, block in enumerate(model.layers.values()):
         layer_placement = {"mix": "post" if i < n_post else "pre", "custom": CUSTOM[i]}.get(placement, placement)
-        h = reference_block(block, h, rope, cfg, layer_placement)
+        h = reference_block(block, h, rope, cfg, layer_placement, layer=i)
     logits = reference_norm(model.norm, h, cfg) @ model.output.weight.T
     torch.testing.assert_close(model(tokens), logits, rtol=1e-12, atol=1e-12)
 
@@ -158,3 +170,29 @@ def test_residual_scale_multiplies_the_skip_path():
     f = torch.nn.Linear(cfg.dim, cfg.dim)
     want = layer_norm(2.5 * x + f(x), norms.post.weight, norms.post.bias, cfg.norm_eps)
     torch.testing.assert_close(norms(x, f), want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("n_layers", [2, 6, 32])
+def test_deepnorm_init_scales_value_output_and_mlp_weights_by_beta(n_layers):
+    """Weights are seeded by name, so a DeepNorm weight is the Pre-LN model's draw times beta = (8N)^(-1/4)
+    (divided by the depth scale 1/sqrt(2N) that Pre-LN's output projections carry); Q/K and embeddings are as is."""
+    pre, deep = (Transformer(make_cfg(placement=p, n_layers=n_layers)) for p in ("pre", "deepnorm"))
+    pre.init_weights(seed=3)
+    deep.init_weights(seed=3)
+    beta, depth_scale = (8 * n_layers) ** -0.25, 1 / math.sqrt(2 * n_layers)
+    for (name, w_pre), (_, w_deep) in zip(pre.named_parameters(), deep.named_parameters()):
+        leaf = name.split(".")[-2]
+        factor = {"v_proj": beta, "gate_proj": beta, "up_proj": beta, "o_proj": beta / depth_scale,
+                  "down_proj": beta / depth_scale}.get(leaf, 1.0)
+        torch.testing.assert_close(w_deep, w_pre * factor, rtol=1e-12, atol=0, msg=name)
+
+
+def test_deepnorm_and_lns_constants():
+    cfg = make_cfg(placement="deepnorm", n_layers=12)
+    wiring = layer_wiring(cfg, 5)
+    assert wiring.post_norm and not wiring.input_norm
+    assert wiring.residual_scale == pytest.approx(24 ** 0.25) and wiring.init_gain == pytest.approx(96 ** -0.25)
+    lns = [layer_wiring(make_cfg(placement="lns", n_layers=12), i) for i in range(12)]
+    assert [w.input_scale for w in lns] == pytest.approx([1 / math.sqrt(i) for i in range(1, 13)])
+    reordered = layer_wiring(make_cfg(placement="reordered"), 0)
+    assert reordered.output_norm and not (reordered.input_norm or reordered.post_norm)

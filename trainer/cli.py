@@ -57,6 +57,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="override a config value (parsed as YAML)")
 
     p = sub.add_parser(
+        "study", help="train a grid of runs (placement x lr x depth x seed ...) and write a report",
+        description="Train every combination of the grid in STUDY.yaml, each in its own run directory under "
+                    "<output_dir>/runs, several at a time; finished runs are skipped and interrupted ones resume. "
+                    "Then write <output_dir>/report/: report.md, PNG plots, runs.csv, cells.csv, report.json. "
+                    "See configs/study/ for examples.")
+    p.add_argument("study", metavar="STUDY.yaml", help="study file: base, output_dir, grid, overrides, reference")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from the existing runs")
+    p.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                   help="runs at a time (default: the study's max_parallel, else one per 2 CPU cores / per GPU)")
+
+    p = sub.add_parser(
         "download-corpus", help="download a known public text corpus and print its directory",
         description="Fetch a corpus into a cache directory (once) and print the directory of its text files, "
                     "ready for `normtron prepare-data --input`.")
@@ -138,6 +149,18 @@ def main(argv: list[str] | None = None) -> int:
                 result = train(cfg)
                 if result.preempted:
                     return requeue_exit(result.step, result.checkpoint)
+        elif args.command == "study":
+            from trainer.report import write_report
+            from trainer.study import load_study, run_study
+
+            if args.max_parallel is not None and args.max_parallel < 1:
+                raise UserError(f"--max-parallel must be at least 1, not {args.max_parallel}")
+            study = load_study(args.study, args.max_parallel)
+            failed = 0 if args.report_only else run_study(study)
+            print(f"report: {write_report(study) / 'report.md'}")
+            if failed:
+                raise UserError(f"{failed} of {len(study.cells)} runs failed (their logs are in "
+                                f"{study.output_dir / 'logs'}); re-run the study to retry them")
         elif args.command == "download-corpus":
             from trainer.corpus import download_corpus
 

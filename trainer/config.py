@@ -103,6 +103,24 @@ class ParallelConfig:
     pp_schedule: str = config_field("1F1B", "pipeline schedule")
 
 
+@dataclass
+class DiagnosticsConfig:
+    every: int = config_field(100, "record per-layer diagnostics (grad norms, residual RMS/variance, max activation, "
+                                   "max attention logit, update/weight ratio) every N steps and at the first and "
+                                   "last step (0 = off)", ge=0)
+
+
+@dataclass
+class StabilityConfig:
+    nonfinite: str = config_field("stop", "on a non-finite loss or grad norm: stop the run, skip the step's update "
+                                          "(counted), or log and go on", ("stop", "skip", "log"))
+    spike_window: int = config_field(100, "loss-spike detection: z-score against the last N losses (0 = off; on "
+                                          "reads the loss every step)", ge=0)
+    spike_zscore: float = config_field(6.0, "z-score above which a loss is reported as a spike", gt=0)
+    z_loss: float = config_field(0.0, "z-loss coefficient: adds z_loss * mean(logsumexp(logits)^2) to the loss "
+                                      "(PaLM uses 1e-4; 0 = off)", ge=0)
+
+
 # Sections passed through as free-form mappings rather than typed fields.
 FREE_FORM_SECTIONS = {
     "deepspeed": "DeepSpeed config entries merged into the one normtron builds (parallel.backend=deepspeed); "
@@ -120,6 +138,8 @@ class Config:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
+    diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
+    stability: StabilityConfig = dataclasses.field(default_factory=StabilityConfig)
     deepspeed: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -319,6 +339,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                         f"raise model.max_seq_len or shorten data.seq_len")
     validate_parallel(cfg, world_size)
+    if cfg.stability.nonfinite == "skip" and cfg.parallel.backend == "deepspeed":
+        raise UserError("stability.nonfinite=skip is not available with parallel.backend=deepspeed (DeepSpeed "
+                        "steps the optimizer inside its engine); use stop or log")
     micro = t.micro_batch_size or t.batch_size // world_size
     if micro < 1 or t.batch_size % (world_size * micro):
         raise UserError(f"training.batch_size={t.batch_size} must be a multiple of ranks ({world_size}) x "

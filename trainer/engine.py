@@ -41,10 +41,12 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         loss.backward()
 
-    def step(self, max_norm: float) -> torch.Tensor:
-        """Clip, update, advance the schedule; returns the pre-clipping global gradient norm."""
+    def step(self, max_norm: float, skip_nonfinite: bool = False) -> torch.Tensor:
+        """Clip, update, advance the schedule; returns the pre-clipping global gradient norm. With
+        `skip_nonfinite`, a non-finite norm drops the update (the norm is read: one host-device sync)."""
         grad_norm = clip_grad_norm(self.model, max_norm)
-        self.optimizer.step()
+        if not skip_nonfinite or torch.isfinite(grad_norm).item():
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm

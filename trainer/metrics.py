@@ -85,12 +85,20 @@ class TensorBoardSink:
 
     def write(self, row: dict) -> None:
         for key, value in row.items():
-            if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                group = "eval" if key.startswith("val_") else "train"
+            group = "eval" if key.startswith("val_") else "train"
+            if key != "step" and _is_number(value):
                 self.writer.add_scalar(f"{group}/{key}", value, row["step"])
+            elif isinstance(value, list):  # per-layer diagnostics: one series per layer
+                for i, item in enumerate(value):
+                    if _is_number(item):
+                        self.writer.add_scalar(f"layers/{key}/{i}", item, row["step"])
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 class MetricsLogger:
@@ -103,6 +111,14 @@ class MetricsLogger:
             self.sinks.append(JsonlSink(run_dir / "metrics.jsonl", resume_step))
             if tensorboard:
                 self.sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
+
+    def recorded_events(self) -> list[str]:
+        """The "event" of every row already in metrics.jsonl (after the resume truncation); empty off rank 0."""
+        sink = next((s for s in self.sinks if isinstance(s, JsonlSink)), None)
+        if sink is None:
+            return []
+        rows = (json.loads(line) for line in sink.path.read_text().splitlines() if line.strip())
+        return [row["event"] for row in rows if isinstance(row, dict) and "event" in row]
 
     def log(self, row: dict, quiet: bool = False) -> None:
         """Record a row everywhere; `quiet` rows (not training progress) skip the progress line."""

@@ -5,6 +5,7 @@ Each arrow is one function below, called in order from `train()`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -27,12 +28,14 @@ from parallel.mesh import ParallelDims
 from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
 from trainer.config import Config, config_to_dict, dump_config, validate
 from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
+from trainer.diagnostics import Diagnostics
 from trainer.engine import build_engine, compute_context
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
 from trainer.optim import apply_hyperparameters, apply_lr_schedule
 from trainer.preemption import PreemptionWatch
 from trainer.prepare import unigram_baseline
+from trainer.stability import StabilityMonitor, z_loss
 
 
 @dataclass
@@ -263,6 +266,11 @@ class TrainLoop:
         self.autocast = compute_context(cfg, dist_info.device)
         self.extra_files = {"config.yaml": run_dir / "config.yaml",
                             "tokenizer.model": Path(cfg.data.dir) / "tokenizer.model"}
+        self.diagnostics = Diagnostics(engine.model, cfg.diagnostics.every, t.steps, dist_info.device,
+                                       gradients=cfg.parallel.backend != "deepspeed")
+        if cfg.diagnostics.every and cfg.parallel.backend == "deepspeed":
+            LOG.info("diagnostics under DeepSpeed: activation statistics and max attention logits per layer; "
+                     "per-layer grad norms and update/weight ratios need parallel.backend=ddp or fsdp")
 
     def run(self) -> TrainResult:
         cfg, state = self.cfg, self.state
@@ -278,26 +286,34 @@ class TrainLoop:
         self.interval_start, self.interval_step = time.time(), start_step
         val_loss, saved = float("nan"), self.checkpointer.latest()
         preemption = PreemptionWatch()  # SIGTERM/SIGUSR1: checkpoint after this step, exit for a requeue
+        s = cfg.stability
+        self.stability = StabilityMonitor(s.nonfinite, s.spike_window, s.spike_zscore, metrics,
+                                          metrics.recorded_events())
         try:
             while state.step < cfg.training.steps:
-                loss, grad_norm, lr = self.train_step()
+                diagnose = self.diagnostics.due(state.step + 1)
+                loss, grad_norm, lr = self.train_step(diagnose)
                 if state.step == start_step:  # optimizer state exists once the first step is done
                     self.log_model_states(metrics)
                 state.step += 1
                 state.tokens_seen += self.tokens_per_step
                 step, final = state.step, state.step == cfg.training.steps
+                if diagnose:
+                    metrics.log({"step": step, **self.diagnostics.after_step()}, quiet=True)
                 do_log, do_eval, do_save = (step % every == 0 or final for every in
                                             (cfg.logging.every, cfg.eval.every, cfg.checkpoint.every))
                 preempted = preemption.stop_requested() and not final
                 do_save = do_save or preempted
-                if do_log or do_save:  # never save a diverged model
+                if do_log or do_save or self.stability.every_step:
                     loss_value, grad_value = self.mean_over_ranks(loss), grad_norm.item()
+                    finite = self.stability.observe(step, loss_value, grad_value, self.skip_nonfinite)
                     if do_log:
                         self.log_train_step(metrics, loss_value, grad_value, lr, started)
-                    if not (math.isfinite(loss_value) and math.isfinite(grad_value)):
-                        raise UserError(f"training diverged at step {step} (loss {loss_value}, grad norm "
-                                        f"{grad_value}); the newest checkpoint ({saved or 'none'}) predates it; "
-                                        f"lower training.lr or raise training.warmup_steps and start again")
+                    if not finite and (error := self.stability.stop(step, loss_value, grad_value, saved)):
+                        raise error
+                    if do_save and not finite:  # never save a diverged model
+                        LOG.warning(f"no checkpoint at step {step}: the model state is not finite")
+                        do_save = False
                 if do_eval:
                     val_loss = self.evaluate()
                     metrics.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
@@ -338,15 +354,22 @@ class TrainLoop:
         step_time = (now - self.interval_start) / (step - self.interval_step)
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_sec": self.tokens_per_step / step_time, "tokens_seen": self.state.tokens_seen,
-               "elapsed_s": now - started, "eta_s": step_time * (total - step)}
+               "elapsed_s": now - started, "eta_s": step_time * (total - step), **self.stability.counters()}
         if self.peak_flops:
             row["mfu"] = row["tokens_per_sec"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
         metrics.log(row)
         self.interval_start, self.interval_step = time.time(), step
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+    @property
+    def skip_nonfinite(self) -> bool:
+        return self.cfg.stability.nonfinite == "skip"
+
+    def train_step(self, diagnose: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
         """One optimizer step over this rank's share of the global batch, with gradient accumulation.
-        Returns (loss, grad norm) as device tensors, read only when logged, so GPUs are not synchronized per step."""
+        Returns (loss, grad norm) as device tensors, read on logging/checkpoint steps only unless the stability
+        guards need every step (spike detection, skip), so GPUs are otherwise not synchronized per step.
+        The loss is the cross entropy; an optional z-loss term is trained on but not included in it.
+        On a `diagnose` step the first micro-batch's forward runs under the diagnostics' activation probe."""
         model, device = self.model, self.dist.device
         model.train()
         inputs, targets = self.state.batches.next_batch()
@@ -354,14 +377,19 @@ class TrainLoop:
         loss_sum = torch.zeros((), device=device)
         for i, (x, y) in enumerate(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch))):
             last = i == self.accum_steps - 1
+            probe = self.diagnostics.probe() if diagnose and i == 0 else contextlib.nullcontext()
             with self.engine.micro_batch(last):
-                with self.autocast:
+                with self.autocast, probe:
                     logits = model(x.to(device, non_blocking=True))
                 loss = cross_entropy(logits, y.to(device, non_blocking=True)) / self.accum_steps
-                self.engine.backward(loss, last)
+                z_coefficient = self.cfg.stability.z_loss
+                objective = loss + z_coefficient * z_loss(logits) / self.accum_steps if z_coefficient else loss
+                self.engine.backward(objective, last)
             loss_sum += loss.detach()
+        if diagnose:
+            self.diagnostics.before_step()
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else float("inf")
-        grad_norm = self.engine.step(max_norm)
+        grad_norm = self.engine.step(max_norm, self.skip_nonfinite)
         return loss_sum, grad_norm, lr
 
     @torch.no_grad()

@@ -1,0 +1,178 @@
+"""`normtron study`: a tiny grid runs end to end and writes every report artifact, whose numbers are recomputed here
+from the runs' own metrics.jsonl; finished runs are not redone; a study killed mid-run resumes that run."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import MICRO_MODEL, REPO, TINY, _env, read_metrics, run_cli, tree_digest
+
+ARTIFACTS = ["report.md", "runs.csv", "cells.csv", "report.json", "loss_curves.png", "grad_norm_profile.png",
+             "residual_variance.png", "max_attn_logit.png", "lr_sensitivity.png"]
+
+
+def write_study(path: Path, data_dir: Path, grid: dict, **extra) -> Path:
+    overrides = dict(item.split("=", 1) for item in MICRO_MODEL)
+    overrides.update({"data.dir": str(data_dir), "training.steps": "8", "eval.every": "8", "checkpoint.every": "4",
+                      "diagnostics.every": "4", "logging.every": "2"})
+    overrides.update(extra.pop("overrides", {}))
+    study = {"base": TINY, "output_dir": str(path.parent / "out"), "max_parallel": 2,
+             "overrides": {k: yaml.safe_load(v) for k, v in overrides.items()}, "grid": grid, **extra}
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_study_runs_the_grid_writes_the_report_and_skips_finished_runs(shakespeare_data, tmp_path):
+    study = write_study(tmp_path / "study.yaml", shakespeare_data,
+                        {"model.placement": ["post"], "training.lr": [3e-3, 1e2], "run.seed": [0, 1]})
+    result = run_cli("study", str(study))
+    assert "[4/4 done]" in result.stdout and "ETA" in result.stdout
+    out = tmp_path / "out"
+    report = out / "report"
+    for name in ARTIFACTS:
+        assert (report / name).is_file() and (report / name).stat().st_size > 0, name
+
+    # Every run's numbers, recomputed from its own metrics.jsonl and status.
+    runs = {r["name"]: r for r in read_csv(report / "runs.csv")}
+    assert len(runs) == 4
+    bound = math.log(512)
+    for name, row in runs.items():
+        run_dir = out / "runs" / name
+        train, evals = read_metrics(run_dir)
+        status_file = out / "status" / f"{name}.json"
+        stopped = status_file.is_file() and json.loads(status_file.read_text())["status"] == "diverged"
+        final = evals[-1]["val_loss"] if evals and not stopped else None
+        diverged = stopped or not (math.isfinite(final) and final <= bound)
+        assert row["diverged"] == str(diverged), name
+        if diverged:
+            first_bad = next((r["step"] for r in train if not math.isfinite(r["loss"]) or r["loss"] > bound), None)
+            stop_step = json.loads(status_file.read_text())["step"] if stopped else None
+            assert int(row["steps_to_divergence"]) == min(s for s in (first_bad, stop_step) if s is not None)
+            assert row["final_val_loss"] == ""
+        else:
+            assert float(row["final_val_loss"]) == pytest.approx(final, rel=1e-12)
+    assert all(r["diverged"] == "False" for r in runs.values() if "lr=0.003" in r["name"])
+    assert all(r["diverged"] == "True" for r in runs.values() if "lr=100" in r["name"])
+
+    cells = read_csv(report / "cells.csv")
+    assert len(cells) == 2
+    for cell in cells:
+        group = [r for r in runs.values() if r["model.placement"] == cell["model.placement"]
+                 and float(r["training.lr"]) == float(cell["training.lr"])]
+        finals = [float(r["final_val_loss"]) for r in group if r["final_val_loss"]]
+        assert int(cell["diverged"]) == sum(r["diverged"] == "True" for r in group)
+        if finals:
+            assert float(cell["val_loss_mean"]) == pytest.approx(statistics.fmean(finals), rel=1e-12)
+            assert float(cell["val_loss_std"]) == pytest.approx(statistics.stdev(finals), rel=1e-9)
+    assert "± " in (report / "report.md").read_text()
+
+    # Re-running redoes nothing: finished and diverged runs are skipped, their files untouched.
+    before = tree_digest(out / "runs")
+    again = run_cli("study", str(study))
+    assert "4 already done, 0 to run" in again.stdout
+    assert tree_digest(out / "runs") == before
+
+    # --report-only rebuilds the report from the runs alone.
+    for name in ARTIFACTS:
+        (report / name).unlink()
+    run_cli("study", str(study), "--report-only")
+    assert all((report / name).is_file() for name in ARTIFACTS)
+    assert {r["name"]: r for r in read_csv(report / "runs.csv")} == runs
+
+
+def test_a_killed_study_resumes_its_interrupted_run(shakespeare_data, tmp_path):
+    study = write_study(tmp_path / "study.yaml", shakespeare_data, {"model.placement": ["pre"]},
+                        overrides={"training.steps": "300", "checkpoint.every": "20", "eval.every": "300",
+                                   "logging.every": "20", "diagnostics.every": "0"})
+    run_dir = tmp_path / "out" / "runs" / "placement=pre"
+    process = subprocess.Popen([sys.executable, "-m", "trainer", "study", str(study)], cwd=REPO, env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "step_00000020" / ".metadata").is_file():
+            assert process.poll() is None and time.time() < deadline, "the study ended before its first checkpoint"
+            time.sleep(0.02)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / ".metadata").is_file())
+    assert saved and saved[-1] != "step_00000300"
+
+    result = run_cli("study", str(study))
+    assert "0 already done, 1 to run" in result.stdout and "[1/1 done]" in result.stdout
+    log = (run_dir / "train.log").read_text()
+    assert "resumed from" in log and "step_00000300" in log
+    train, _ = read_metrics(run_dir)
+    steps = [r["step"] for r in train]
+    assert steps == sorted(set(steps)) and steps[-1] == 300
+
+
+@pytest.mark.parametrize("content,message", [
+    ("grid: {model.placement: [pre]}\noutput_dir: x\n", "needs a 'base:' entry"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placment: [pre]}\n", "did you mean 'model.placement'"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre, sideways]}\n", "sideways"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: pre}\n", "non-empty lists"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {run.name: [a]}\n", "set by the study"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nparallel: 2\n", "unknown key"),
+])
+def test_bad_study_files_fail_with_one_line(tmp_path, capsys, content, message):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text(Path(TINY).read_text())
+    study = tmp_path / "studies" / "s.yaml"
+    study.parent.mkdir()
+    study.write_text(content.replace("output_dir: x", f"output_dir: {tmp_path / 'x'}"))
+    from trainer.cli import main
+
+    assert main(["study", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normtron: error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_bad_study_file_message(tmp_path, capsys):
+    from trainer.cli import main
+
+    study = tmp_path / "s.yaml"
+    study.write_text(f"base: {TINY}\noutput_dir: {tmp_path / 'x'}\ngrid: {{training.lr: [-1]}}\n")
+    assert main(["study", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normtron: error: study cell lr=-1: training.lr=-1") and err.count("\n") == 1
+    assert not (tmp_path / "x").exists()
+
+
+def test_missing_corpus_fails_before_any_run(tmp_path, capsys):
+    from trainer.cli import main
+
+    study = write_study(tmp_path / "study.yaml", tmp_path / "no-data", {"model.placement": ["pre", "post"]})
+    assert main(["study", str(study)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"normtron: error: data.dir={tmp_path / 'no-data'} does not exist") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_failed_runs_make_the_study_exit_with_an_error(shakespeare_data, tmp_path):
+    """A run that fails for another reason than divergence (here: its run directory is a file) is reported, the
+    report is still written, and the study exits with code 2 and one line naming the logs."""
+    study = write_study(tmp_path / "study.yaml", shakespeare_data, {"model.placement": ["pre"]})
+    (tmp_path / "out" / "runs").mkdir(parents=True)
+    (tmp_path / "out" / "runs" / "placement=pre").write_text("in the way")
+    result = run_cli("study", str(study), check=False)
+    assert result.returncode == 2 and "1 of 1 runs failed" in result.stderr and "Traceback" not in result.stderr
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
+    assert json.loads((tmp_path / "out" / "status" / "placement=pre.json").read_text())["status"] == "failed"

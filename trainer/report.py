@@ -1,0 +1,278 @@
+"""The report of a study, built only from what its runs wrote (metrics.jsonl, config.yaml, the study's status
+files), so `normtron study --report-only` rebuilds it at any time.
+
+<output_dir>/report/: report.md (tables), runs.csv (one row per run), cells.csv (seeds aggregated), report.json
+(everything, with the curves and per-layer profiles), and PNG plots: loss_curves, grad_norm_profile,
+residual_variance, max_attn_logit, lr_sensitivity.
+
+A run counts as diverged when it stopped on a non-finite loss, or when its final validation loss is non-finite or
+above ln(vocab_size), the loss of predicting uniformly at random; its steps to divergence are the first logged step
+whose training loss is non-finite or above that bound.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from itertools import product
+from pathlib import Path
+
+import yaml
+
+from trainer.study import SEED_KEY, Cell, Study, cell_status
+
+PLACEMENT = "model.placement"
+
+
+def read_run(study: Study, cell: Cell) -> dict:
+    """One run's numbers: status, curves, diagnostics, final losses, divergence."""
+    rows = []
+    metrics = cell.run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    status = cell_status(study, cell)
+    config = cell.run_dir / "config.yaml"
+    vocab = yaml.safe_load(config.read_text())["model"]["vocab_size"] if config.is_file() else None
+    bound = math.log(vocab) if vocab else math.inf
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    diags = [r for r in rows if "layer_grad_norm" in r or "resid_rms" in r]
+    final_val = evals[-1][1] if evals and status == "finished" else None
+    blown = next((s for s, loss in train if not math.isfinite(loss) or loss > bound), None)
+    diverged = status == "diverged" or (final_val is not None and not (math.isfinite(final_val) and final_val <= bound))
+    if status == "diverged":
+        step_file = json.loads(study.status_file(cell).read_text()).get("step")
+        blown = min(s for s in (blown, step_file) if s is not None) if (blown or step_file) else None
+    return {"name": cell.name, **{k: v for k, v in cell.values.items()}, "status": status, "diverged": diverged,
+            "steps_to_divergence": blown if diverged else None,
+            "final_val_loss": final_val if not diverged else None,
+            "final_train_loss": train[-1][1] if train else None,
+            "train_curve": train, "val_curve": evals, "diagnostics": diags}
+
+
+def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(study: Study, runs: list[dict]) -> list[dict]:
+    """Runs grouped over seeds: final val loss mean/std (of non-diverged runs), diverged count, steps to divergence."""
+    axes = [a for a in study.axes if a != SEED_KEY]
+    cells = []
+    for combo in product(*(study.grid[a] for a in axes)):
+        key = dict(zip(axes, combo))
+        group = [r for r in runs if all(r[a] == v for a, v in key.items())]
+        finals = [r["final_val_loss"] for r in group if r["final_val_loss"] is not None]
+        div_steps = [r["steps_to_divergence"] for r in group if r["diverged"] and r["steps_to_divergence"]]
+        end_logits = [max(r["diagnostics"][-1]["max_attn_logit"]) for r in group
+                      if r["diagnostics"] and "max_attn_logit" in r["diagnostics"][-1] and not r["diverged"]]
+        mean, std = _mean_std(finals)
+        cells.append({**key, "runs": len(group), "done": sum(r["status"] != "pending" for r in group),
+                      "diverged": sum(r["diverged"] for r in group), "val_loss_mean": mean, "val_loss_std": std,
+                      "steps_to_divergence": statistics.fmean(div_steps) if div_steps else None,
+                      "max_attn_logit_end": statistics.fmean(end_logits) if end_logits else None})
+    return cells
+
+
+def reference_runs(study: Study, runs: list[dict], free: tuple[str, ...]) -> list[dict]:
+    """Runs at the reference value of every axis except seeds and the `free` ones (default: the first value,
+    and the deepest model for model.n_layers)."""
+    fixed = {}
+    for axis, values in study.grid.items():
+        if axis == SEED_KEY or axis in free:
+            continue
+        default = max(values) if axis == "model.n_layers" else values[0]
+        fixed[axis] = study.reference.get(axis, default)
+    return [r for r in runs if all(r[a] == v for a, v in fixed.items()) and r["status"] != "pending"]
+
+
+def _series_key(study: Study, run: dict) -> str:
+    """The line a run belongs to: its placement, plus any other free axis in the grid (e.g. QK-norm)."""
+    parts = [f"{a.split('.')[-1]}={run[a]}" for a in study.axes if a not in (SEED_KEY,) and a in _series_axes(study)]
+    return ", ".join(parts) or "all"
+
+
+def _series_axes(study: Study) -> tuple[str, ...]:
+    return tuple(a for a in (PLACEMENT, "model.qk_norm") if a in study.grid)
+
+
+def _mean_profile(runs: list[dict], index: int, key: str) -> list[float] | None:
+    """The per-layer `key` of diagnostics row `index` (0 = first step, -1 = last), averaged over runs."""
+    profiles = [r["diagnostics"][index][key] for r in runs if r["diagnostics"] and key in r["diagnostics"][index]
+                and not r["diverged"]]
+    if not profiles:
+        return None
+    return [statistics.fmean(vals) for vals in zip(*profiles)]
+
+
+def _grouped(study: Study, runs: list[dict]) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(_series_key(study, run), []).append(run)
+    return groups
+
+
+def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    series = _series_axes(study)
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        written.append(name)
+
+    # Loss curves: one panel per combination of the other axes, one line per series (mean over seeds).
+    others = [a for a in study.axes if a not in (SEED_KEY, *series)]
+    combos = list(product(*(study.grid[a] for a in others)))[:12]
+    cols = min(3, len(combos))
+    fig, axes = plt.subplots(math.ceil(len(combos) / cols), cols, figsize=(5 * cols, 3.4 * math.ceil(len(combos) / cols)),
+                             squeeze=False)
+    for ax, combo in zip(axes.flat, combos):
+        subset = [r for r in runs if all(r[a] == v for a, v in zip(others, combo))]
+        for label, group in sorted(_grouped(study, subset).items()):
+            curves = [dict(r["train_curve"]) for r in group if r["train_curve"]]
+            steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+            ys = [statistics.fmean(c[s] for c in curves) for s in steps]
+            ax.plot(steps, [y if math.isfinite(y) else float("nan") for y in ys], label=label)
+        ax.set_title(", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(others, combo)) or "all runs", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        ax.set_ylim(top=min(12, ax.get_ylim()[1]))
+    axes.flat[0].legend(fontsize=7)
+    for ax in list(axes.flat)[len(combos):]:
+        ax.axis("off")
+    save(fig, "loss_curves.png")
+
+    ref = _grouped(study, reference_runs(study, runs, series))
+    ref_title = ", ".join(f"{a.split('.')[-1]}={study.reference.get(a, max(v) if a == 'model.n_layers' else v[0])}"
+                          for a, v in study.grid.items() if a not in (SEED_KEY, *series))
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    for ax, index, when in ((axes[0], 0, "step 1 (init)"), (axes[1], -1, "last step")):
+        for label, group in sorted(ref.items()):
+            profile = _mean_profile(group, index, "layer_grad_norm")
+            if profile:
+                ax.plot(range(len(profile)), profile, marker="o", label=label)
+        ax.set_yscale("log")
+        ax.set_title(f"per-layer grad norm at {when}\n{ref_title}", fontsize=9)
+        ax.set_xlabel("layer")
+    axes[0].set_ylabel("grad norm of the block's parameters")
+    axes[0].legend(fontsize=7)
+    save(fig, "grad_norm_profile.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = plt.cm.tab10.colors
+    for n, (label, group) in enumerate(sorted(ref.items())):
+        for index, style in ((0, ":"), (-1, "-")):  # same color per series: dotted at init, solid at the end
+            profile = _mean_profile(group, index, "resid_var")
+            if profile:
+                ax.plot(range(1, len(profile) + 1), profile, style, marker="o", color=colors[n % len(colors)],
+                        label=label if index == -1 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("block (depth)")
+    ax.set_ylabel("residual-stream variance at block output")
+    ax.set_title(f"{ref_title} (dotted: step 1, solid: last step)", fontsize=9)
+    ax.legend(fontsize=6)
+    save(fig, "residual_variance.png")
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, group in sorted(ref.items()):
+        curves = [{d["step"]: max(d["max_attn_logit"]) for d in r["diagnostics"] if "max_attn_logit" in d}
+                  for r in group]
+        steps = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        ax.plot(steps, [statistics.fmean(c[s] for c in curves) for s in steps], marker=".", label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("max attention logit (max over layers)")
+    ax.set_title(ref_title, fontsize=9)
+    ax.legend(fontsize=7)
+    save(fig, "max_attn_logit.png")
+
+    if "training.lr" in study.grid:
+        rest = [a for a in study.axes if a not in (SEED_KEY, "training.lr", *series)]
+        combos = list(product(*(study.grid[a] for a in rest)))[:6]
+        fig, axes = plt.subplots(1, len(combos), figsize=(5 * len(combos), 3.8), squeeze=False)
+        for ax, combo in zip(axes.flat, combos):
+            subset = [c for c in cells if all(c[a] == v for a, v in zip(rest, combo))]
+            lines: dict[str, list] = {}
+            for c in subset:
+                label = ", ".join(f"{a.split('.')[-1]}={c[a]}" for a in series) or "all"
+                lines.setdefault(label, []).append(c)
+            for label, group in sorted(lines.items()):
+                group.sort(key=lambda c: c["training.lr"])
+                line, = ax.plot([c["training.lr"] for c in group],
+                                [c["val_loss_mean"] if c["val_loss_mean"] is not None else float("nan") for c in group],
+                                marker="o", label=label)
+                crashed = [c["training.lr"] for c in group if c["diverged"]]
+                if crashed:
+                    ax.plot(crashed, [ax.get_ylim()[1]] * len(crashed), "x", color=line.get_color(), markersize=9)
+            ax.set_xscale("log")
+            ax.set_xlabel("peak learning rate")
+            ax.set_ylabel("final val loss (mean over seeds; x = a diverged run)")
+            ax.set_title(", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(rest, combo)) or "all", fontsize=9)
+        axes.flat[0].legend(fontsize=7)
+        save(fig, "lr_sensitivity.png")
+    return written
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e4 else f"{value:.3g}"
+    return str(value)
+
+
+def write_report(study: Study) -> Path:
+    """Build <output_dir>/report/ from the runs on disk; returns the report directory."""
+    out = study.output_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    runs = [read_run(study, cell) for cell in study.cells]
+    cells = aggregate(study, runs)
+    axes = [a for a in study.axes if a != SEED_KEY]
+    run_columns = ["name", *study.axes, "status", "diverged", "steps_to_divergence", "final_val_loss",
+                   "final_train_loss"]
+    with open(out / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=run_columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(runs)
+    cell_columns = [*axes, "runs", "done", "diverged", "val_loss_mean", "val_loss_std", "steps_to_divergence",
+                    "max_attn_logit_end"]
+    with open(out / "cells.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=cell_columns)
+        writer.writeheader()
+        writer.writerows(cells)
+    (out / "report.json").write_text(json.dumps({"study": str(study.path), "grid": study.grid, "cells": cells,
+                                                 "runs": runs}, indent=1, default=str))
+    plots = make_plots(study, runs, cells, out)
+
+    lines = [f"# Study report: {study.path.name}", "",
+             f"Base config `{study.base.name}`, overrides {study.overrides or 'none'}; grid: "
+             + ", ".join(f"`{k}` ∈ {v}" for k, v in study.grid.items()) + ".", "",
+             (f"{sum(r['status'] != 'pending' for r in runs)}/{len(runs)} runs done, "
+              f"{sum(r['diverged'] for r in runs)} diverged. Final validation loss: mean ± std over seeds of the "
+              f"runs that did not diverge. A run diverged if it stopped on a non-finite loss or ended above "
+              f"ln(vocab) (uniform guessing)."), "",
+             "| " + " | ".join(a.split(".")[-1] for a in axes) + " | runs | diverged | final val loss | "
+             "steps to divergence | max attn logit (end) |",
+             "|" + "---|" * (len(axes) + 5)]
+    for c in cells:
+        loss = "–" if c["val_loss_mean"] is None else f"{c['val_loss_mean']:.4f} ± {c['val_loss_std']:.4f}"
+        lines.append("| " + " | ".join(_fmt(c[a]) for a in axes) + f" | {c['done']}/{c['runs']} | "
+                     f"{c['diverged']} | {loss} | {_fmt(c['steps_to_divergence'])} | "
+                     f"{_fmt(c['max_attn_logit_end'], 3)} |")
+    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
+    lines += ["", "Raw numbers: `runs.csv`, `cells.csv`, `report.json` (curves and per-layer diagnostics)."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return out

@@ -1,0 +1,109 @@
+"""Training stability guards the loop calls once per step: loss-spike detection, the non-finite action, z-loss.
+
+    spike         z = (loss - mean) / std over the last `stability.spike_window` finite, non-spike losses;
+                  z > `stability.spike_zscore` is a spike: warned about and recorded (training goes on)
+    non-finite    a NaN/inf loss or gradient norm; `stability.nonfinite` says what happens:
+                  stop  end the run with an error; the newest checkpoint predates the divergence (no checkpoint
+                        is ever written from a non-finite state)
+                  skip  drop the step's update (the engine zeroes the gradients instead of stepping), count it and
+                        go on; the learning-rate schedule and the data still advance
+                  log   warn, record it and go on
+    z-loss        `stability.z_loss` * mean(logsumexp(logits)^2) added to the training loss (PaLM), which keeps
+                  the softmax normalizer near 1 and the output logits from drifting
+
+Spike detection and `skip` need the loss and gradient norm of every step, which costs one host-device sync per
+step; with `spike_window: 0` and `nonfinite: stop|log` they are read on logging and checkpoint steps only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+import torch
+
+from trainer.errors import UserError
+from trainer.metrics import LOG, MetricsLogger
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2, in fp32."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+class SpikeDetector:
+    """z-score of each loss against the running mean and std of the previous `window` normal losses."""
+
+    def __init__(self, window: int, threshold: float):
+        self.history: deque[float] = deque(maxlen=window)
+        self.threshold = threshold
+        self.min_history = max(2, window // 2)  # too few losses give a meaningless std
+
+    def update(self, loss: float) -> float | None:
+        """The loss's z-score (None while the history is short); spikes are kept out of the history."""
+        z = None
+        if len(self.history) >= self.min_history:
+            mean = sum(self.history) / len(self.history)
+            std = math.sqrt(sum((v - mean) ** 2 for v in self.history) / len(self.history))
+            z = (loss - mean) / std if std > 0 else 0.0
+        if z is None or z <= self.threshold:
+            self.history.append(loss)
+        return z
+
+    def is_spike(self, z: float | None) -> bool:
+        return z is not None and z > self.threshold
+
+
+class StabilityMonitor:
+    """Applies the non-finite action and spike detection to each step's (loss, grad norm); events are warned about
+    and written to metrics.jsonl as rows with an "event" key."""
+
+    def __init__(self, nonfinite: str, spike_window: int, spike_zscore: float, metrics: MetricsLogger,
+                 previous_events: list[str] = ()):
+        self.nonfinite, self.metrics = nonfinite, metrics
+        self.spikes = SpikeDetector(spike_window, spike_zscore) if spike_window > 0 else None
+        # Counts continue across a resume from the events already recorded (the detector's window starts afresh).
+        self.skipped_steps = previous_events.count("skipped_step")
+        self.loss_spikes = previous_events.count("loss_spike")
+
+    @property
+    def every_step(self) -> bool:
+        """Whether the loop must read the loss and grad norm on every step."""
+        return self.spikes is not None or self.nonfinite == "skip"
+
+    def observe(self, step: int, loss: float, grad_norm: float, skipped: bool) -> bool:
+        """Check one step; returns whether the model state is finite (safe to checkpoint and go on)."""
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            if self.spikes is not None:
+                z = self.spikes.update(loss)
+                if self.spikes.is_spike(z):
+                    self.loss_spikes += 1
+                    self._event(step, "loss_spike", loss, grad_norm, f"loss spike at step {step}: loss {loss:.4f} "
+                                f"is {z:.1f} std above the running mean")
+            return True
+        if skipped:
+            self.skipped_steps += 1
+            self._event(step, "skipped_step", loss, grad_norm, f"step {step} skipped: non-finite loss {loss} / "
+                        f"grad norm {grad_norm}; no update applied ({self.skipped_steps} skipped so far)")
+            return True
+        self._event(step, "nonfinite", loss, grad_norm, f"non-finite loss {loss} / grad norm {grad_norm} at step "
+                    f"{step}", warn=self.nonfinite == "log")
+        return False
+
+    def stop(self, step: int, loss: float, grad_norm: float, newest_checkpoint) -> UserError | None:
+        """The error that ends the run after a non-finite step under `nonfinite: stop` (None otherwise)."""
+        if self.nonfinite != "stop":
+            return None
+        return UserError(f"training diverged at step {step} (loss {loss}, grad norm {grad_norm}); the newest "
+                         f"checkpoint ({newest_checkpoint or 'none'}) predates it; lower training.lr or raise "
+                         f"training.warmup_steps and start again (or set stability.nonfinite=skip)")
+
+    def _event(self, step: int, event: str, loss: float, grad_norm: float, message: str, warn: bool = True) -> None:
+        if warn:
+            LOG.warning(message)
+        self.metrics.log({"step": step, "event": event, "event_loss": loss, "event_grad_norm": grad_norm},
+                         quiet=True)
+
+    def counters(self) -> dict:
+        """Counts for the training log row (over the whole run)."""
+        return {"skipped_steps": self.skipped_steps, "loss_spikes": self.loss_spikes}
