@@ -77,6 +77,9 @@ CASES = {  # id: (overrides, expected architecture)
                                     "model.tie_embeddings=true"], "NormtronForCausalLM"),
     "mix-rmsnorm": (["model.placement=mix", "model.mix_alpha=0.5"], "NormtronForCausalLM"),
     "mix-layernorm-layers": (["model.layer_placements=post,peri", "model.norm=layernorm"], "NormtronForCausalLM"),
+    "deepnorm-layernorm": (["model.placement=deepnorm", "model.norm=layernorm"], "NormtronForCausalLM"),
+    "lns-reordered-layers-qknorm": (["model.layer_placements=lns,reordered", "model.qk_norm=true"],
+                                    "NormtronForCausalLM"),
 }
 
 
