@@ -95,7 +95,8 @@ def check(cfg: Config, world_size: int) -> str:
     """`normtron train --check`: every check a launch would make, without writing anything; returns a summary."""
     inputs = check_inputs(cfg, world_size, rank=0)
     model = build_model_on_meta(cfg)
-    return (f"config OK for {world_size} rank(s): {describe_model(cfg, model)}\n"
+    return (f"config OK for {world_size} rank(s) ({describe_parallel(cfg, world_size)}): "
+            f"{describe_model(cfg, model)}\n"
             f"data {cfg.data.dir}: {inputs.meta['train_tokens']:,} train / {inputs.meta['val_tokens']:,} val tokens"
             f" | run directory {cfg.run_dir}"
             f"{' (exists: the run will resume)' if cfg.run_dir.exists() else ''}")
