@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
 import os
 import time
@@ -51,8 +52,14 @@ def train(cfg: Config) -> TrainResult:
     dist_info = init_distributed(needs_process_group=cfg.parallel.backend != "ddp")
     try:
         return _train(cfg, dist_info)
+    except UserError as err:
+        # Re-raised without its traceback, whose frames would keep the model (and DDP/FSDP state) alive past the
+        # process-group shutdown below, where the gloo teardown can then hang.
+        error = UserError(str(err))
     finally:
+        gc.collect()
         shutdown_distributed()
+    raise error
 
 
 def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
