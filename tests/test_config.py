@@ -77,6 +77,7 @@ def test_bad_overrides_name_the_key(override, message):
     (["model.dim=36", "model.n_heads=4"], "RoPE needs an even head size"),
     (["training.batch_size=6"], "training.batch_size=6 must be a multiple of ranks (4)"),
     (["training.batch_size=8", "training.micro_batch_size=3"], "must be a multiple of ranks (4)"),
+    (["training.batch_size=2", "parallel.backend=deepspeed"], "must be a multiple of ranks (4)"),
     (["data.seq_len=4096"], "data.seq_len=4096 exceeds model.max_seq_len=2048"),
     (["parallel.tp=2"], "tensor and pipeline parallelism are not available yet"),
     (["parallel.dp_shard=2"], "pp (1) x dp_replicate (1) x dp_shard (2) x tp (1) must equal the 4 launched ranks"),

@@ -338,14 +338,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                         f"raise model.max_seq_len or shorten data.seq_len")
+    micro_batching(t, world_size)
     validate_parallel(cfg, world_size)
     if cfg.stability.nonfinite == "skip" and cfg.parallel.backend == "deepspeed":
         raise UserError("stability.nonfinite=skip is not available with parallel.backend=deepspeed (DeepSpeed "
                         "steps the optimizer inside its engine); use stop or log")
-    micro = t.micro_batch_size or t.batch_size // world_size
-    if micro < 1 or t.batch_size % (world_size * micro):
-        raise UserError(f"training.batch_size={t.batch_size} must be a multiple of ranks ({world_size}) x "
-                        f"training.micro_batch_size ({t.micro_batch_size or 'auto'}); adjust either")
 
 
 def validate_parallel(cfg: Config, world_size: int) -> None:
@@ -384,14 +381,22 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         deepspeed_config(cfg, world_size)
 
 
+def micro_batching(t: TrainingConfig, world_size: int) -> tuple[int, int]:
+    """(sequences per micro-batch, micro-batches accumulated per step) on each rank."""
+    micro = t.micro_batch_size or t.batch_size // world_size
+    if micro < 1 or t.batch_size % (world_size * micro):
+        raise UserError(f"training.batch_size={t.batch_size} must be a multiple of ranks ({world_size}) x "
+                        f"training.micro_batch_size ({t.micro_batch_size or 'auto'}); adjust either")
+    return micro, t.batch_size // (world_size * micro)
+
+
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed JSON config this run uses: normtron's keys, then the `deepspeed:` section merged over them."""
     t, p = cfg.training, cfg.parallel
-    local_batch = t.batch_size // world_size
-    micro = t.micro_batch_size or local_batch
+    micro, accum_steps = micro_batching(t, world_size)
     try:
         return build_deepspeed_config(
-            global_batch=t.batch_size, micro_batch=micro, accum_steps=local_batch // micro, grad_clip=t.grad_clip,
+            global_batch=t.batch_size, micro_batch=micro, accum_steps=accum_steps, grad_clip=t.grad_clip,
             bf16=t.precision == "bf16", zero_stage=p.zero_stage, offload_optimizer=p.offload_optimizer,
             offload_params=p.offload_params, user=cfg.deepspeed)
     except ValueError as err:

@@ -31,6 +31,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from models.transformer import apply_rope
+from trainer.engine import local_tensor
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -40,14 +41,10 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def sum_of_squares(groups: list[list[torch.Tensor]], device: torch.device) -> torch.Tensor:
     """Per group, the sum of squares of all its tensors' elements. Sharded (DTensor) tensors contribute their local
     shard and the sums are all-reduced over the mesh dimensions they are sharded on (not the replicated ones)."""
-    sums = torch.stack([sum((_local(t).float().pow(2).sum() for t in group), torch.zeros((), device=device))
+    sums = torch.stack([sum((local_tensor(t).float().pow(2).sum() for t in group), torch.zeros((), device=device))
                         for group in groups])
     sharded = next((t for group in groups for t in group if isinstance(t, DTensor)), None)
     if sharded is not None:

@@ -58,7 +58,7 @@ class TorchEngine:
     def local_state_elements(self) -> tuple[int, int]:
         """(parameter, optimizer-state) elements this rank holds: a shard of each under FSDP2."""
         params = {id(p): p for p in self.model.parameters()}.values()
-        return sum(_local(p).numel() for p in params), optimizer_state_elements(self.optimizer)
+        return sum(local_tensor(p).numel() for p in params), optimizer_state_elements(self.optimizer)
 
     def save_checkpoint(self, path: Path, train_state: Stateful) -> None:
         save_dcp(path, self.model, self.optimizer, train_state)
@@ -67,13 +67,13 @@ class TorchEngine:
         load_dcp(path, self.model, self.optimizer, train_state)
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
 def optimizer_state_elements(optimizer: torch.optim.Optimizer) -> int:
     """Elements of the per-parameter optimizer state (Adam's two moments; scalar step counters not counted)."""
-    return sum(_local(value).numel() for state in optimizer.state.values() for value in state.values()
+    return sum(local_tensor(value).numel() for state in optimizer.state.values() for value in state.values()
                if torch.is_tensor(value) and value.dim() > 0)
 
 

@@ -27,7 +27,7 @@ from parallel.distributed import (DistInfo, all_reduce_sum, barrier, init_distri
                                   shutdown_distributed)
 from parallel.mesh import ParallelDims
 from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
-from trainer.config import Config, config_to_dict, dump_config, validate
+from trainer.config import Config, config_to_dict, dump_config, micro_batching, validate
 from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
 from trainer.diagnostics import Diagnostics
 from trainer.engine import build_engine, compute_context
@@ -265,9 +265,7 @@ class TrainLoop:
         self.checkpointer, self.run_dir, self.meta = checkpointer, run_dir, inputs.meta
         self.val_tokens, self.val_windows = inputs.val_tokens, inputs.val_windows
         t = cfg.training
-        local_batch = t.batch_size // dist_info.world_size
-        self.micro_batch = t.micro_batch_size or local_batch
-        self.accum_steps = local_batch // self.micro_batch
+        self.micro_batch, self.accum_steps = micro_batching(t, dist_info.world_size)
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops)
