@@ -338,11 +338,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                         f"raise model.max_seq_len or shorten data.seq_len")
-    micro_batching(t, world_size)
     validate_parallel(cfg, world_size)
     if cfg.stability.nonfinite == "skip" and cfg.parallel.backend == "deepspeed":
         raise UserError("stability.nonfinite=skip is not available with parallel.backend=deepspeed (DeepSpeed "
                         "steps the optimizer inside its engine); use stop or log")
+    micro_batching(t, world_size)
 
 
 def validate_parallel(cfg: Config, world_size: int) -> None:
