@@ -42,6 +42,11 @@ class ParallelDims:
         """Ranks that see different data."""
         return self.dp_replicate * self.dp_shard
 
+    def dp_coordinates(self, rank: int) -> tuple[int, int]:
+        """(data-parallel rank, data-parallel size) of global `rank` in the (pp, dp_replicate, dp_shard, tp) order:
+        ranks that differ only in their pipeline stage or tensor-parallel slice read the same data."""
+        return (rank // self.tp) % self.dp_size, self.dp_size
+
     def build_mesh(self, device: torch.device) -> DeviceMesh:
         names, sizes = zip(*(("pp", self.pp), ("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard),
                              ("tp", self.tp)))

@@ -196,7 +196,7 @@ def test_check_mode_reports_errors_and_writes_nothing(unchanged):
     ok = run_cli(*args, "run.name=fresh")
     assert "config OK for 1 rank(s)" in ok.stdout and not (unchanged / "runs" / "fresh").exists()
     assert "will resume" in run_cli(*args, "run.name=done").stdout
-    assert_user_error(run_cli(*args, "--world-size", "3", check=False), "multiple of ranks (3)")
+    assert_user_error(run_cli(*args, "--world-size", "3", check=False), "multiple of data-parallel ranks (3)")
 
 
 @pytest.mark.parametrize("overrides,message", [

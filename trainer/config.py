@@ -98,9 +98,26 @@ class ParallelConfig:
     offload_optimizer: bool = config_field(False, "deepspeed (stage >= 1): optimizer state and step on the CPU")
     offload_params: bool = config_field(False, "fsdp: parameters, gradients and the optimizer step on the CPU "
                                                "(CPUOffloadPolicy); deepspeed (stage 3): parameters on the CPU")
-    tp: int = config_field(1, "tensor-parallel degree", ge=1)
-    pp: int = config_field(1, "pipeline-parallel degree", ge=1)
-    pp_schedule: str = config_field("1F1B", "pipeline schedule")
+    tp: int = config_field(1, "tensor-parallel degree (needs backend fsdp; must divide the head and KV-head counts)",
+                           ge=1)
+    sequence_parallel: bool = config_field(
+        True, "tp > 1: keep the residual stream and the norms sharded along the sequence between the tensor-parallel "
+              "matmuls (less activation memory; data.seq_len must divide by tp)")
+    loss_parallel: bool = config_field(
+        True, "tp > 1 without pp: leave the logits sharded over the vocabulary and compute the cross entropy on the "
+              "shards (the full logits are never gathered)")
+    pp: int = config_field(1, "pipeline-parallel degree (needs backend fsdp)", ge=1)
+    pp_schedule: str = config_field("1F1B", "pipeline schedule; Interleaved1F1B, InterleavedZeroBubble and "
+                                    "ZBVZeroBubble run several stages per rank (pp_stages_per_rank)",
+                                    ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble"))
+    pp_stages_per_rank: Optional[int] = config_field(
+        None, "pipeline stages (virtual stages) per rank (null = 1, or 2 for the multi-stage schedules)", ge=1)
+    pp_layers: Optional[list[int]] = config_field(
+        None, "layers in each pipeline stage, first to last (e.g. 3,3,2; null = balanced by layer count)")
+    activation_checkpoint: str = config_field(
+        "none", "recompute activations in backward: none, full (each block), or selective (each block keeps its "
+                "matmul and attention outputs, recomputes the cheap element-wise ops)", ("none", "full", "selective"))
+    compile: bool = config_field(False, "torch.compile each transformer block")
 
 
 @dataclass
@@ -172,9 +189,12 @@ def _as_type(value: Any, base: Any) -> Any:
     and a list of strings may also be written comma-separated (handy on the command line)."""
     if typing.get_origin(base) is list:
         items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
-        if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+        if not isinstance(items, list):
             return _INVALID
-        return items
+        if typing.get_args(base)[0] is int:
+            items = [_as_type(v, int) for v in items]
+            return _INVALID if any(v is _INVALID for v in items) else items
+        return items if all(isinstance(v, str) and v for v in items) else _INVALID
     if base is bool:
         if isinstance(value, str) and value.lower() in ("true", "false"):
             return value.lower() == "true"
@@ -205,7 +225,8 @@ def _coerce(key: str, value: Any, field: dataclasses.Field, hint: Any) -> Any:
         raise UserError(f"{key} must not be null (expected {base.__name__})")
     parsed = _as_type(value, base)
     if parsed is _INVALID:
-        wanted = "list of names" if typing.get_origin(base) is list else base.__name__
+        wanted = (f"list of {'whole numbers' if typing.get_args(base)[0] is int else 'names'}"
+                  if typing.get_origin(base) is list else base.__name__)
         raise UserError(f"{key} expects {wanted}{' or null' if optional else ''}, got {value!r} "
                         f"({type(value).__name__})")
     choices = field.metadata.get("choices")
@@ -338,23 +359,30 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                         f"raise model.max_seq_len or shorten data.seq_len")
-    validate_parallel(cfg, world_size)
+    dims = validate_parallel(cfg, world_size)
     if cfg.stability.nonfinite == "skip" and cfg.parallel.backend == "deepspeed":
         raise UserError("stability.nonfinite=skip is not available with parallel.backend=deepspeed (DeepSpeed "
                         "steps the optimizer inside its engine); use stop or log")
-    micro_batching(t, world_size)
+    micro_batching(t, dims.dp_size)
 
 
-def validate_parallel(cfg: Config, world_size: int) -> None:
-    """The rank layout and the options each backend accepts."""
+def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:
+    """The rank layout parallel.* asks for over `world_size` ranks (UserError if the degrees do not multiply up)."""
     p = cfg.parallel
-    if p.tp != 1 or p.pp != 1:
-        raise UserError(f"parallel.tp={p.tp}, parallel.pp={p.pp}: tensor and pipeline parallelism are not available "
-                        f"yet; set both to 1")
     try:
-        dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, world_size)
+        return ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, world_size)
     except ValueError as err:
         raise UserError(str(err)) from None
+
+
+def validate_parallel(cfg: Config, world_size: int) -> ParallelDims:
+    """The rank layout and the options each backend accepts."""
+    p = cfg.parallel
+    if (p.tp > 1 or p.pp > 1) and p.backend != "fsdp":
+        raise UserError(f"parallel.tp={p.tp} / parallel.pp={p.pp} need parallel.backend=fsdp (FSDP2 composes with "
+                        f"tensor and pipeline parallelism; set parallel.dp_shard=1 for no data sharding)")
+    dims = parallel_dims(cfg, world_size)
+    validate_tensor_parallel(cfg)
     if p.backend != "fsdp" and dims.dp_replicate != 1:
         raise UserError(f"parallel.dp_replicate={p.dp_replicate} (HSDP) needs parallel.backend=fsdp; "
                         f"parallel.backend={p.backend} replicates or shards over all ranks")
@@ -379,15 +407,34 @@ def validate_parallel(cfg: Config, world_size: int) -> None:
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError("parallel.backend=deepspeed needs DeepSpeed: pip install 'normtron[deepspeed]'")
         deepspeed_config(cfg, world_size)
+    return dims
 
 
-def micro_batching(t: TrainingConfig, world_size: int) -> tuple[int, int]:
-    """(sequences per micro-batch, micro-batches accumulated per step) on each rank."""
-    micro = t.micro_batch_size or t.batch_size // world_size
-    if micro < 1 or t.batch_size % (world_size * micro):
-        raise UserError(f"training.batch_size={t.batch_size} must be a multiple of ranks ({world_size}) x "
-                        f"training.micro_batch_size ({t.micro_batch_size or 'auto'}); adjust either")
-    return micro, t.batch_size // (world_size * micro)
+def validate_tensor_parallel(cfg: Config) -> None:
+    """What tp > 1 needs of the model: whole heads, KV heads and MLP columns per rank, and whole sequence shards."""
+    m, tp = cfg.model, cfg.parallel.tp
+    if tp == 1:
+        return
+    for key, value in (("model.n_heads", m.n_heads), ("model.n_kv_heads", m.kv_heads),
+                       ("the SwiGLU hidden size (model.ffn_hidden_dim)", m.hidden_dim)):
+        if value % tp:
+            raise UserError(f"{key}={value} does not divide by parallel.tp={tp}; each tensor-parallel rank needs a "
+                            f"whole share: pick a tp that divides it")
+    if m.vocab_size is not None and m.vocab_size % tp:
+        raise UserError(f"model.vocab_size={m.vocab_size} does not divide by parallel.tp={tp} (the embedding and "
+                        f"head are split over the vocabulary); round model.vocab_size up to a multiple of {tp}")
+    if cfg.parallel.sequence_parallel and cfg.data.seq_len % tp:
+        raise UserError(f"data.seq_len={cfg.data.seq_len} does not divide by parallel.tp={tp}, which sequence "
+                        f"parallelism needs; change data.seq_len or set parallel.sequence_parallel=false")
+
+
+def micro_batching(t: TrainingConfig, dp_size: int) -> tuple[int, int]:
+    """(sequences per micro-batch, micro-batches per step) on each data-parallel rank."""
+    micro = t.micro_batch_size or t.batch_size // dp_size
+    if micro < 1 or t.batch_size % (dp_size * micro):
+        raise UserError(f"training.batch_size={t.batch_size} must be a multiple of data-parallel ranks ({dp_size}) "
+                        f"x training.micro_batch_size ({t.micro_batch_size or 'auto'}); adjust either")
+    return micro, t.batch_size // (dp_size * micro)
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:

@@ -27,7 +27,8 @@ from parallel.distributed import (DistInfo, all_reduce_sum, barrier, init_distri
                                   shutdown_distributed)
 from parallel.mesh import ParallelDims
 from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
-from trainer.config import Config, config_to_dict, dump_config, micro_batching, validate
+from trainer.config import (Config, config_to_dict, dump_config, micro_batching, parallel_dims, validate,
+                            validate_tensor_parallel)
 from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
 from trainer.diagnostics import Diagnostics
 from trainer.engine import build_engine, compute_context
@@ -126,12 +127,15 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> RunInputs:
     check_kernels(cfg.model.kernels, pick_device()[0])
     meta = load_data_meta(cfg.data.dir)
     resolve_vocab_size(cfg, meta)
+    validate_tensor_parallel(cfg)  # again, now that the vocabulary size is known
+    # Ranks that differ only in pipeline stage or tensor-parallel slice read the same batches.
+    dp_rank, dp_size = parallel_dims(cfg, world_size).dp_coordinates(rank)
     train_tokens = open_tokens(cfg.data.dir, "train", meta)
     val_tokens = open_tokens(cfg.data.dir, "val", meta)
-    batches = TrainBatches(train_tokens, cfg.data.seq_len, cfg.training.batch_size, rank, world_size,
+    batches = TrainBatches(train_tokens, cfg.data.seq_len, cfg.training.batch_size, dp_rank, dp_size,
                            cfg.run.seed)
-    val_windows = eval_windows(val_tokens, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size, rank,
-                               world_size)
+    val_windows = eval_windows(val_tokens, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size, dp_rank,
+                               dp_size)
     check_run_dir(cfg)
     if cfg.checkpoint.init_from and not complete_checkpoints(cfg.run_dir / "checkpoints"):
         check_init_from(Path(cfg.checkpoint.init_from), cfg.model, meta)
@@ -220,9 +224,18 @@ def describe_parallel(cfg: Config, world_size: int) -> str:
         return f"deepspeed ZeRO-{p.zero_stage}" + (f", offload {'+'.join(offload)}" if offload else "")
     if p.backend == "fsdp":
         dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, world_size)
+        extras = [f"reshard_after_forward={p.reshard_after_forward}"] + (["offload params"] if p.offload_params else [])
+        if dims.tp > 1:
+            extras.append(f"tp={dims.tp}" + (" with sequence parallel" if p.sequence_parallel else "")
+                          + (", loss parallel" if p.loss_parallel and dims.pp == 1 else ""))
+        if dims.pp > 1:
+            extras.append(f"pp={dims.pp} {p.pp_schedule}")
+        if p.activation_checkpoint != "none":
+            extras.append(f"{p.activation_checkpoint} activation checkpointing")
+        if p.compile:
+            extras.append("compiled blocks")
         return (f"fsdp2 {'HSDP ' if dims.dp_replicate > 1 else ''}dp_replicate={dims.dp_replicate} "
-                f"dp_shard={dims.dp_shard}, reshard_after_forward={p.reshard_after_forward}"
-                f"{', offload params' if p.offload_params else ''}")
+                f"dp_shard={dims.dp_shard}, {', '.join(extras)}")
     return "ddp" if world_size > 1 else "no data parallelism"
 
 
@@ -265,7 +278,7 @@ class TrainLoop:
         self.checkpointer, self.run_dir, self.meta = checkpointer, run_dir, inputs.meta
         self.val_tokens, self.val_windows = inputs.val_tokens, inputs.val_windows
         t = cfg.training
-        self.micro_batch, self.accum_steps = micro_batching(t, dist_info.world_size)
+        self.micro_batch, self.accum_steps = micro_batching(t, parallel_dims(cfg, dist_info.world_size).dp_size)
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops)
