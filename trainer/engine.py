@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.stateful import Stateful
 
@@ -99,13 +100,8 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: 
             load_model_weights(init_from, model)
         return TorchEngine(model, cfg)
     if p.backend == "fsdp":
-        dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, dist_info.world_size)
-        # CPU offload keeps the sharded parameters in host memory; FSDP moves what compute needs to the device.
-        init_device = torch.device("cpu") if p.offload_params else device
-        model = apply_fsdp(model, dims.build_mesh(device),
-                           lambda m: materialize(m, init_device, cfg.run.seed, buffer_device=device),
-                           param_dtype=torch.bfloat16 if t.precision == "bf16" else None,
-                           reshard_after_forward=p.reshard_after_forward, offload_params=p.offload_params)
+        mesh = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, dist_info.world_size).build_mesh(device)
+        model = parallelize(model, cfg, mesh, device)
         if init_from is not None:
             load_model_weights(init_from, model)
         return TorchEngine(model, cfg)
@@ -116,6 +112,17 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: 
     optimizer = build_optimizer(model, t)
     return DeepSpeedEngine(model, optimizer, build_lr_scheduler(optimizer, t),
                            deepspeed_config(cfg, dist_info.world_size), dist_info.backend)
+
+
+def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Module:
+    """The fsdp backend's treatment of one model (or one pipeline stage's part of it), in torchtitan's order:
+    tensor parallelism, activation checkpointing, compile, FSDP2; then only the local shards are materialized."""
+    p = cfg.parallel
+    # CPU offload keeps the sharded parameters in host memory; FSDP moves what compute needs to the device.
+    init_device = torch.device("cpu") if p.offload_params else device
+    return apply_fsdp(model, mesh, lambda m: materialize(m, init_device, cfg.run.seed, buffer_device=device),
+                      param_dtype=torch.bfloat16 if cfg.training.precision == "bf16" else None,
+                      reshard_after_forward=p.reshard_after_forward, offload_params=p.offload_params)
 
 
 def compute_context(cfg: Config, device: torch.device):
