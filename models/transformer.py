@@ -204,6 +204,9 @@ class Transformer(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.depth_scaled_init else cfg.init_std
         done: set[int] = set()  # a tied head shares the embedding's tensor: initialize it once
         for name, module in self.named_modules():
+            # Wrappers from outside (activation checkpointing's `_checkpoint_wrapped_module`, ...) are not part of
+            # the name, just as they are not part of the checkpoint keys.
+            name = ".".join(part for part in name.split(".") if not part.startswith("_"))
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 if id(module.weight) in done:  # never reset_parameters() here: that would redraw the tied weight
                     continue

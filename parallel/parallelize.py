@@ -8,6 +8,7 @@ full model first, FSDP2 shards on meta and materializes only the shards.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterator
 
@@ -17,7 +18,9 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.experimental import implicit_replication
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from parallel.distributed import DistInfo
 
@@ -57,6 +60,38 @@ def apply_fsdp(model: nn.Module, mesh: DeviceMesh, materialize: Callable[[nn.Mod
     with implicit_replication():
         materialize(model)
     return model
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute each block's activations in backward instead of keeping them: `full` keeps only the block inputs;
+    `selective` also keeps the outputs of the matmuls and attention (the expensive ops) and recomputes the rest
+    (norms, activations, RoPE, residual adds)."""
+    if mode == "none":
+        return
+    options = {"preserve_rng_state": False}  # nothing in a block draws random numbers
+    if mode == "selective":
+        options["context_fn"] = functools.partial(create_selective_checkpoint_contexts, _save_expensive_ops)
+    for name, block in model.layers.items():
+        # The wrapper's prefix is stripped from state-dict keys, so checkpoints keep their names.
+        model.layers[name] = checkpoint_wrapper(block, **options)
+
+
+_EXPENSIVE_OPS = {torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default,
+                  torch.ops.aten._scaled_dot_product_flash_attention.default,
+                  torch.ops.aten._scaled_dot_product_efficient_attention.default,
+                  torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+                  torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _save_expensive_ops(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _EXPENSIVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place (parameter names unchanged): blocks are identical, so one compiled graph
+    serves them all, and compile time does not grow with depth."""
+    for block in model.layers.values():
+        block.compile()
 
 
 @contextlib.contextmanager

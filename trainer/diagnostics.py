@@ -42,15 +42,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def sum_of_squares(groups: list[list[torch.Tensor]], device: torch.device) -> torch.Tensor:
-    """Per group, the sum of squares of all its tensors' elements. Sharded (DTensor) tensors contribute their local
-    shard and the sums are all-reduced over the mesh dimensions they are sharded on (not the replicated ones)."""
-    sums = torch.stack([sum((local_tensor(t).float().pow(2).sum() for t in group), torch.zeros((), device=device))
-                        for group in groups])
+    """Per group, the sum of squares of all its tensors' elements. A sharded (DTensor) tensor contributes its local
+    shard divided by the number of ranks that hold a replica of it, and the sums are all-reduced over every mesh
+    dimension: each element is then counted once, however each tensor is placed (FSDP shards, tensor-parallel
+    shards and replicated norm weights mixed)."""
+    def local_sum(t: torch.Tensor) -> torch.Tensor:
+        total = local_tensor(t).float().pow(2).sum()
+        if isinstance(t, DTensor):
+            total = total / math.prod(t.device_mesh.size(d) for d, p in enumerate(t.placements) if p.is_replicate())
+        return total
+    sums = torch.stack([sum((local_sum(t) for t in group), torch.zeros((), device=device)) for group in groups])
     sharded = next((t for group in groups for t in group if isinstance(t, DTensor)), None)
     if sharded is not None:
-        for mesh_dim, placement in enumerate(sharded.placements):
-            if placement.is_shard():
-                dist.all_reduce(sums, group=sharded.device_mesh.get_group(mesh_dim))
+        for mesh_dim in range(sharded.device_mesh.ndim):
+            dist.all_reduce(sums, group=sharded.device_mesh.get_group(mesh_dim))
     return sums
 
 
@@ -97,8 +102,8 @@ class ActivationProbe:
         self.handles.clear()
 
     def _keep(self, name: str, which: str):
-        def hook(module, args, output):
-            self.qk.setdefault(name, {}).setdefault(which, output.detach())
+        def hook(module, args, output):  # under tensor parallelism: this rank's heads (the max covers all ranks)
+            self.qk.setdefault(name, {}).setdefault(which, local_tensor(output.detach()))
         return hook
 
     def _attention_hook(self, name: str):
@@ -117,6 +122,7 @@ class ActivationProbe:
                 if isinstance(output, tuple):  # (branch output, skip) with the residual add left to the next norm
                     output = output[0] if output[1] is None else output[0] + output[1]
                 h = output.detach().float()
+                h = h.full_tensor() if isinstance(h, DTensor) else h  # the tensor-parallel stream, gathered
                 magnitude = h.abs()
                 self.block_stats[name] = torch.stack([h.pow(2).mean(), h.var(dim=-1, unbiased=False).mean(),
                                                       magnitude[0].median()])

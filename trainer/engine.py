@@ -15,11 +15,14 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 from torch.distributed.checkpoint.stateful import Stateful
 
 from parallel.distributed import DistInfo
 from parallel.mesh import ParallelDims
-from parallel.parallelize import apply_ddp, apply_fsdp, clip_grad_norm, gradient_sync
+from parallel.parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
+                                  clip_grad_norm, gradient_sync)
+from parallel.tensor_parallel import apply_tp
 from trainer.checkpoint import load_dcp, load_model_weights, save_dcp
 from trainer.config import Config, deepspeed_config
 from trainer.optim import build_lr_scheduler, build_optimizer
@@ -32,6 +35,9 @@ class TorchEngine:
 
     def __init__(self, model: nn.Module, cfg: Config):
         self.model = model
+        # Loss and backward run under loss_parallel() when the logits are vocabulary-sharded DTensors.
+        self.loss_context = loss_parallel if cfg.parallel.backend == "fsdp" and uses_loss_parallel(cfg) else \
+            contextlib.nullcontext
         self.optimizer = build_optimizer(model, cfg.training)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
 
@@ -94,6 +100,10 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: 
     """Parallelize the meta-device model as `parallel.*` says, materialize it (from the weights of the checkpoint
     `init_from`, if given), and pair it with its optimizer."""
     p, t, device = cfg.parallel, cfg.training, dist_info.device
+    if p.backend != "fsdp":  # (the fsdp backend does these inside parallelize(), after tensor parallelism)
+        apply_activation_checkpointing(model, p.activation_checkpoint)
+        if p.compile:
+            apply_compile(model)
     if p.backend == "ddp":
         model = apply_ddp(model, dist_info, lambda m: materialize(m, device, cfg.run.seed))
         if init_from is not None:
@@ -118,11 +128,23 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh, device: torch.d
     """The fsdp backend's treatment of one model (or one pipeline stage's part of it), in torchtitan's order:
     tensor parallelism, activation checkpointing, compile, FSDP2; then only the local shards are materialized."""
     p = cfg.parallel
+    if p.tp > 1:
+        apply_tp(model, mesh["tp"], p.sequence_parallel, uses_loss_parallel(cfg))
+    apply_activation_checkpointing(model, p.activation_checkpoint)
+    if p.compile:
+        apply_compile(model)
     # CPU offload keeps the sharded parameters in host memory; FSDP moves what compute needs to the device.
     init_device = torch.device("cpu") if p.offload_params else device
     return apply_fsdp(model, mesh, lambda m: materialize(m, init_device, cfg.run.seed, buffer_device=device),
                       param_dtype=torch.bfloat16 if cfg.training.precision == "bf16" else None,
                       reshard_after_forward=p.reshard_after_forward, offload_params=p.offload_params)
+
+
+def uses_loss_parallel(cfg: Config) -> bool:
+    """Vocabulary-sharded logits into a sharded cross entropy: with tp, unless the logits are needed whole (a
+    pipeline's last stage hands them to the schedule's loss; the z-loss takes a logsumexp over all of them)."""
+    p = cfg.parallel
+    return p.tp > 1 and p.loss_parallel and p.pp == 1 and not cfg.stability.z_loss
 
 
 def compute_context(cfg: Config, device: torch.device):

@@ -31,7 +31,7 @@ from trainer.config import (Config, config_to_dict, dump_config, micro_batching,
                             validate_tensor_parallel)
 from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
 from trainer.diagnostics import Diagnostics
-from trainer.engine import build_engine, compute_context
+from trainer.engine import build_engine, compute_context, local_tensor
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
 from trainer.optim import apply_hyperparameters, apply_lr_schedule
@@ -283,6 +283,7 @@ class TrainLoop:
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops)
         self.autocast = compute_context(cfg, dist_info.device)
+        self.loss_context = getattr(engine, "loss_context", contextlib.nullcontext)  # loss parallel under tp
         self.extra_files = {"config.yaml": run_dir / "config.yaml",
                             "tokenizer.model": Path(cfg.data.dir) / "tokenizer.model"}
         self.diagnostics = Diagnostics(engine.model, cfg.diagnostics.every, t.steps, dist_info.device,
@@ -397,14 +398,14 @@ class TrainLoop:
         for i, (x, y) in enumerate(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch))):
             last = i == self.accum_steps - 1
             probe = self.diagnostics.probe() if diagnose and i == 0 else contextlib.nullcontext()
-            with self.engine.micro_batch(last):
+            with self.engine.micro_batch(last), self.loss_context():
                 with self.autocast, probe:
                     logits = model(x.to(device, non_blocking=True))
                 loss = cross_entropy(logits, y.to(device, non_blocking=True)) / self.accum_steps
                 z_coefficient = self.cfg.stability.z_loss
                 objective = loss + z_coefficient * z_loss(logits) / self.accum_steps if z_coefficient else loss
                 self.engine.backward(objective, last)
-            loss_sum += loss.detach()
+            loss_sum += local_tensor(loss.detach())  # a replicated DTensor under loss parallel
         if diagnose:
             self.diagnostics.before_step()
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else float("inf")
@@ -422,7 +423,8 @@ class TrainLoop:
             x, y = stack_windows(self.val_tokens, chunk, self.cfg.data.seq_len)
             with self.autocast:
                 logits = self.model(x.to(self.dist.device))
-            loss_sum += cross_entropy(logits, y.to(self.dist.device), reduction="sum").item()
+            with self.loss_context():
+                loss_sum += local_tensor(cross_entropy(logits, y.to(self.dist.device), reduction="sum")).item()
             count += y.numel()
         self.model.train()
         loss_sum, count = all_reduce_sum([loss_sum, float(count)], self.dist.device)
