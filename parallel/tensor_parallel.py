@@ -33,8 +33,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
     stream = Shard(1) if sequence_parallel else Replicate()
     plan: dict[str, object] = {}
     if model.tok_embeddings is not None:
-        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream,
-                                                 use_local_output=False)
+        # The embedding output leaves as a plain tensor and re-enters as a DTensor at the embedding norm (an identity
+        # when there is none): its backward then reduces the stream's partial gradient (from the column-parallel
+        # inputs) before the vocabulary-parallel embedding's own backward, which cannot take a partial one.
+        plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
+        plan["embed_norm"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(stream,),
+                                                use_local_output=False)
     else:  # a later pipeline stage receives the stream as a plain (local) tensor: make it a DTensor again
         parallelize_module(model, tp_mesh, PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(stream,),
                                                               use_local_output=False))

@@ -88,6 +88,9 @@ class ActivationProbe:
         self.handles: list = []
 
     def __enter__(self):
+        # Compiled blocks (parallel.compile) run this forward eagerly, so that the hooks inside them fire.
+        self.eager = torch.compiler.set_stance("force_eager")
+        self.eager.__enter__()
         for name, block in self.layers.items():
             self.handles.append(block.register_forward_hook(self._block_hook(name)))
             attention = block.attention
@@ -100,6 +103,7 @@ class ActivationProbe:
         for handle in self.handles:
             handle.remove()
         self.handles.clear()
+        self.eager.__exit__(*exc)
 
     def _keep(self, name: str, which: str):
         def hook(module, args, output):  # under tensor parallelism: this rank's heads (the max covers all ranks)

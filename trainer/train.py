@@ -421,7 +421,9 @@ class TrainLoop:
             if len(chunk) == 0:
                 continue
             x, y = stack_windows(self.val_tokens, chunk, self.cfg.data.seq_len)
-            with self.autocast:
+            # Compiled blocks run eagerly here: a second (no-grad) graph per block would add compile time for a
+            # few batches (and hits a DTensor bug in torch 2.13's inference graphs under tensor parallelism).
+            with self.autocast, torch.compiler.set_stance("force_eager"):
                 logits = self.model(x.to(self.dist.device))
             with self.loss_context():
                 loss_sum += local_tensor(cross_entropy(logits, y.to(self.dist.device), reduction="sum")).item()
