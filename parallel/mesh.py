@@ -50,4 +50,8 @@ class ParallelDims:
     def build_mesh(self, device: torch.device) -> DeviceMesh:
         names, sizes = zip(*(("pp", self.pp), ("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard),
                              ("tp", self.tp)))
-        return init_device_mesh(device.type, sizes, mesh_dim_names=names)
+        mesh = init_device_mesh(device.type, sizes, mesh_dim_names=names)
+        # A norm over parameters sharded by both FSDP and tp reduces over both dims: with the flattened dim named,
+        # DTensor does that in one all-reduce instead of one per dim.
+        mesh["dp_shard", "tp"]._flatten("dp_shard_tp")
+        return mesh
