@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.stateful import Stateful
 
 from parallel.distributed import DistInfo
+from parallel.float8 import apply_float8, precompute_float8_scales, uses_float8_all_gather
 from parallel.mesh import ParallelDims
 from parallel.parallelize import apply_ddp, apply_fsdp, clip_grad_norm, gradient_sync
 from trainer.checkpoint import load_dcp, load_model_weights, save_dcp
@@ -29,10 +30,11 @@ class TorchEngine:
 
     checkpoint_format = "dcp"
 
-    def __init__(self, model: nn.Module, cfg: Config):
+    def __init__(self, model: nn.Module, cfg: Config, after_step=None):
         self.model = model
         self.optimizer = build_optimizer(model, cfg.training)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
+        self.after_step = after_step  # called with the model after each optimizer update (FP8 weight scales)
 
     def micro_batch(self, last: bool):
         """Context for one micro-batch's forward and backward: gradients are reduced only on the last one."""
@@ -47,6 +49,8 @@ class TorchEngine:
         grad_norm = clip_grad_norm(self.model, max_norm)
         if not skip_nonfinite or torch.isfinite(grad_norm).item():
             self.optimizer.step()
+            if self.after_step is not None:
+                self.after_step(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -93,22 +97,25 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: 
     """Parallelize the meta-device model as `parallel.*` says, materialize it (from the weights of the checkpoint
     `init_from`, if given), and pair it with its optimizer."""
     p, t, device = cfg.parallel, cfg.training, dist_info.device
+    dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, dist_info.world_size)
+    fp8_all_gather = uses_float8_all_gather(t.precision, t.fp8_recipe, p.backend, dims.dp_shard)
+    if t.precision == "fp8":  # swaps linears on meta, before any wrapper (as torchtitan's model converters)
+        apply_float8(model, t.fp8_recipe, emulate=t.fp8_emulate, fsdp_float8_all_gather=fp8_all_gather)
     if p.backend == "ddp":
         model = apply_ddp(model, dist_info, lambda m: materialize(m, device, cfg.run.seed))
         if init_from is not None:
             load_model_weights(init_from, model)
         return TorchEngine(model, cfg)
     if p.backend == "fsdp":
-        dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, dist_info.world_size)
         # CPU offload keeps the sharded parameters in host memory; FSDP moves what compute needs to the device.
         init_device = torch.device("cpu") if p.offload_params else device
         model = apply_fsdp(model, dims.build_mesh(device),
                            lambda m: materialize(m, init_device, cfg.run.seed, buffer_device=device),
-                           param_dtype=torch.bfloat16 if t.precision == "bf16" else None,
+                           param_dtype=torch.bfloat16 if t.precision in ("bf16", "fp8") else None,
                            reshard_after_forward=p.reshard_after_forward, offload_params=p.offload_params)
         if init_from is not None:
             load_model_weights(init_from, model)
-        return TorchEngine(model, cfg)
+        return TorchEngine(model, cfg, after_step=precompute_float8_scales if fp8_all_gather else None)
     from parallel.zero import DeepSpeedEngine
     materialize(model, device, cfg.run.seed)
     if init_from is not None:  # before DeepSpeed copies the weights into its fp32 master partitions
@@ -120,7 +127,8 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: 
 
 def compute_context(cfg: Config, device: torch.device):
     """Autocast where the backend does not cast itself: FSDP2 (MixedPrecisionPolicy) and DeepSpeed (bf16 weights)
-    compute in bf16 on their own; a single process and DDP keep fp32 weights and autocast the matmuls."""
-    if cfg.training.precision == "bf16" and cfg.parallel.backend == "ddp":
+    compute in bf16 on their own; a single process and DDP keep fp32 weights and autocast the matmuls (fp8: what
+    the FP8 linears do not compute)."""
+    if cfg.training.precision in ("bf16", "fp8") and cfg.parallel.backend == "ddp":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
