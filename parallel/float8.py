@@ -13,6 +13,8 @@ all-gather can send float8), `rowwise` (a scale per row: more accurate with outl
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import logging
 
 import torch
 from torch import nn
@@ -65,11 +67,10 @@ def apply_float8(model: nn.Module, recipe: str, *, emulate: bool, fsdp_float8_al
     """Convert the eligible linears of the (meta-device) model to torchao's `Float8Linear` in place; returns their
     names. `fsdp_float8_all_gather` (tensorwise only) makes FSDP2 gather the weights as float8, scaled once per
     step by `precompute_float8_scales`."""
-    from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-
-    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
+    float8 = import_torchao_float8()
+    config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
                                  enable_fsdp_float8_all_gather=fsdp_float8_all_gather)
-    convert_to_float8_training(model, module_filter_fn=float8_eligible, config=config)
+    float8.convert_to_float8_training(model, module_filter_fn=float8_eligible, config=config)
     converted = [fqn for fqn, m in model.named_modules() if is_float8_linear(m)]
     for fqn in converted:
         linear = model.get_submodule(fqn)
@@ -79,9 +80,22 @@ def apply_float8(model: nn.Module, recipe: str, *, emulate: bool, fsdp_float8_al
     return converted
 
 
+def import_torchao_float8():
+    """torchao.float8, imported without the warnings torchao logs on import where its CUDA kernels cannot load
+    (CPU builds of torch) and torch's pytree deprecation notice: neither concerns the float8 training used here."""
+    loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        return importlib.import_module("torchao.float8")
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
 def is_float8_linear(module: nn.Module) -> bool:
-    from torchao.float8.float8_linear import Float8Linear
-    return isinstance(module, Float8Linear)
+    return isinstance(module, import_torchao_float8().float8_linear.Float8Linear)
 
 
 def _cast_input_to_autocast_dtype(module: nn.Module, args: tuple) -> tuple | None:
@@ -109,5 +123,4 @@ def _plain_weight(module: nn.Module, state_dict: dict, prefix: str, local_metada
 def precompute_float8_scales(model: nn.Module) -> None:
     """After each optimizer step under FSDP2's float8 all-gather: every weight's scale in one all-reduce, instead
     of one per weight in the next forward."""
-    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
-    precompute_float8_dynamic_scale_for_fsdp(model)
+    import_torchao_float8().precompute_float8_dynamic_scale_for_fsdp(model)
