@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import warnings
 
 import torch
 from torch import nn
@@ -70,6 +71,9 @@ def apply_float8(model: nn.Module, recipe: str, *, emulate: bool, fsdp_float8_al
     float8 = import_torchao_float8()
     config = dataclasses.replace(float8.Float8LinearConfig.from_recipe_name(recipe), emulate=emulate,
                                  enable_fsdp_float8_all_gather=fsdp_float8_all_gather)
+    # Float8Linear returns a reshaped (view) output, which FSDP2 warns about in case a caller modifies it in place;
+    # the model never does (every residual add is out of place).
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor", category=UserWarning)
     float8.convert_to_float8_training(model, module_filter_fn=float8_eligible, config=config)
     converted = [fqn for fqn, m in model.named_modules() if is_float8_linear(m)]
     for fqn in converted:

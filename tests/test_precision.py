@@ -63,8 +63,9 @@ def assert_trains_like(run_dir, reference_dir, rel=0.02):
 def checkpoint_dtypes(run_dir) -> set[torch.dtype]:
     """dtypes of every model tensor and per-parameter optimizer state tensor in the run's last checkpoint."""
     metadata = FileSystemReader(str(run_dir / "checkpoints" / f"step_{STEPS:08d}")).read_metadata()
+    moments = ("exp_avg", "exp_avg_sq")
     tensors = {k: v for k, v in metadata.state_dict_metadata.items()
-               if k.startswith("model.") or (k.startswith("optimizer.state.") and k.endswith(("exp_avg", "exp_avg_sq")))}
+               if k.startswith("model.") or (k.startswith("optimizer.state.") and k.endswith(moments))}
     assert any(k.startswith("model.layers.0.attention.q_proj") for k in tensors)
     return {v.properties.dtype for v in tensors.values()}
 
@@ -106,6 +107,25 @@ def test_float8_linears_run_scaled_mm(recipe):
     exact = x.double() @ q_proj.weight.double().t()
     error = ((y.double() - exact).norm() / exact.norm()).item()
     assert 5e-3 < error < 0.08, error
+
+
+def test_float8_emulation_matches_scaled_mm():
+    """training.fp8_emulate (for GPUs without FP8 matmuls) casts exactly as the real path but multiplies in high
+    precision: no _scaled_mm call, and the same result as the real FP8 matmul up to bf16 output rounding."""
+    outputs = {}
+    for emulate in (False, True):
+        cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, ffn_hidden_dim=128, max_seq_len=32, vocab_size=512)
+        with torch.device("meta"):
+            model = Transformer(cfg)
+        apply_float8(model, "tensorwise", emulate=emulate, fsdp_float8_all_gather=False)
+        materialize(model, torch.device("cpu"), seed=0)
+        x = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+        with (torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile,
+              torch.autocast("cpu", dtype=torch.bfloat16)):
+            outputs[emulate] = model.layers["0"].feed_forward.up_proj(x).float()
+        assert sum(e.name == "aten::_scaled_mm" for e in profile.events()) == (0 if emulate else 1)
+    error = ((outputs[True] - outputs[False]).norm() / outputs[False].norm()).item()
+    assert error < 4e-3, error
 
 
 # --- Loss parity on real text -------------------------------------------------------------------------------------
@@ -157,10 +177,8 @@ def test_resume_switches_precision(runs):
 
 
 @pytest.mark.parametrize("overrides, fragment", [
-    (["training.precision=fp8", "parallel.backend=deepspeed"], "training.precision=fp8 is not available with "
-                                                               "parallel.backend=deepspeed"),
-    (["training.precision=fp8", "training.fp8_recipe=blockwise"], "choose one of tensorwise, rowwise, "
-                                                                   "rowwise_with_gw_hp"),
+    (["training.precision=fp8", "parallel.backend=deepspeed"], "fp8 is not available with parallel.backend=deepspeed"),
+    (["training.precision=fp8", "training.fp8_recipe=blockwise"], "one of tensorwise, rowwise, rowwise_with_gw_hp"),
     (["training.precision=fp16"], "choose one of fp32, bf16, fp8"),
 ])
 def test_precision_config_errors(shakespeare_data, tmp_path, overrides, fragment):
