@@ -60,6 +60,9 @@ def build_deepspeed_config(*, global_batch: int, micro_batch: int, accum_steps: 
         "gradient_accumulation_steps": accum_steps,
         "gradient_clipping": grad_clip,
         "bf16": {"enabled": bf16},
+        # Gradients are reduced in fp32 whatever the compute precision (DeepSpeed's default is the bf16 of the
+        # gradients); a `deepspeed:` entry may trade that back for bandwidth.
+        "communication_data_type": "fp32",
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # normtron's AdamW (torch.optim.AdamW) is passed in as the client
         "zero_force_ds_cpu_optimizer": False,   # ... also under ZeRO-Offload, so both paths run the same update

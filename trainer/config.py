@@ -20,6 +20,8 @@ import torch
 import yaml
 
 from models.config import ModelConfig, bounds_error, config_field
+from parallel.distributed import pick_device
+from parallel.float8 import FP8_RECIPES, float8_problem
 from parallel.mesh import ParallelDims
 from parallel.zero import build_deepspeed_config
 from trainer.errors import UserError
@@ -56,8 +58,13 @@ class TrainingConfig:
     beta2: float = config_field(0.95, "AdamW beta2", ge=0, lt=1)
     adam_eps: float = config_field(1e-8, "AdamW epsilon", gt=0)
     grad_clip: float = config_field(1.0, "clip the global gradient norm to this value (0 = off)", ge=0)
-    precision: str = config_field("fp32", "compute precision: fp32, or bf16 autocast with fp32 master weights",
-                                  ("fp32", "bf16"))
+    precision: str = config_field("fp32", "compute precision, always with fp32 master weights and optimizer state: "
+                                          "fp32, bf16, or fp8 (bf16 plus torchao FP8 matmuls in the linear layers)",
+                                  ("fp32", "bf16", "fp8"))
+    fp8_recipe: str = config_field("tensorwise", "precision=fp8: torchao scaling recipe (tensorwise is fastest and "
+                                                 "all-gathers FP8 under fsdp; rowwise is more accurate)", FP8_RECIPES)
+    fp8_emulate: bool = config_field(False, "precision=fp8 on a GPU without FP8 matmuls (compute capability < 8.9): "
+                                            "emulate them in high precision (for testing; slower than bf16)")
 
 
 @dataclass
@@ -364,6 +371,23 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise UserError("stability.nonfinite=skip is not available with parallel.backend=deepspeed (DeepSpeed "
                         "steps the optimizer inside its engine); use stop or log")
     micro_batching(t, dims.dp_size)
+    validate_precision(cfg)
+
+
+def validate_precision(cfg: Config) -> None:
+    """FP8 needs torchao, a backend that runs it, and hardware with FP8 matmuls (or the emulation flag)."""
+    t = cfg.training
+    if t.precision != "fp8":
+        return
+    if cfg.parallel.backend == "deepspeed":
+        raise UserError("training.precision=fp8 is not available with parallel.backend=deepspeed; use ddp or fsdp "
+                        "(or training.precision=bf16 with deepspeed)")
+    if importlib.util.find_spec("torchao") is None:
+        raise UserError("training.precision=fp8 needs torchao: pip install 'normtron[fp8]' (or pip install torchao)")
+    problem = float8_problem(pick_device()[0], t.fp8_emulate)
+    if problem:
+        raise UserError(f"training.precision=fp8: {problem}; use training.precision=bf16, or set "
+                        f"training.fp8_emulate=true to emulate FP8 (numerics only, no speed-up)")
 
 
 def parallel_dims(cfg: Config, world_size: int) -> ParallelDims:

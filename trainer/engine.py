@@ -19,6 +19,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.distributed.checkpoint.stateful import Stateful
 
 from parallel.distributed import DistInfo
+from parallel.float8 import apply_float8, precompute_float8_scales, uses_float8_all_gather
 from parallel.mesh import ParallelDims
 from parallel.parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
                                   clip_grad_norm, gradient_sync)
@@ -33,13 +34,14 @@ class TorchEngine:
 
     checkpoint_format = "dcp"
 
-    def __init__(self, model: nn.Module, cfg: Config):
+    def __init__(self, model: nn.Module, cfg: Config, after_step=None):
         self.model = model
         # Loss and backward run under loss_parallel() when the logits are vocabulary-sharded DTensors.
         self.loss_context = loss_parallel if cfg.parallel.backend == "fsdp" and uses_loss_parallel(cfg) else \
             contextlib.nullcontext
         self.optimizer = build_optimizer(model, cfg.training)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
+        self.after_step = after_step  # called with the model after each optimizer update (FP8 weight scales)
 
     def micro_batch(self, last: bool):
         """Context for one micro-batch's forward and backward: gradients are reduced only on the last one."""
@@ -54,6 +56,8 @@ class TorchEngine:
         grad_norm = clip_grad_norm(self.model, max_norm)
         if not skip_nonfinite or torch.isfinite(grad_norm).item():
             self.optimizer.step()
+            if self.after_step is not None:
+                self.after_step(self.model)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
@@ -100,6 +104,10 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: 
     """Parallelize the meta-device model as `parallel.*` says, materialize it (from the weights of the checkpoint
     `init_from`, if given), and pair it with its optimizer."""
     p, t, device = cfg.parallel, cfg.training, dist_info.device
+    dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, dist_info.world_size)
+    fp8_all_gather = uses_float8_all_gather(t.precision, t.fp8_recipe, p.backend, dims.dp_shard)
+    if t.precision == "fp8":  # swaps linears on meta, before any wrapper (as torchtitan's model converters)
+        apply_float8(model, t.fp8_recipe, emulate=t.fp8_emulate, fsdp_float8_all_gather=fp8_all_gather)
     if p.backend != "fsdp":  # (the fsdp backend does these inside parallelize(), after tensor parallelism)
         apply_activation_checkpointing(model, p.activation_checkpoint)
         if p.compile:
@@ -110,11 +118,10 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: 
             load_model_weights(init_from, model)
         return TorchEngine(model, cfg)
     if p.backend == "fsdp":
-        mesh = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, dist_info.world_size).build_mesh(device)
-        model = parallelize(model, cfg, mesh, device)
+        model = parallelize(model, cfg, dims.build_mesh(device), device)
         if init_from is not None:
             load_model_weights(init_from, model)
-        return TorchEngine(model, cfg)
+        return TorchEngine(model, cfg, after_step=precompute_float8_scales if fp8_all_gather else None)
     from parallel.zero import DeepSpeedEngine
     materialize(model, device, cfg.run.seed)
     if init_from is not None:  # before DeepSpeed copies the weights into its fp32 master partitions
@@ -136,7 +143,7 @@ def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh, device: torch.d
     # CPU offload keeps the sharded parameters in host memory; FSDP moves what compute needs to the device.
     init_device = torch.device("cpu") if p.offload_params else device
     return apply_fsdp(model, mesh, lambda m: materialize(m, init_device, cfg.run.seed, buffer_device=device),
-                      param_dtype=torch.bfloat16 if cfg.training.precision == "bf16" else None,
+                      param_dtype=torch.bfloat16 if cfg.training.precision in ("bf16", "fp8") else None,
                       reshard_after_forward=p.reshard_after_forward, offload_params=p.offload_params)
 
 
@@ -149,7 +156,8 @@ def uses_loss_parallel(cfg: Config) -> bool:
 
 def compute_context(cfg: Config, device: torch.device):
     """Autocast where the backend does not cast itself: FSDP2 (MixedPrecisionPolicy) and DeepSpeed (bf16 weights)
-    compute in bf16 on their own; a single process and DDP keep fp32 weights and autocast the matmuls."""
-    if cfg.training.precision == "bf16" and cfg.parallel.backend == "ddp":
+    compute in bf16 on their own; a single process and DDP keep fp32 weights and autocast the matmuls (fp8: what
+    the FP8 linears do not compute)."""
+    if cfg.training.precision in ("bf16", "fp8") and cfg.parallel.backend == "ddp":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -25,6 +25,7 @@ from kernels import describe_kernels, triton_problem
 from models import ModelConfig, Transformer, count_parameters, flops_per_token
 from parallel.distributed import (DistInfo, all_reduce_sum, barrier, init_distributed, pick_device,
                                   shutdown_distributed)
+from parallel.float8 import describe_float8, uses_float8_all_gather
 from parallel.mesh import ParallelDims
 from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
 from trainer.config import (Config, config_to_dict, dump_config, micro_batching, parallel_dims, validate,
@@ -207,18 +208,19 @@ def build_model_on_meta(cfg: Config) -> Transformer:
 
 
 def describe_model(cfg: Config, model: nn.Module) -> str:
-    m = cfg.model
+    m, t = cfg.model, cfg.training
     total, non_emb = count_parameters(model), count_parameters(model, exclude_embeddings=True)
+    precision = describe_float8(model, t.fp8_recipe, t.fp8_emulate) if t.precision == "fp8" else t.precision
     return (f"model: {total / 1e6:.2f}M parameters ({non_emb / 1e6:.2f}M non-embedding) | {m.n_layers} layers, "
             f"dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), vocab {m.vocab_size} | norm {m.norm}, placement "
             f"{','.join(m.layer_placements) if m.layer_placements else m.placement}"
             f"{f' (alpha {m.mix_alpha})' if m.placement == 'mix' and not m.layer_placements else ''}"
             f"{', qk_norm' if m.qk_norm else ''}{', embed_norm' if m.embed_norm else ''} | "
-            f"{describe_kernels(m.kernels, pick_device()[0])} | precision {cfg.training.precision}")
+            f"{describe_kernels(m.kernels, pick_device()[0])} | precision {precision}")
 
 
 def describe_parallel(cfg: Config, world_size: int) -> str:
-    p = cfg.parallel
+    p, t = cfg.parallel, cfg.training
     if p.backend == "deepspeed":
         offload = [name for name, on in (("optimizer", p.offload_optimizer), ("params", p.offload_params)) if on]
         return f"deepspeed ZeRO-{p.zero_stage}" + (f", offload {'+'.join(offload)}" if offload else "")
@@ -234,6 +236,8 @@ def describe_parallel(cfg: Config, world_size: int) -> str:
             extras.append(f"{p.activation_checkpoint} activation checkpointing")
         if p.compile:
             extras.append("compiled blocks")
+        if uses_float8_all_gather(t.precision, t.fp8_recipe, p.backend, dims.dp_shard):
+            extras.append("fp8 all-gather")
         return (f"fsdp2 {'HSDP ' if dims.dp_replicate > 1 else ''}dp_replicate={dims.dp_replicate} "
                 f"dp_shard={dims.dp_shard}, {', '.join(extras)}")
     return "ddp" if world_size > 1 else "no data parallelism"
