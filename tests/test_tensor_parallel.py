@@ -58,6 +58,18 @@ def test_tensor_parallel_matches_single_process(runs, name, placement, nproc, ov
     assert_same_losses(runs(name, nproc, *PLACEMENTS[placement], *overrides), reference)
 
 
+def test_fp8_composes_with_tensor_parallelism(runs):
+    """FP8 (torchao Float8Linear, tensorwise) under TP=2: the column/row-parallel linears compute in float8 on their
+    shards with scales taken over the whole tensor, so the losses follow the single-process FP8 run. Both compute in
+    bf16 with matmul partial sums reduced in another order (bf16 keeps 8 bits: 2^-9 relative per rounding), hence
+    1e-3 rather than fp32's 1e-5."""
+    fp8 = ("training.precision=fp8",)
+    reference = runs("single_fp8", 1, *fp8)
+    run_dir = runs("tp2_sp_fp8", 2, *fp8, *TP)
+    assert "precision fp8 tensorwise: 14 of 15 linears in fp8" in (run_dir / "train.log").read_text()
+    assert_same_losses(run_dir, reference, rel=1e-3)
+
+
 def test_each_rank_holds_its_tensor_parallel_share(runs):
     """Under TP2 x FSDP2 each of the 4 ranks holds about a quarter of the parameters and of Adam's state (norm
     weights are replicated over tp, so a little more)."""
