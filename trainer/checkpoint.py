@@ -23,6 +23,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -68,7 +69,7 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
     """Model and optimizer under their plain (layout-independent) names, plus the trainer state; all ranks call."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
     with single_process_ok():
         dcp.save({"model": model_sd, "optimizer": optim_sd, "train": train_state}, checkpoint_id=path,
                  no_dist=not torch.distributed.is_initialized())
@@ -76,11 +77,25 @@ def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, tra
 
 def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
     """Load into whatever layout the model and optimizer have now (DCP reshards)."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = FLAT_OPTIMIZER if flat_optimizer_state(path) else None
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "train": train_state}
     with single_process_ok():
         dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
+
+
+# The optimizer state keyed by parameter name, hyperparameters included ("param_groups.<name>.lr"), not by
+# param-group index: a pipeline stage's optimizer holds only some parameters, so group lists differ between ranks.
+FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def flat_optimizer_state(path: Path) -> bool:
+    """Whether the checkpoint at `path` holds the flat optimizer layout (written since pipeline parallelism; older
+    ones list param groups by index)."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return not any(re.match(r"optimizer\.param_groups\.\d", key) for key in keys)
 
 
 class TrainingEngine(Protocol):
