@@ -7,8 +7,12 @@ from __future__ import annotations
 import shutil
 
 import pytest
+import torch
+import torch.distributed.checkpoint as dcp
 from helpers import MICRO_MODEL, TINY, read_metrics, run_cli, run_torchrun
 from test_zero import assert_same_losses, state_counts
+
+from models import ModelConfig, Transformer
 
 STEPS = ("model.n_layers=4", "training.steps=6", "checkpoint.every=3", "eval.every=3", "checkpoint.keep_last=0")
 PLACEMENTS = {
@@ -65,14 +69,15 @@ def step_rows(run_dir):
 
 def test_pipeline_checkpoint_resumes_under_fsdp_and_in_one_process(runs):
     """DCP keys are the whole model's names on every stage: a pp=2 checkpoint of step 3 resumes under FSDP2 on 2 ranks
-    and in one process, and steps 4-6 equal the uninterrupted run's."""
+    and in one process, a single-process one under pp=2, and steps 4-6 equal the uninterrupted run's."""
     reference = runs("single_pre", 1)
     saved = runs("1f1b_pre", 2, *PP, "parallel.pp_schedule=1F1B")
-    for name in ("pp_then_fsdp", "pp_then_single"):
-        copy = saved.with_name(name)
-        shutil.copytree(saved, copy)
+    for source, name in ((saved, "pp_then_fsdp"), (saved, "pp_then_single"), (reference, "single_then_pp")):
+        copy = source.with_name(name)
+        shutil.copytree(source, copy)
         shutil.rmtree(copy / "checkpoints" / "step_00000006")
-    resumed = [runs("pp_then_fsdp", 2, "parallel.backend=fsdp"), runs("pp_then_single", 1)]
+    resumed = [runs("pp_then_fsdp", 2, "parallel.backend=fsdp"), runs("pp_then_single", 1),
+               runs("single_then_pp", 2, *PP, "parallel.pp_schedule=GPipe")]
     for run_dir in resumed:
         assert "resumed from" in (run_dir / "train.log").read_text()
         assert_same_losses(run_dir, reference, steps=range(4, 7))
@@ -88,3 +93,49 @@ def test_pipeline_starts_from_init_from_weights(runs):
     first, want = step_rows(piped)[0]["loss"], step_rows(one)[0]["loss"]
     assert first == pytest.approx(want, rel=1e-5)
     assert abs(first - step_rows(runs("single_pre", 1))[0]["loss"]) > 0.05  # trained weights, not a fresh init
+
+
+def test_checkpoints_with_the_earlier_optimizer_layout_still_load(tmp_path):
+    """Checkpoints now key the optimizer state by parameter name; those written before (by param-group index, as
+    get_state_dict returns it by default) load into a fresh model and optimizer with the same values."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from trainer.checkpoint import flat_optimizer_state, load_dcp, save_dcp
+    from trainer.config import TrainingConfig
+    from trainer.optim import build_optimizer
+
+    class Step:  # the smallest Stateful: a step counter
+        def __init__(self, step):
+            self.step = step
+
+        def state_dict(self):
+            return {"step": self.step}
+
+        def load_state_dict(self, state):
+            self.step = state["step"]
+
+    def trained(seed):
+        model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_hidden_dim=64, vocab_size=64,
+                                        max_seq_len=16))
+        model.init_weights(seed)
+        optimizer = build_optimizer(model, TrainingConfig())
+        model(torch.randint(0, 64, (2, 8))).square().mean().backward()
+        optimizer.step()
+        return model, optimizer
+
+    model, optimizer = trained(0)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optimizer": optim_sd, "train": Step(7)}, checkpoint_id=tmp_path / "old",
+             no_dist=True)
+    save_dcp(tmp_path / "new", model, optimizer, Step(7))
+    assert not flat_optimizer_state(tmp_path / "old") and flat_optimizer_state(tmp_path / "new")
+    for path in (tmp_path / "old", tmp_path / "new"):
+        fresh, fresh_optimizer = trained(1)
+        state = Step(0)
+        load_dcp(path, fresh, fresh_optimizer, state)
+        assert state.step == 7
+        for (name, want), got in zip(model.named_parameters(), fresh.parameters()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fresh_optimizer.state[got][key], optimizer.state[want][key], rtol=0,
+                                           atol=0, msg=f"{name} {key}")
