@@ -45,7 +45,8 @@ class TrainingConfig:
     batch_size: int = config_field(32, "global batch size in sequences (over all data-parallel ranks)", ge=1)
     micro_batch_size: Optional[int] = config_field(
         None, "sequences per rank per forward/backward; batch_size/(ranks*micro_batch_size) steps are accumulated "
-              "(null = no accumulation)", ge=1)
+              "(null = no accumulation); with parallel.pp > 1 the size of the pipeline's micro-batches (null = as "
+              "many micro-batches as pipeline stages)", ge=1)
     lr: float = config_field(1e-3, "peak learning rate", gt=0)
     min_lr_ratio: float = config_field(0.1, "final learning rate as a fraction of lr (cosine and wsd)", ge=0, le=1)
     schedule: str = config_field("cosine", "learning-rate schedule after warmup", ("cosine", "wsd", "constant"))

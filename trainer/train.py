@@ -422,12 +422,12 @@ class TrainLoop:
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the fixed validation windows, summed over all ranks."""
+        if self.pipelined:
+            return self.evaluate_pipelined()
         self.model.eval()
         loss_sum, count = 0.0, 0
-        if self.pipelined:
-            loss_sum, count = self.evaluate_pipelined()
         for chunk in np.array_split(self.val_windows, max(1, math.ceil(len(self.val_windows) / self.micro_batch))):
-            if len(chunk) == 0 or self.pipelined:
+            if len(chunk) == 0:
                 continue
             x, y = stack_windows(self.val_tokens, chunk, self.cfg.data.seq_len)
             with self.autocast:
@@ -438,9 +438,10 @@ class TrainLoop:
         loss_sum, count = all_reduce_sum([loss_sum, float(count)], self.dist.device)
         return loss_sum / count
 
-    def evaluate_pipelined(self) -> tuple[float, int]:
-        """(summed loss, tokens) over this rank's windows, in batches of training's shape (the pipeline stages know
-        that shape); a short last batch is padded with windows whose targets are ignored."""
+    def evaluate_pipelined(self) -> float:
+        """evaluate() through the pipeline, in batches of training's shape (the stages know that shape); a short last
+        batch is padded with windows whose targets are ignored."""
+        self.model.eval()
         batch = self.micro_batch * self.accum_steps
         loss_sum, count = 0.0, 0
         for start in range(0, len(self.val_windows), batch):
@@ -452,7 +453,9 @@ class TrainLoop:
                 y = torch.cat([y, torch.full_like(y[:1], -100).expand(pad, -1)])  # cross_entropy's ignore_index
             loss_sum += self.engine.evaluate(x, y).item()
             count += len(chunk) * self.cfg.data.seq_len
-        return loss_sum, count
+        self.model.train()
+        loss_sum, count = all_reduce_sum([loss_sum, float(count)], self.dist.device)
+        return loss_sum / count
 
     def report(self, val_loss: float, steps_run: int, seconds: float, checkpoint: Path | None) -> None:
         base, base_ppl = unigram_baseline(self.meta)
