@@ -3,10 +3,11 @@ RNG). Single-process, DDP and FSDP2 runs write torch.distributed.checkpoint (DCP
 own format (its ZeRO partitions) into the same directory layout.
 
 DCP state-dict keys are the plain model's parameter names (wrappers stripped by DCP's get_state_dict), so such a
-checkpoint does not depend on the layout that wrote it: FSDP2 at 2 ranks resumes at 1 or 4. Each checkpoint is
-written into `step_XXXXXXXX.tmp` and renamed into place only when every rank has finished, so a directory named
-`step_XXXXXXXX` is always complete; leftovers of an interrupted save are removed on the next start. The resolved
-config and the tokenizer are copied in, so a checkpoint directory is self-contained for conversion.
+checkpoint does not depend on the layout that wrote it: FSDP2 at 2 ranks resumes at 1 or 4, a pipeline's stages
+(each rank saving the parameters and optimizer state of its stages, all keyed by name) resume in one process and back.
+Each checkpoint is written into `step_XXXXXXXX.tmp` and renamed into place only when every rank has finished, so a
+directory named `step_XXXXXXXX` is always complete; leftovers of an interrupted save are removed on the next start.
+The resolved config and the tokenizer are copied in, so a checkpoint directory is self-contained for conversion.
 """
 
 from __future__ import annotations
