@@ -26,6 +26,7 @@ from models import ModelConfig, Transformer, count_parameters, flops_per_token
 from parallel.distributed import (DistInfo, all_reduce_sum, barrier, init_distributed, pick_device,
                                   shutdown_distributed)
 from parallel.mesh import ParallelDims
+from parallel.pipeline import layers_per_stage
 from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
 from trainer.config import (Config, config_to_dict, dump_config, micro_batching, parallel_dims, pipeline_stages,
                             validate, validate_tensor_parallel)
@@ -229,7 +230,8 @@ def describe_parallel(cfg: Config, world_size: int) -> str:
             extras.append(f"tp={dims.tp}" + (" with sequence parallel" if p.sequence_parallel else "")
                           + (", loss parallel" if p.loss_parallel and dims.pp == 1 else ""))
         if dims.pp > 1:
-            extras.append(f"pp={dims.pp} {p.pp_schedule}")
+            counts = layers_per_stage(cfg.model.n_layers, pipeline_stages(cfg), p.pp_layers)
+            extras.append(f"pp={dims.pp} {p.pp_schedule}, {len(counts)} stages of {'+'.join(map(str, counts))} layers")
         if p.activation_checkpoint != "none":
             extras.append(f"{p.activation_checkpoint} activation checkpointing")
         if p.compile:
