@@ -19,13 +19,12 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
-                                                    ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 from torch.distributed.tensor import DTensor
 
-SCHEDULES = {"GPipe": ScheduleGPipe, "1F1B": Schedule1F1B, "Interleaved1F1B": ScheduleInterleaved1F1B,
-             "InterleavedZeroBubble": ScheduleInterleavedZeroBubble, "ZBVZeroBubble": ScheduleZBVZeroBubble}
+# torch.distributed.pipelining is imported where a schedule is built: it imports Triton, which must not be loaded
+# before TRITON_INTERPRET is set (the config, which imports this module, is read first).
+SCHEDULES = {"GPipe": "ScheduleGPipe", "1F1B": "Schedule1F1B", "Interleaved1F1B": "ScheduleInterleaved1F1B",
+             "InterleavedZeroBubble": "ScheduleInterleavedZeroBubble", "ZBVZeroBubble": "ScheduleZBVZeroBubble"}
 SINGLE_STAGE_SCHEDULES = ("GPipe", "1F1B")
 ZERO_BUBBLE_SCHEDULES = ("InterleavedZeroBubble", "ZBVZeroBubble")  # backward split into input and weight steps
 
@@ -87,8 +86,10 @@ def build_schedule(parts: list[nn.Module], stages: list[int], n_stages: int, sch
                    group: dist.ProcessGroup):
     """PipelineStages for this rank's parts (shapes inferred from the first micro-batch) and the schedule over them.
     `loss_fn` returns each micro-batch's share of the step's objective, so the schedule does not rescale gradients."""
+    from torch.distributed.pipelining import PipelineStage, schedules
+
     pipeline_stages = [PipelineStage(part, index, n_stages, device, group=group) for part, index in zip(parts, stages)]
-    cls = SCHEDULES[schedule]
+    cls = getattr(schedules, SCHEDULES[schedule])
     if schedule in SINGLE_STAGE_SCHEDULES:
         return cls(pipeline_stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
     return cls(pipeline_stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=False)
