@@ -8,7 +8,7 @@ import yaml
 from helpers import REPO
 
 from trainer.config import (all_keys, config_from_dict, config_to_dict, deepspeed_config, dump_config, load_config,
-                            validate)
+                            micro_batching, pipeline_stages, validate)
 from trainer.errors import UserError
 
 
@@ -110,6 +110,25 @@ def test_bad_overrides_name_the_key(override, message):
     (["parallel.backend=deepspeed", "parallel.zero_stage=1", "deepspeed.zero_optimization.stage=3"],
      "deepspeed.zero_optimization.stage=3 conflicts with parallel.zero_stage=1"),
     (["run.name=../escape"], "must be a plain directory name"),
+    (["parallel.backend=fsdp", "parallel.pp=2", "model.tie_embeddings=true"],
+     "model.tie_embeddings=true cannot be pipelined"),
+    (["parallel.backend=fsdp", "parallel.pp=2", "model.n_layers=3", "parallel.pp_schedule=Interleaved1F1B"],
+     "model.n_layers=3 is fewer than the 4 pipeline stages (pp 2 x 2 per rank)"),
+    (["parallel.backend=fsdp", "parallel.pp=2", "model.n_layers=4", "parallel.pp_layers=3,2"],
+     "parallel.pp_layers=3,2 must give one count >= 1 per pipeline stage (2 = pp 2 x 1 per rank) adding up to "
+     "model.n_layers=4"),
+    (["parallel.backend=fsdp", "parallel.pp=2", "model.n_layers=4", "parallel.pp_layers=4,0"],
+     "must give one count >= 1 per pipeline stage"),
+    (["parallel.backend=fsdp", "parallel.pp=2", "parallel.pp_schedule=GPipe", "parallel.pp_stages_per_rank=2"],
+     "parallel.pp_schedule=GPipe runs one stage per rank"),
+    (["parallel.backend=fsdp", "parallel.pp=2", "parallel.pp_schedule=ZBVZeroBubble", "parallel.pp_stages_per_rank=3"],
+     "parallel.pp_schedule=ZBVZeroBubble runs exactly 2 stages per rank"),
+    (["parallel.backend=fsdp", "parallel.pp=2", "training.batch_size=8", "training.micro_batch_size=4"],
+     "parallel.pp_schedule=1F1B needs at least parallel.pp=2 micro-batches per step; got 1"),
+    (["parallel.backend=fsdp", "parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B", "training.batch_size=10",
+      "training.micro_batch_size=1"],
+     "needs the micro-batches per step (5) to be a multiple of 2"),
+    (["parallel.backend=fsdp", "parallel.pp=3"], "must equal the 4 launched ranks"),
 ])
 def test_validation_names_the_key(overrides, message):
     with pytest.raises(UserError) as err:
@@ -121,6 +140,21 @@ def test_validation_names_the_key(overrides, message):
                                        ["parallel.dp_replicate=2"], ["parallel.dp_shard=4"]])
 def test_data_parallel_degrees_that_fill_the_world(overrides):
     validate(load_config(None, ["parallel.backend=fsdp", *overrides]), world_size=4)
+
+
+@pytest.mark.parametrize("schedule,per_rank,local_batch,expected", [
+    ("1F1B", None, 8, (4, 2)),             # as many micro-batches as stages
+    ("Interleaved1F1B", None, 8, (2, 4)),  # 2 stages per rank by default: 4 stages
+    ("GPipe", None, 6, (3, 2)),
+    ("ZBVZeroBubble", None, 6, (1, 6)),    # 4 stages do not divide 6: the next count that does
+    ("Interleaved1F1B", 3, 4, (1, 4)),     # fewer sequences than the 6 stages: one sequence each
+])
+def test_pipeline_microbatches_default_to_the_stage_count(schedule, per_rank, local_batch, expected):
+    cfg = load_config(None, ["parallel.backend=fsdp", "parallel.pp=2", f"parallel.pp_schedule={schedule}",
+                             f"parallel.pp_stages_per_rank={per_rank or 'null'}", f"training.batch_size={2 * local_batch}",
+                             "model.n_layers=8"])
+    validate(cfg, world_size=4)
+    assert micro_batching(cfg.training, 2, pipeline_stages(cfg)) == expected
 
 
 def test_deepspeed_section_passes_through_and_merges(tmp_path):

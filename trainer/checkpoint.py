@@ -3,10 +3,11 @@ RNG). Single-process, DDP and FSDP2 runs write torch.distributed.checkpoint (DCP
 own format (its ZeRO partitions) into the same directory layout.
 
 DCP state-dict keys are the plain model's parameter names (wrappers stripped by DCP's get_state_dict), so such a
-checkpoint does not depend on the layout that wrote it: FSDP2 at 2 ranks resumes at 1 or 4. Each checkpoint is
-written into `step_XXXXXXXX.tmp` and renamed into place only when every rank has finished, so a directory named
-`step_XXXXXXXX` is always complete; leftovers of an interrupted save are removed on the next start. The resolved
-config and the tokenizer are copied in, so a checkpoint directory is self-contained for conversion.
+checkpoint does not depend on the layout that wrote it: FSDP2 at 2 ranks resumes at 1 or 4, a pipeline's stages
+(each rank saving the parameters and optimizer state of its stages, all keyed by name) resume in one process and back.
+Each checkpoint is written into `step_XXXXXXXX.tmp` and renamed into place only when every rank has finished, so a
+directory named `step_XXXXXXXX` is always complete; leftovers of an interrupted save are removed on the next start.
+The resolved config and the tokenizer are copied in, so a checkpoint directory is self-contained for conversion.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
@@ -68,7 +70,7 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
 
 def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
     """Model and optimizer under their plain (layout-independent) names, plus the trainer state; all ranks call."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
     with single_process_ok():
         dcp.save({"model": model_sd, "optimizer": optim_sd, "train": train_state}, checkpoint_id=path,
                  no_dist=not torch.distributed.is_initialized())
@@ -76,11 +78,25 @@ def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, tra
 
 def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
     """Load into whatever layout the model and optimizer have now (DCP reshards)."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    options = FLAT_OPTIMIZER if flat_optimizer_state(path) else None
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=options)
     state: dict[str, Any] = {"model": model_sd, "optimizer": optim_sd, "train": train_state}
     with single_process_ok():
         dcp.load(state, checkpoint_id=path, no_dist=not torch.distributed.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                   options=options)
+
+
+# The optimizer state keyed by parameter name, hyperparameters included ("param_groups.<name>.lr"), not by
+# param-group index: a pipeline stage's optimizer holds only some parameters, so group lists differ between ranks.
+FLAT_OPTIMIZER = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def flat_optimizer_state(path: Path) -> bool:
+    """Whether the checkpoint at `path` holds the flat optimizer layout (written since pipeline parallelism; older
+    ones list param groups by index)."""
+    keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return not any(re.match(r"optimizer\.param_groups\.\d", key) for key in keys)
 
 
 class TrainingEngine(Protocol):

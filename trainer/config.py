@@ -23,6 +23,7 @@ from models.config import ModelConfig, bounds_error, config_field
 from parallel.distributed import pick_device
 from parallel.float8 import FP8_RECIPES, float8_problem
 from parallel.mesh import ParallelDims
+from parallel.pipeline import SINGLE_STAGE_SCHEDULES, stages_per_rank
 from parallel.zero import build_deepspeed_config
 from trainer.errors import UserError
 
@@ -46,7 +47,8 @@ class TrainingConfig:
     batch_size: int = config_field(32, "global batch size in sequences (over all data-parallel ranks)", ge=1)
     micro_batch_size: Optional[int] = config_field(
         None, "sequences per rank per forward/backward; batch_size/(ranks*micro_batch_size) steps are accumulated "
-              "(null = no accumulation)", ge=1)
+              "(null = no accumulation); with parallel.pp > 1 the size of the pipeline's micro-batches (null = as "
+              "many micro-batches as pipeline stages)", ge=1)
     lr: float = config_field(1e-3, "peak learning rate", gt=0)
     min_lr_ratio: float = config_field(0.1, "final learning rate as a fraction of lr (cosine and wsd)", ge=0, le=1)
     schedule: str = config_field("cosine", "learning-rate schedule after warmup", ("cosine", "wsd", "constant"))
@@ -372,6 +374,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                         "steps the optimizer inside its engine); use stop or log")
     micro_batching(t, dims.dp_size)
     validate_precision(cfg)
+    validate_pipeline(cfg, dims)
 
 
 def validate_precision(cfg: Config) -> None:
@@ -452,9 +455,59 @@ def validate_tensor_parallel(cfg: Config) -> None:
                         f"parallelism needs; change data.seq_len or set parallel.sequence_parallel=false")
 
 
-def micro_batching(t: TrainingConfig, dp_size: int) -> tuple[int, int]:
-    """(sequences per micro-batch, micro-batches per step) on each data-parallel rank."""
-    micro = t.micro_batch_size or t.batch_size // dp_size
+def pipeline_stages(cfg: Config) -> int:
+    """Pipeline stages in all (parallel.pp x stages per rank); 1 without pipeline parallelism."""
+    p = cfg.parallel
+    return p.pp * stages_per_rank(p.pp_schedule, p.pp_stages_per_rank) if p.pp > 1 else 1
+
+
+def validate_pipeline(cfg: Config, dims: ParallelDims) -> None:
+    """The micro-batches, then what pp > 1 needs: a layer or more per stage, the stage split, and what the
+    schedule needs of its stages per rank and micro-batches (micro_batching also applies without a pipeline)."""
+    p, n_layers = cfg.parallel, cfg.model.n_layers
+    stages = pipeline_stages(cfg)
+    n_micro = micro_batching(cfg.training, dims.dp_size, stages)[1]
+    if p.pp == 1:
+        return
+    per_rank = stages // p.pp
+    if p.pp_schedule in SINGLE_STAGE_SCHEDULES and per_rank != 1:
+        raise UserError(f"parallel.pp_schedule={p.pp_schedule} runs one stage per rank; set parallel."
+                        f"pp_stages_per_rank=1 (or null), or use Interleaved1F1B, InterleavedZeroBubble or "
+                        f"ZBVZeroBubble for {per_rank} stages per rank")
+    if p.pp_schedule == "ZBVZeroBubble" and per_rank != 2:
+        raise UserError(f"parallel.pp_schedule=ZBVZeroBubble runs exactly 2 stages per rank (a V); got "
+                        f"parallel.pp_stages_per_rank={per_rank}")
+    if cfg.model.tie_embeddings:
+        raise UserError("model.tie_embeddings=true cannot be pipelined: the embedding (first stage) and the head "
+                        "(last stage) would live on different ranks; set model.tie_embeddings=false or parallel.pp=1")
+    if p.pp_layers is not None:
+        if len(p.pp_layers) != stages or sum(p.pp_layers) != n_layers or min(p.pp_layers) < 1:
+            raise UserError(f"parallel.pp_layers={','.join(map(str, p.pp_layers))} must give one count >= 1 per "
+                            f"pipeline stage ({stages} = pp {p.pp} x {per_rank} per rank) adding up to "
+                            f"model.n_layers={n_layers}")
+    elif n_layers < stages:
+        raise UserError(f"model.n_layers={n_layers} is fewer than the {stages} pipeline stages (pp {p.pp} x "
+                        f"{per_rank} per rank); each stage needs a layer: lower parallel.pp or pp_stages_per_rank")
+    if p.pp_schedule == "1F1B" and n_micro < p.pp:
+        raise UserError(f"parallel.pp_schedule=1F1B needs at least parallel.pp={p.pp} micro-batches per step; got "
+                        f"{n_micro} (training.batch_size / data-parallel ranks / training.micro_batch_size): lower "
+                        f"training.micro_batch_size")
+    rounds = max(1, n_micro // p.pp)
+    if p.pp_schedule in ("Interleaved1F1B", "InterleavedZeroBubble") and n_micro % rounds:
+        raise UserError(f"parallel.pp_schedule={p.pp_schedule} needs the micro-batches per step ({n_micro}) to be "
+                        f"a multiple of {rounds} (micro-batches // parallel.pp); use a multiple of parallel.pp")
+
+
+def micro_batching(t: TrainingConfig, dp_size: int, pipeline_stages: int = 1) -> tuple[int, int]:
+    """(sequences per micro-batch, micro-batches per step) on each data-parallel rank.
+
+    With pipeline parallelism the micro-batches are the pipeline's; by default as many as there are stages (the
+    fewest that keep every stage busy) when the rank's batch divides into them, else one sequence each."""
+    local = t.batch_size // dp_size
+    if t.micro_batch_size is None and pipeline_stages > 1 and local >= 1:
+        micro = local // next((n for n in range(pipeline_stages, local + 1) if local % n == 0), local)
+    else:
+        micro = t.micro_batch_size or local
     if micro < 1 or t.batch_size % (dp_size * micro):
         raise UserError(f"training.batch_size={t.batch_size} must be a multiple of data-parallel ranks ({dp_size}) "
                         f"x training.micro_batch_size ({t.micro_batch_size or 'auto'}); adjust either")

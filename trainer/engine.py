@@ -3,12 +3,15 @@ loop and the checkpointer use — micro_batch/backward/step, save/load — which
 
     ddp        materialize the whole model, wrap it in DistributedDataParallel; DCP checkpoints
     fsdp       FSDP2 shards on the meta device, then materializes only the shards; DCP checkpoints (reshardable)
+               with parallel.pp > 1: PipelineEngine, this rank's pipeline stages, each parallelized the same way
     deepspeed  DeepSpeed's engine with ZeRO stage 0-3 around the same model and optimizer; DeepSpeed checkpoints
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,9 +27,13 @@ from parallel.mesh import ParallelDims
 from parallel.parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
                                   clip_grad_norm, gradient_sync)
 from parallel.tensor_parallel import apply_tp
+from parallel.pipeline import (ZERO_BUBBLE_SCHEDULES, build_schedule, clip_grad_norm_pipelined, layers_per_stage,
+                               merged_view, pipeline_part, stage_indices, stages_per_rank)
 from trainer.checkpoint import load_dcp, load_model_weights, save_dcp
-from trainer.config import Config, deepspeed_config
+from trainer.config import Config, deepspeed_config, micro_batching
+from trainer.metrics import LOG
 from trainer.optim import build_lr_scheduler, build_optimizer
+from trainer.stability import z_loss
 
 
 class TorchEngine:
@@ -78,6 +85,102 @@ class TorchEngine:
         load_dcp(path, self.model, self.optimizer, train_state)
 
 
+class PipelineEngine(TorchEngine):
+    """The fsdp backend with parallel.pp > 1: this rank's pipeline stages (each one parallelized like a whole
+    model), one optimizer over them under the whole model's names, and the schedule that runs a step's
+    micro-batches (the training.micro_batch_size pieces of the rank's batch) through every stage.
+
+    `model` is a view of the parts under the whole model's parameter names: DCP checkpoints hold the same keys as
+    any other layout, so they resume under FSDP2, DDP or one process and back."""
+
+    def __init__(self, parts: list[nn.Module], stages: list[int], n_stages: int, cfg: Config, pp_mesh: DeviceMesh,
+                 device: torch.device, n_microbatches: int, loss: Callable, z_loss: Callable):
+        super().__init__(merged_view(parts), cfg)
+        self.parts, self.device, self.group = parts, device, pp_mesh.get_group()
+        self.has_first, self.has_last = 0 in stages, n_stages - 1 in stages
+        self.n_microbatches, self.z_coefficient = n_microbatches, cfg.stability.z_loss
+        self.cross_entropy, self.z_loss = loss, z_loss
+        self.evaluating, self.recorded = False, []
+        # torch 2.13's ZBVZeroBubble cannot run forward only (its eval still schedules input-gradient steps): it
+        # evaluates with a backward whose gradients are dropped.
+        self.forward_only_eval = cfg.parallel.pp_schedule != "ZBVZeroBubble"
+        self.schedule = build_schedule(parts, stages, n_stages, cfg.parallel.pp_schedule, n_microbatches,
+                                       self.micro_batch_loss, device, self.group)
+
+    def micro_batch_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Called by the schedule on the last stage for each micro-batch: its share of the step's objective, as the
+        loop computes it without a pipeline (mean token cross entropy / micro-batches, plus the z-loss term);
+        in evaluation the summed cross entropy. The cross entropy alone is recorded for the logged loss."""
+        if self.evaluating:
+            loss = self.cross_entropy(logits, targets, reduction="sum")
+            self.recorded.append(loss)
+            return loss
+        loss = self.cross_entropy(logits, targets) / self.n_microbatches
+        self.recorded.append(loss.detach())
+        if self.z_coefficient:
+            return loss + self.z_coefficient * self.z_loss(logits) / self.n_microbatches
+        return loss
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of the rank's batch through the pipeline; returns the mean token loss."""
+        self.evaluating = False
+        return self._run(self.schedule.step, inputs, targets)
+
+    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Summed token cross entropy of a batch of training's shape (targets -100 are not counted)."""
+        self.evaluating = True
+        try:
+            if not self.forward_only_eval:
+                with torch.enable_grad():
+                    return self._run(self.schedule.step, inputs, targets)
+            return self._run(self.schedule.eval, inputs, targets)
+        finally:
+            self.evaluating = False
+            if not self.forward_only_eval:
+                self.optimizer.zero_grad(set_to_none=True)
+
+    def _run(self, run: Callable, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        self.recorded = []
+        args = (inputs.to(self.device, non_blocking=True),) if self.has_first else ()
+        run(*args, target=targets.to(self.device, non_blocking=True) if self.has_last else None,
+            return_outputs=False)
+        # The last n: on its first call a stage infers its shapes from a forward (and loss) of its own. Only the rank
+        # holding the last stage has the losses: a sum over the pipeline group gives them to every rank.
+        recorded = self.recorded[-self.n_microbatches:]
+        total = torch.stack(recorded).sum() if recorded else torch.zeros((), device=self.device)
+        torch.distributed.all_reduce(total, group=self.group)
+        return total
+
+    def step(self, max_norm: float, skip_nonfinite: bool = False) -> torch.Tensor:
+        grad_norm = clip_grad_norm_pipelined(list(self.model.parameters()), max_norm, self.group)
+        if not skip_nonfinite or torch.isfinite(grad_norm).item():
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+
+
+def build_pipeline_engine(cfg: Config, model: nn.Module, mesh: DeviceMesh, dims: ParallelDims,
+                          device: torch.device) -> PipelineEngine:
+    """Split the meta-device model into this rank's stages, parallelize each, and build the schedule."""
+    from trainer.train import cross_entropy  # the loop's own loss (imported here: the loop imports this module)
+
+    p = cfg.parallel
+    n_local = stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
+    n_stages = p.pp * n_local
+    counts = layers_per_stage(cfg.model.n_layers, n_stages, p.pp_layers)
+    stages = stage_indices(mesh["pp"].get_local_rank(), p.pp, n_local, p.pp_schedule)
+    if p.pp_schedule in ZERO_BUBBLE_SCHEDULES and p.reshard_after_forward:
+        # With FSDP2 resharding between a micro-batch's input-gradient and weight-gradient steps, torch 2.13
+        # computes wrong weight gradients (measured against one process): keep the stage's parameters gathered.
+        LOG.info(f"parallel.pp_schedule={p.pp_schedule}: parameters stay gathered from forward to backward "
+                 f"(reshard_after_forward=false), which its split backward needs under FSDP2")
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(p, reshard_after_forward=False))
+    parts = [parallelize(pipeline_part(model, stage, counts), cfg, mesh, device) for stage in stages]
+    n_microbatches = micro_batching(cfg.training, dims.dp_size, n_stages)[1]
+    return PipelineEngine(parts, stages, n_stages, cfg, mesh["pp"], device, n_microbatches, cross_entropy, z_loss)
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -118,7 +221,13 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: 
             load_model_weights(init_from, model)
         return TorchEngine(model, cfg)
     if p.backend == "fsdp":
-        model = parallelize(model, cfg, dims.build_mesh(device), device)
+        mesh = dims.build_mesh(device)
+        if dims.pp > 1:
+            engine = build_pipeline_engine(cfg, model, mesh, dims, device)
+            if init_from is not None:
+                load_model_weights(init_from, engine.model)
+            return engine
+        model = parallelize(model, cfg, mesh, device)
         if init_from is not None:
             load_model_weights(init_from, model)
         return TorchEngine(model, cfg, after_step=precompute_float8_scales if fp8_all_gather else None)

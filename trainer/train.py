@@ -27,12 +27,13 @@ from parallel.distributed import (DistInfo, all_reduce_sum, barrier, init_distri
                                   shutdown_distributed)
 from parallel.float8 import describe_float8, uses_float8_all_gather
 from parallel.mesh import ParallelDims
+from parallel.pipeline import layers_per_stage
 from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
-from trainer.config import (Config, config_to_dict, dump_config, micro_batching, parallel_dims, validate,
-                            validate_tensor_parallel)
+from trainer.config import (Config, config_to_dict, dump_config, micro_batching, parallel_dims, pipeline_stages,
+                            validate, validate_tensor_parallel)
 from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
 from trainer.diagnostics import Diagnostics
-from trainer.engine import build_engine, compute_context, local_tensor
+from trainer.engine import PipelineEngine, build_engine, compute_context, local_tensor
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
 from trainer.optim import apply_hyperparameters, apply_lr_schedule
@@ -231,7 +232,8 @@ def describe_parallel(cfg: Config, world_size: int) -> str:
             extras.append(f"tp={dims.tp}" + (" with sequence parallel" if p.sequence_parallel else "")
                           + (", loss parallel" if p.loss_parallel and dims.pp == 1 else ""))
         if dims.pp > 1:
-            extras.append(f"pp={dims.pp} {p.pp_schedule}")
+            counts = layers_per_stage(cfg.model.n_layers, pipeline_stages(cfg), p.pp_layers)
+            extras.append(f"pp={dims.pp} {p.pp_schedule}, {len(counts)} stages of {'+'.join(map(str, counts))} layers")
         if p.activation_checkpoint != "none":
             extras.append(f"{p.activation_checkpoint} activation checkpointing")
         if p.compile:
@@ -282,7 +284,9 @@ class TrainLoop:
         self.checkpointer, self.run_dir, self.meta = checkpointer, run_dir, inputs.meta
         self.val_tokens, self.val_windows = inputs.val_tokens, inputs.val_windows
         t = cfg.training
-        self.micro_batch, self.accum_steps = micro_batching(t, parallel_dims(cfg, dist_info.world_size).dp_size)
+        self.micro_batch, self.accum_steps = micro_batching(t, parallel_dims(cfg, dist_info.world_size).dp_size,
+                                                            pipeline_stages(cfg))
+        self.pipelined = isinstance(engine, PipelineEngine)  # the engine runs forward and backward through stages
         self.tokens_per_step = t.batch_size * cfg.data.seq_len
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops)
@@ -290,8 +294,10 @@ class TrainLoop:
         self.loss_context = getattr(engine, "loss_context", contextlib.nullcontext)  # loss parallel under tp
         self.extra_files = {"config.yaml": run_dir / "config.yaml",
                             "tokenizer.model": Path(cfg.data.dir) / "tokenizer.model"}
-        self.diagnostics = Diagnostics(engine.model, cfg.diagnostics.every, t.steps, dist_info.device,
-                                       gradients=cfg.parallel.backend != "deepspeed")
+        self.diagnostics = Diagnostics(engine.model, 0 if self.pipelined else cfg.diagnostics.every, t.steps,
+                                       dist_info.device, gradients=cfg.parallel.backend != "deepspeed")
+        if cfg.diagnostics.every and self.pipelined:
+            LOG.info("per-layer diagnostics are off under pipeline parallelism (each rank holds only its stages)")
         if cfg.diagnostics.every and cfg.parallel.backend == "deepspeed":
             LOG.info("diagnostics under DeepSpeed: activation statistics and max attention logits per layer; "
                      "per-layer grad norms and update/weight ratios need parallel.backend=ddp or fsdp")
@@ -398,6 +404,8 @@ class TrainLoop:
         model.train()
         inputs, targets = self.state.batches.next_batch()
         lr = self.engine.lr
+        if self.pipelined:
+            return self.engine.forward_backward(inputs, targets), self.engine_step(), lr
         loss_sum = torch.zeros((), device=device)
         for i, (x, y) in enumerate(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch))):
             last = i == self.accum_steps - 1
@@ -412,13 +420,17 @@ class TrainLoop:
             loss_sum += local_tensor(loss.detach())  # a replicated DTensor under loss parallel
         if diagnose:
             self.diagnostics.before_step()
+        return loss_sum, self.engine_step(), lr
+
+    def engine_step(self) -> torch.Tensor:
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else float("inf")
-        grad_norm = self.engine.step(max_norm, self.skip_nonfinite)
-        return loss_sum, grad_norm, lr
+        return self.engine.step(max_norm, self.skip_nonfinite)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean token loss over the fixed validation windows, summed over all ranks."""
+        if self.pipelined:
+            return self.evaluate_pipelined()
         self.model.eval()
         loss_sum, count = 0.0, 0
         for chunk in np.array_split(self.val_windows, max(1, math.ceil(len(self.val_windows) / self.micro_batch))):
@@ -432,6 +444,25 @@ class TrainLoop:
             with self.loss_context():
                 loss_sum += local_tensor(cross_entropy(logits, y.to(self.dist.device), reduction="sum")).item()
             count += y.numel()
+        self.model.train()
+        loss_sum, count = all_reduce_sum([loss_sum, float(count)], self.dist.device)
+        return loss_sum / count
+
+    def evaluate_pipelined(self) -> float:
+        """evaluate() through the pipeline, in batches of training's shape (the stages know that shape); a short last
+        batch is padded with windows whose targets are ignored."""
+        self.model.eval()
+        batch = self.micro_batch * self.accum_steps
+        loss_sum, count = 0.0, 0
+        for start in range(0, len(self.val_windows), batch):
+            chunk = self.val_windows[start:start + batch]
+            x, y = stack_windows(self.val_tokens, chunk, self.cfg.data.seq_len)
+            if len(chunk) < batch:
+                pad = batch - len(chunk)
+                x = torch.cat([x, x[:1].expand(pad, -1)])
+                y = torch.cat([y, torch.full_like(y[:1], -100).expand(pad, -1)])  # cross_entropy's ignore_index
+            loss_sum += self.engine.evaluate(x, y).item()
+            count += len(chunk) * self.cfg.data.seq_len
         self.model.train()
         loss_sum, count = all_reduce_sum([loss_sum, float(count)], self.dist.device)
         return loss_sum / count

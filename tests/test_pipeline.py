@@ -1,0 +1,142 @@
+"""Pipeline parallelism against the single-process run: the same global batch and seed, so every step's loss and
+every evaluation must match at 1e-5 relative, for each schedule and each norm placement (spread over the schedules),
+with FSDP2 over the data-parallel ranks too; a pipeline checkpoint resumes under FSDP2 and in one process."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+from helpers import MICRO_MODEL, TINY, read_metrics, run_cli, run_torchrun
+from test_zero import assert_same_losses, state_counts
+
+from models import ModelConfig, Transformer
+
+STEPS = ("model.n_layers=4", "training.steps=6", "checkpoint.every=3", "eval.every=3", "checkpoint.keep_last=0")
+PLACEMENTS = {
+    "pre": [],
+    "post": ["model.placement=post"],
+    "peri": ["model.placement=peri", "model.norm=layernorm", "model.qk_norm=true", "stability.z_loss=1e-3"],
+    "mix": ["model.placement=mix", "model.mix_alpha=0.5"],  # layers 0-1 Post-LN, 2-3 Pre-LN
+}
+PP = ["parallel.backend=fsdp", "parallel.pp=2"]
+
+# (name, ranks, placement, overrides): every schedule at pp=2, every placement under one of them.
+PIPELINED = [
+    ("gpipe_mix_straddle", 2, "mix", [*PP, "parallel.pp_schedule=GPipe", "parallel.pp_layers=1,3"]),
+    ("1f1b_pre", 2, "pre", [*PP, "parallel.pp_schedule=1F1B"]),
+    ("interleaved_peri", 2, "peri", [*PP, "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=2"]),
+    ("zbv_post", 2, "post", [*PP, "parallel.pp_schedule=ZBVZeroBubble"]),
+    ("interleaved_zb_mix", 2, "mix", [*PP, "parallel.pp_schedule=InterleavedZeroBubble"]),
+    ("pp2_fsdp2_1f1b_post", 4, "post", [*PP, "parallel.pp_schedule=1F1B", "training.micro_batch_size=2"]),
+]
+
+
+@pytest.fixture(scope="module")
+def runs(shakespeare_data, tmp_path_factory):
+    """Run directories under one module-wide root, each trained once on first use: runs(name, nproc, *overrides)."""
+    root = tmp_path_factory.mktemp("pipeline")
+    done: dict[str, object] = {}
+
+    def run(name: str, nproc: int, *overrides: str):
+        if name not in done:
+            args = ("train", TINY, f"data.dir={shakespeare_data}", f"run.output_dir={root}", f"run.name={name}",
+                    *MICRO_MODEL, *STEPS, *overrides)
+            done[name] = run_cli(*args) if nproc == 1 else run_torchrun(nproc, *args)
+        return root / name
+    return run
+
+
+@pytest.mark.parametrize("name,nproc,placement,overrides", PIPELINED, ids=[p[0] for p in PIPELINED])
+def test_pipelined_training_matches_single_process(runs, name, nproc, placement, overrides):
+    reference = runs(f"single_{placement}", 1, *PLACEMENTS[placement])
+    run_dir = runs(name, nproc, *PLACEMENTS[placement], *overrides)
+    assert_same_losses(run_dir, reference)  # every step's loss and both evaluations
+    assert len(step_rows(run_dir)) == 6
+    # The stages partition the model: every parameter on exactly one pipeline rank (and sharded over the
+    # data-parallel ranks under FSDP2); Adam's two moments follow.
+    (total_params,), _ = state_counts(reference)
+    params, optim = state_counts(run_dir)
+    assert len(params) == nproc and sum(params) == total_params and max(params) < total_params
+    assert optim == [2 * p for p in params]
+
+
+def step_rows(run_dir):
+    return read_metrics(run_dir)[0]
+
+
+def test_pipeline_checkpoint_resumes_under_fsdp_and_in_one_process(runs):
+    """DCP keys are the whole model's names on every stage: a pp=2 checkpoint of step 3 resumes under FSDP2 on 2 ranks
+    and in one process, a single-process one under pp=2, and steps 4-6 equal the uninterrupted run's."""
+    reference = runs("single_pre", 1)
+    saved = runs("1f1b_pre", 2, *PP, "parallel.pp_schedule=1F1B")
+    for source, name in ((saved, "pp_then_fsdp"), (saved, "pp_then_single"), (reference, "single_then_pp")):
+        copy = source.with_name(name)
+        shutil.copytree(source, copy)
+        shutil.rmtree(copy / "checkpoints" / "step_00000006")
+    resumed = [runs("pp_then_fsdp", 2, "parallel.backend=fsdp"), runs("pp_then_single", 1),
+               runs("single_then_pp", 2, *PP, "parallel.pp_schedule=GPipe")]
+    for run_dir in resumed:
+        assert "resumed from" in (run_dir / "train.log").read_text()
+        assert_same_losses(run_dir, reference, steps=range(4, 7))
+
+
+def test_pipeline_starts_from_init_from_weights(runs):
+    """checkpoint.init_from loads every stage's share: a pipelined run started from the single process's step-3
+    weights computes the loss the single process computes from them."""
+    source = runs("single_pre", 1) / "checkpoints" / "step_00000003"
+    one = runs("init_single", 1, f"checkpoint.init_from={source}", "training.steps=1")
+    piped = runs("init_pp", 2, f"checkpoint.init_from={source}", "training.steps=1", *PP)
+    assert "initialized the model from" in (piped / "train.log").read_text()
+    first, want = step_rows(piped)[0]["loss"], step_rows(one)[0]["loss"]
+    assert first == pytest.approx(want, rel=1e-5)
+    assert abs(first - step_rows(runs("single_pre", 1))[0]["loss"]) > 0.05  # trained weights, not a fresh init
+
+
+def test_checkpoints_with_the_earlier_optimizer_layout_still_load(tmp_path):
+    """Checkpoints now key the optimizer state by parameter name; those written before (by param-group index, as
+    get_state_dict returns it by default) load into a fresh model and optimizer with the same values."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    from trainer.checkpoint import flat_optimizer_state, load_dcp, save_dcp, single_process_ok
+    from trainer.config import TrainingConfig
+    from trainer.optim import build_optimizer
+
+    class Step:  # the smallest Stateful: a step counter
+        def __init__(self, step):
+            self.step = step
+
+        def state_dict(self):
+            return {"step": self.step}
+
+        def load_state_dict(self, state):
+            self.step = state["step"]
+
+    def trained(seed):
+        model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_hidden_dim=64, vocab_size=64,
+                                        max_seq_len=16))
+        model.init_weights(seed)
+        optimizer = build_optimizer(model, TrainingConfig())
+        model(torch.randint(0, 64, (2, 8))).square().mean().backward()
+        optimizer.step()
+        return model, optimizer
+
+    model, optimizer = trained(0)
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    with single_process_ok():
+        dcp.save({"model": model_sd, "optimizer": optim_sd, "train": Step(7)}, checkpoint_id=tmp_path / "old",
+                 no_dist=True)
+    save_dcp(tmp_path / "new", model, optimizer, Step(7))
+    assert not flat_optimizer_state(tmp_path / "old") and flat_optimizer_state(tmp_path / "new")
+    for path in (tmp_path / "old", tmp_path / "new"):
+        fresh, fresh_optimizer = trained(1)
+        state = Step(0)
+        load_dcp(path, fresh, fresh_optimizer, state)
+        assert state.step == 7
+        for (name, want), got in zip(model.named_parameters(), fresh.parameters()):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+            for key in ("exp_avg", "exp_avg_sq"):
+                torch.testing.assert_close(fresh_optimizer.state[got][key], optimizer.state[want][key], rtol=0,
+                                           atol=0, msg=f"{name} {key}")
