@@ -49,6 +49,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
         parallelize_module(model, tp_mesh, PrepareModuleOutput(output_layouts=(stream,),
                                                                desired_output_layouts=(stream,),
                                                                use_local_output=True))
+        # ... not a view of the DTensor's local tensor: zero-bubble schedules detach stage outputs in place.
+        model.register_forward_hook(lambda module, args, output: output.clone() if output._is_view() else output)
     for name, block in model.layers.items():
         block_plan = {
             # Gather the stream once per sublayer (not once per projection).
