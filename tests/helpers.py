@@ -50,6 +50,26 @@ def run_torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float
     return result
 
 
+class TrainedRuns:
+    """`runs(name, nproc, *overrides)`: the run directory of a micro-model run on `data`, trained on first use
+    (in one process, or under torchrun for nproc > 1) and shared by every later test that asks for it by name.
+    `common` overrides (steps, checkpoint and eval intervals) come after MICRO_MODEL; `output(name)` is its stdout."""
+
+    def __init__(self, data: Path, root: Path, *common: str):
+        self.data, self.root, self.common = data, root, common
+        self.results: dict[str, subprocess.CompletedProcess] = {}
+
+    def __call__(self, name: str, nproc: int, *overrides: str, common: tuple[str, ...] | None = None) -> Path:
+        if name not in self.results:
+            args = ("train", TINY, f"data.dir={self.data}", f"run.output_dir={self.root}", f"run.name={name}",
+                    *MICRO_MODEL, *(self.common if common is None else common), *overrides)
+            self.results[name] = run_cli(*args) if nproc == 1 else run_torchrun(nproc, *args)
+        return self.root / name
+
+    def output(self, name: str) -> str:
+        return self.results[name].stdout
+
+
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training rows, eval rows) of a run's metrics.jsonl."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import MICRO_MODEL, TINY, read_metrics, run_cli, run_torchrun
+from helpers import TrainedRuns, read_metrics
 from test_zero import assert_same_losses, state_counts
 
 from models import ModelConfig, Transformer
@@ -37,16 +37,7 @@ PIPELINED = [
 @pytest.fixture(scope="module")
 def runs(shakespeare_data, tmp_path_factory):
     """Run directories under one module-wide root, each trained once on first use: runs(name, nproc, *overrides)."""
-    root = tmp_path_factory.mktemp("pipeline")
-    done: dict[str, object] = {}
-
-    def run(name: str, nproc: int, *overrides: str):
-        if name not in done:
-            args = ("train", TINY, f"data.dir={shakespeare_data}", f"run.output_dir={root}", f"run.name={name}",
-                    *MICRO_MODEL, *STEPS, *overrides)
-            done[name] = run_cli(*args) if nproc == 1 else run_torchrun(nproc, *args)
-        return root / name
-    return run
+    return TrainedRuns(shakespeare_data, tmp_path_factory.mktemp("pipeline"), *STEPS)
 
 
 @pytest.mark.parametrize("name,nproc,placement,overrides", PIPELINED, ids=[p[0] for p in PIPELINED])

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import MICRO_MODEL, TINY, read_metrics, run_cli, run_torchrun
+from helpers import TINY, TrainedRuns, read_metrics, run_cli
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -27,16 +27,8 @@ COMMON = (f"training.steps={STEPS}", "training.warmup_steps=20", f"checkpoint.ev
 def runs(shakespeare_data, tmp_path_factory):
     """Run directories under one module-wide root, each trained once on first use: runs(name, nproc, *overrides).
     The micro model's linear dimensions (64, 128, 16-wide heads) are multiples of 16, so all but the head run in FP8."""
-    root = tmp_path_factory.mktemp("precision")
-    done: dict[str, object] = {}
-
-    def run(name: str, nproc: int, *overrides: str):
-        if name not in done:
-            args = ("train", TINY, f"data.dir={shakespeare_data}", f"run.output_dir={root}", f"run.name={name}",
-                    *MICRO_MODEL, *COMMON, *overrides)
-            done[name] = run_cli(*args) if nproc == 1 else run_torchrun(nproc, *args)
-        return root / name, done[name].stdout
-    return run
+    trained = TrainedRuns(shakespeare_data, tmp_path_factory.mktemp("precision"), *COMMON)
+    return lambda name, nproc, *overrides: (trained(name, nproc, *overrides), trained.output(name))
 
 
 def losses(run_dir) -> list[float]:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from helpers import MICRO_MODEL, TINY, run_cli, run_torchrun
+from helpers import TrainedRuns
 from test_zero import assert_same_losses, resume_copy, state_counts
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -28,16 +28,7 @@ PLACEMENTS = {
 @pytest.fixture(scope="module")
 def runs(shakespeare_data, tmp_path_factory):
     """runs(name, nproc, *overrides): a run directory, trained once per module on first use."""
-    root = tmp_path_factory.mktemp("tp")
-    done: dict[str, object] = {}
-
-    def run(name: str, nproc: int, *overrides: str):
-        if name not in done:
-            args = ("train", TINY, f"data.dir={shakespeare_data}", f"run.output_dir={root}", f"run.name={name}",
-                    *MICRO_MODEL, *STEPS, *overrides)
-            done[name] = run_cli(*args) if nproc == 1 else run_torchrun(nproc, *args)
-        return root / name
-    return run
+    return TrainedRuns(shakespeare_data, tmp_path_factory.mktemp("tp"), *STEPS)
 
 
 # (name, placement, ranks, overrides): each placement under TP=2, and the options composed with it

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import MICRO_MODEL, TINY, read_metrics, run_cli, run_torchrun
+from helpers import MICRO_MODEL, TINY, TrainedRuns, read_metrics, run_cli
 
 from models import Transformer
 from trainer.config import load_config
@@ -20,16 +20,7 @@ STEPS = ("training.steps=8", "checkpoint.every=4", "eval.every=4", "checkpoint.k
 @pytest.fixture(scope="module")
 def runs(shakespeare_data, tmp_path_factory):
     """Run directories under one module-wide root, each trained once on first use: runs(name, nproc, *overrides)."""
-    root = tmp_path_factory.mktemp("zero")
-    done: dict[str, object] = {}
-
-    def run(name: str, nproc: int, *overrides: str, steps=STEPS):
-        if name not in done:
-            args = ("train", TINY, f"data.dir={shakespeare_data}", f"run.output_dir={root}", f"run.name={name}",
-                    *MICRO_MODEL, *steps, *overrides)
-            done[name] = run_cli(*args) if nproc == 1 else run_torchrun(nproc, *args)
-        return root / name
-    return run
+    return TrainedRuns(shakespeare_data, tmp_path_factory.mktemp("zero"), *STEPS)
 
 
 def step_losses(run_dir):
@@ -94,8 +85,8 @@ def test_sharded_training_matches_single_process(runs, name, nproc, overrides, p
 def test_every_placement_under_fsdp(runs, placement):
     label = placement[0].split("=")[1]
     steps = ("training.steps=6", "checkpoint.every=6", "eval.every=6")
-    reference = runs(f"single_{label}", 1, *placement, steps=steps)
-    assert_same_losses(runs(f"fsdp_{label}", 2, "parallel.backend=fsdp", *placement, steps=steps), reference)
+    reference = runs(f"single_{label}", 1, *placement, common=steps)
+    assert_same_losses(runs(f"fsdp_{label}", 2, "parallel.backend=fsdp", *placement, common=steps), reference)
 
 
 def test_bf16_sharded_training_stays_close_to_fp32_with_fp32_master_weights(runs):
