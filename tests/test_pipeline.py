@@ -4,6 +4,7 @@ with FSDP2 over the data-parallel ranks too; a pipeline checkpoint resumes under
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -56,6 +57,23 @@ def test_pipelined_training_matches_single_process(runs, name, nproc, placement,
 
 def step_rows(run_dir):
     return read_metrics(run_dir)[0]
+
+
+def test_diagnostics_under_pipeline_parallelism_equal_single_process(runs):
+    """Each stage records its own layers (the first micro-batch's activations); the pipeline group completes the
+    per-layer rows. Against one process running the same micro-batches (2 of 4 sequences), every value of every
+    layer matches, at step 1 (where the stages first infer their shapes) and at the last step."""
+    def diagnostics(run_dir):
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r for r in rows if "layer_grad_norm" in r]
+    single = diagnostics(runs("single_pre_micro4", 1, "training.micro_batch_size=4"))
+    pipelined = diagnostics(runs("1f1b_pre", 2, *PP, "parallel.pp_schedule=1F1B"))
+    assert [r["step"] for r in single] == [r["step"] for r in pipelined] == [1, 6]
+    for want, got in zip(single, pipelined):
+        for key in ("layer_grad_norm", "attn_grad_norm", "mlp_grad_norm", "update_ratio", "resid_rms",
+                    "resid_var", "max_act", "max_act_ratio", "max_attn_logit"):
+            assert len(got[key]) == 4
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (want["step"], key)
 
 
 def test_pipeline_checkpoint_resumes_under_fsdp_and_in_one_process(runs):

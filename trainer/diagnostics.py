@@ -80,8 +80,8 @@ class ActivationProbe:
     """Forward hooks for one forward pass: residual-stream statistics at each block output and the max attention
     logit of each block. Only the first call of each hook counts (activation checkpointing may re-run forward)."""
 
-    def __init__(self, layers: nn.ModuleDict):
-        self.layers = layers
+    def __init__(self, layers: nn.ModuleDict, n_layers: int, stages: int):
+        self.layers, self.n_layers, self.stages = layers, n_layers, stages
         self.block_stats: dict[str, torch.Tensor] = {}   # [mean h^2, feature variance, median |h|]
         self.block_max: dict[str, torch.Tensor] = {}     # [max |h|, max attention logit]
         self.qk: dict[str, dict[str, torch.Tensor]] = {}
@@ -134,13 +134,18 @@ class ActivationProbe:
         return hook
 
     def collect(self) -> dict[str, list[float]]:
-        """The per-layer values, averaged (maxima: max) over data-parallel ranks; every rank must call this."""
-        names = list(self.layers)
-        stats = torch.stack([self.block_stats[n] for n in names])
-        maxima = torch.stack([torch.stack([self.block_max[n], self.qk[n]["logit"]]) for n in names])
+        """The per-layer values of all `n_layers` layers, averaged (maxima: max) over data-parallel ranks; every rank
+        must call this. A pipeline stage fills in its own layers (zeros / -inf elsewhere), so summing over all
+        ranks and dividing by the ranks that hold each layer (world size / stages) gives every layer's mean."""
+        some = next(iter(self.block_stats.values()))
+        stats = torch.zeros(self.n_layers, 3, device=some.device)
+        maxima = torch.full((self.n_layers, 2), float("-inf"), device=some.device)
+        for name in self.layers:
+            stats[int(name)] = self.block_stats[name]
+            maxima[int(name)] = torch.stack([self.block_max[name], self.qk[name]["logit"]])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
-            stats /= dist.get_world_size()
+            stats /= dist.get_world_size() // self.stages
             dist.all_reduce(maxima, op=dist.ReduceOp.MAX)
         stats, maxima = stats.tolist(), maxima.tolist()
         return {"resid_rms": [math.sqrt(s[0]) for s in stats], "resid_var": [s[1] for s in stats],
@@ -153,12 +158,18 @@ class Diagnostics:
     """What the train loop calls on a diagnostic step: `probe()` around the first micro-batch's forward,
     `before_step()` between the last backward and the optimizer step, `after_step()` for the finished row."""
 
-    def __init__(self, model: nn.Module, every: int, total_steps: int, device: torch.device, gradients: bool):
+    def __init__(self, model: nn.Module, every: int, total_steps: int, device: torch.device, gradients: bool,
+                 n_layers: int | None = None, pp_group: dist.ProcessGroup | None = None):
+        """`model` holds all `n_layers` layers, or (pipeline parallelism) this rank's stages of them, whose sums are
+        then completed over `pp_group`."""
         self.model, self.every, self.total_steps, self.device = unwrap(model), every, total_steps, device
         self.gradients = gradients  # False under DeepSpeed: its gradients and weights are not per-parameter tensors
-        named = dict(self.model.named_parameters())
+        self.n_layers, self.pp_group = n_layers or len(self.model.layers), pp_group
+        # Names as in checkpoints: without wrappers such as activation checkpointing's `_checkpoint_wrapped_module`.
+        named = {".".join(part for part in n.split(".") if not part.startswith("_")): p
+                 for n, p in self.model.named_parameters()}
         self.groups = {part: [[p for n, p in named.items() if n.startswith(f"layers.{i}.{prefix}")]
-                              for i in self.model.layers]
+                              for i in range(self.n_layers)]
                        for part, prefix in (("layer", ""), ("attn", "attention."), ("mlp", "feed_forward."))}
         self.row: dict = {}
         self.before: list[list[torch.Tensor]] = []
@@ -169,7 +180,8 @@ class Diagnostics:
 
     def probe(self) -> ActivationProbe:
         self.row = {}
-        self._probe = ActivationProbe(self.model.layers)
+        self._probe = ActivationProbe(self.model.layers, self.n_layers,
+                                      1 if self.pp_group is None else dist.get_world_size(self.pp_group))
         return self._probe
 
     @torch.no_grad()
@@ -179,8 +191,8 @@ class Diagnostics:
             return
         grads = [[p.grad for p in group if p.grad is not None] for part in ("layer", "attn", "mlp")
                  for group in self.groups[part]]
-        norms = sum_of_squares(grads, self.device).sqrt().tolist()
-        n = len(self.model.layers)
+        norms = self.sum_of_squares(grads).sqrt().tolist()
+        n = self.n_layers
         self.row.update(layer_grad_norm=norms[:n], attn_grad_norm=norms[n:2 * n], mlp_grad_norm=norms[2 * n:])
         self.before = [[p.detach().clone() for p in group] for group in self.groups["layer"]]
 
@@ -189,9 +201,15 @@ class Diagnostics:
         if self.gradients:
             deltas = [[p.detach() - old for p, old in zip(group, before)]
                       for group, before in zip(self.groups["layer"], self.before)]
-            sums = sum_of_squares(deltas + self.before, self.device).sqrt().tolist()
+            sums = self.sum_of_squares(deltas + self.before).sqrt().tolist()
             n = len(self.before)
             self.row["update_ratio"] = [d / w if w > 0 else float("nan") for d, w in zip(sums[:n], sums[n:])]
             self.before = []
         row, self.row = self.row, {}
         return row
+
+    def sum_of_squares(self, groups: list[list[torch.Tensor]]) -> torch.Tensor:
+        sums = sum_of_squares(groups, self.device)
+        if self.pp_group is not None:  # each layer lives on one stage: the other stages add zeros
+            dist.all_reduce(sums, group=self.pp_group)
+        return sums

@@ -107,6 +107,14 @@ class PipelineEngine(TorchEngine):
         self.schedule = build_schedule(parts, stages, n_stages, cfg.parallel.pp_schedule, n_microbatches,
                                        self.micro_batch_loss, device, self.group)
 
+    def infer_shapes(self, batch: int, seq_len: int) -> None:
+        """One throw-away forward and backward on a batch of zeros: on its first run each stage infers its input and
+        output shapes, running its layers on uninitialized tensors; done here, that never happens inside a real
+        step (whose activations the diagnostics record)."""
+        tokens = torch.zeros(batch, seq_len, dtype=torch.long)
+        self.forward_backward(tokens, tokens)
+        self.optimizer.zero_grad(set_to_none=True)
+
     def micro_batch_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Called by the schedule on the last stage for each micro-batch: its share of the step's objective, as the
         loop computes it without a pipeline (mean token cross entropy / micro-batches, plus the z-loss term);
@@ -177,8 +185,10 @@ def build_pipeline_engine(cfg: Config, model: nn.Module, mesh: DeviceMesh, dims:
                  f"(reshard_after_forward=false), which its split backward needs under FSDP2")
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(p, reshard_after_forward=False))
     parts = [parallelize(pipeline_part(model, stage, counts), cfg, mesh, device) for stage in stages]
-    n_microbatches = micro_batching(cfg.training, dims.dp_size, n_stages)[1]
-    return PipelineEngine(parts, stages, n_stages, cfg, mesh["pp"], device, n_microbatches, cross_entropy, z_loss)
+    micro_batch, n_microbatches = micro_batching(cfg.training, dims.dp_size, n_stages)
+    engine = PipelineEngine(parts, stages, n_stages, cfg, mesh["pp"], device, n_microbatches, cross_entropy, z_loss)
+    engine.infer_shapes(micro_batch * n_microbatches, cfg.data.seq_len)
+    return engine
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:

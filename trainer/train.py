@@ -294,10 +294,9 @@ class TrainLoop:
         self.loss_context = getattr(engine, "loss_context", contextlib.nullcontext)  # loss parallel under tp
         self.extra_files = {"config.yaml": run_dir / "config.yaml",
                             "tokenizer.model": Path(cfg.data.dir) / "tokenizer.model"}
-        self.diagnostics = Diagnostics(engine.model, 0 if self.pipelined else cfg.diagnostics.every, t.steps,
-                                       dist_info.device, gradients=cfg.parallel.backend != "deepspeed")
-        if cfg.diagnostics.every and self.pipelined:
-            LOG.info("per-layer diagnostics are off under pipeline parallelism (each rank holds only its stages)")
+        self.diagnostics = Diagnostics(engine.model, cfg.diagnostics.every, t.steps, dist_info.device,
+                                       gradients=cfg.parallel.backend != "deepspeed", n_layers=cfg.model.n_layers,
+                                       pp_group=engine.group if self.pipelined else None)
         if cfg.diagnostics.every and cfg.parallel.backend == "deepspeed":
             LOG.info("diagnostics under DeepSpeed: activation statistics and max attention logits per layer; "
                      "per-layer grad norms and update/weight ratios need parallel.backend=ddp or fsdp")
@@ -404,8 +403,12 @@ class TrainLoop:
         model.train()
         inputs, targets = self.state.batches.next_batch()
         lr = self.engine.lr
-        if self.pipelined:
-            return self.engine.forward_backward(inputs, targets), self.engine_step(), lr
+        if self.pipelined:  # diagnostics: the activations of each stage's first micro-batch
+            with self.diagnostics.probe() if diagnose else contextlib.nullcontext():
+                loss = self.engine.forward_backward(inputs, targets)
+            if diagnose:
+                self.diagnostics.before_step()
+            return loss, self.engine_step(), lr
         loss_sum = torch.zeros((), device=device)
         for i, (x, y) in enumerate(zip(inputs.split(self.micro_batch), targets.split(self.micro_batch))):
             last = i == self.accum_steps - 1
