@@ -204,9 +204,7 @@ class Transformer(nn.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers) if cfg.depth_scaled_init else cfg.init_std
         done: set[int] = set()  # a tied head shares the embedding's tensor: initialize it once
         for name, module in self.named_modules():
-            # Wrappers from outside (activation checkpointing's `_checkpoint_wrapped_module`, ...) are not part of
-            # the name, just as they are not part of the checkpoint keys.
-            name = ".".join(part for part in name.split(".") if not part.startswith("_"))
+            name = plain_name(name)
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 if id(module.weight) in done:  # never reset_parameters() here: that would redraw the tied weight
                     continue
@@ -229,6 +227,12 @@ class Transformer(nn.Module):
             if gain != 1.0 and parts[-1] in ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
                 return self.cfg.init_std * gain
         return out_std if name.endswith(("o_proj", "down_proj")) else self.cfg.init_std
+
+
+def plain_name(name: str) -> str:
+    """A module or parameter name without the wrappers parallel/ inserts (activation checkpointing's
+    `_checkpoint_wrapped_module`, ...): the name in checkpoints, init seeds and diagnostics."""
+    return ".".join(part for part in name.split(".") if not part.startswith("_"))
 
 
 def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:

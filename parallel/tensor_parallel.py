@@ -51,7 +51,7 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
                                                                use_local_output=True))
         # ... not a view of the DTensor's local tensor: zero-bubble schedules detach stage outputs in place.
         model.register_forward_hook(lambda module, args, output: output.clone() if output._is_view() else output)
-    for name, block in model.layers.items():
+    for block in model.layers.values():
         block_plan = {
             # Gather the stream once per sublayer (not once per projection).
             "attention": PrepareModuleInput(input_layouts=(stream, None), desired_input_layouts=(Replicate(), None),

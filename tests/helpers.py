@@ -76,6 +76,12 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 
+def diagnostic_rows(run_dir: Path) -> list[dict]:
+    """The per-layer diagnostics rows of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "layer_grad_norm" in r]
+
+
 def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file below root, to prove a failed command left it untouched."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()

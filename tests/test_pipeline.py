@@ -4,13 +4,12 @@ with FSDP2 over the data-parallel ranks too; a pipeline checkpoint resumes under
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import TrainedRuns, read_metrics
+from helpers import TrainedRuns, diagnostic_rows, read_metrics
 from test_zero import assert_same_losses, state_counts
 
 from models import ModelConfig, Transformer
@@ -63,11 +62,8 @@ def test_diagnostics_under_pipeline_parallelism_equal_single_process(runs):
     """Each stage records its own layers (the first micro-batch's activations); the pipeline group completes the
     per-layer rows. Against one process running the same micro-batches (2 of 4 sequences), every value of every
     layer matches, at step 1 (where the stages first infer their shapes) and at the last step."""
-    def diagnostics(run_dir):
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [r for r in rows if "layer_grad_norm" in r]
-    single = diagnostics(runs("single_pre_micro4", 1, "training.micro_batch_size=4"))
-    pipelined = diagnostics(runs("1f1b_pre", 2, *PP, "parallel.pp_schedule=1F1B"))
+    single = diagnostic_rows(runs("single_pre_micro4", 1, "training.micro_batch_size=4"))
+    pipelined = diagnostic_rows(runs("1f1b_pre", 2, *PP, "parallel.pp_schedule=1F1B"))
     assert [r["step"] for r in single] == [r["step"] for r in pipelined] == [1, 6]
     for want, got in zip(single, pipelined):
         for key in ("layer_grad_norm", "attn_grad_norm", "mlp_grad_norm", "update_ratio", "resid_rms",

@@ -3,11 +3,9 @@ run: the same global batch and seed, so every step's fp32 loss must match within
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from helpers import TrainedRuns
+from helpers import TrainedRuns, diagnostic_rows
 from test_zero import assert_same_losses, resume_copy, state_counts
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -111,11 +109,8 @@ def test_each_rank_holds_its_tensor_parallel_share(runs):
 def test_diagnostics_under_tensor_parallelism_equal_single_process(runs):
     """Per-layer diagnostics gather the sequence-sharded stream and reduce tp-sharded and replicated gradients
     each once: every logged value equals the single-process run's."""
-    def diagnostics(run_dir):
-        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        return [r for r in rows if "layer_grad_norm" in r]
-    single = diagnostics(runs("single_peri", 1, *PLACEMENTS["peri"]))
-    sharded = diagnostics(runs("tp2_sp_peri", 2, *PLACEMENTS["peri"], *TP))
+    single = diagnostic_rows(runs("single_peri", 1, *PLACEMENTS["peri"]))
+    sharded = diagnostic_rows(runs("tp2_sp_peri", 2, *PLACEMENTS["peri"], *TP))
     assert single and [r["step"] for r in single] == [r["step"] for r in sharded]
     for want, got in zip(single, sharded):
         for key in ("layer_grad_norm", "attn_grad_norm", "mlp_grad_norm", "update_ratio", "resid_rms",

@@ -361,7 +361,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         cfg.model.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
-    t = cfg.training
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*", cfg.run.name):
         raise UserError(f"run.name={cfg.run.name!r} must be a plain directory name (letters, digits, . _ - + = @), "
                         f"not a path; use run.output_dir for the location")
@@ -372,9 +371,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.stability.nonfinite == "skip" and cfg.parallel.backend == "deepspeed":
         raise UserError("stability.nonfinite=skip is not available with parallel.backend=deepspeed (DeepSpeed "
                         "steps the optimizer inside its engine); use stop or log")
-    micro_batching(t, dims.dp_size)
+    validate_pipeline(cfg, dims)  # the micro-batch split too, with or without a pipeline
     validate_precision(cfg)
-    validate_pipeline(cfg, dims)
 
 
 def validate_precision(cfg: Config) -> None:

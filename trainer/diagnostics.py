@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from models.transformer import apply_rope
+from models.transformer import apply_rope, plain_name
 from trainer.engine import local_tensor
 
 
@@ -165,9 +165,7 @@ class Diagnostics:
         self.model, self.every, self.total_steps, self.device = unwrap(model), every, total_steps, device
         self.gradients = gradients  # False under DeepSpeed: its gradients and weights are not per-parameter tensors
         self.n_layers, self.pp_group = n_layers or len(self.model.layers), pp_group
-        # Names as in checkpoints: without wrappers such as activation checkpointing's `_checkpoint_wrapped_module`.
-        named = {".".join(part for part in n.split(".") if not part.startswith("_")): p
-                 for n, p in self.model.named_parameters()}
+        named = {plain_name(n): p for n, p in self.model.named_parameters()}
         self.groups = {part: [[p for n, p in named.items() if n.startswith(f"layers.{i}.{prefix}")]
                               for i in range(self.n_layers)]
                        for part, prefix in (("layer", ""), ("attn", "attention."), ("mlp", "feed_forward."))}

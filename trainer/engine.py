@@ -60,7 +60,7 @@ class TorchEngine:
     def step(self, max_norm: float, skip_nonfinite: bool = False) -> torch.Tensor:
         """Clip, update, advance the schedule; returns the pre-clipping global gradient norm. With
         `skip_nonfinite`, a non-finite norm drops the update (the norm is read: one host-device sync)."""
-        grad_norm = clip_grad_norm(self.model, max_norm)
+        grad_norm = self.clip(max_norm)
         if not skip_nonfinite or torch.isfinite(grad_norm).item():
             self.optimizer.step()
             if self.after_step is not None:
@@ -68,6 +68,9 @@ class TorchEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
+
+    def clip(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm(self.model, max_norm)
 
     @property
     def lr(self) -> float:
@@ -94,8 +97,8 @@ class PipelineEngine(TorchEngine):
     any other layout, so they resume under FSDP2, DDP or one process and back."""
 
     def __init__(self, parts: list[nn.Module], stages: list[int], n_stages: int, cfg: Config, pp_mesh: DeviceMesh,
-                 device: torch.device, n_microbatches: int, loss: Callable, z_loss: Callable):
-        super().__init__(merged_view(parts), cfg)
+                 device: torch.device, n_microbatches: int, loss: Callable, z_loss: Callable, after_step=None):
+        super().__init__(merged_view(parts), cfg, after_step)
         self.parts, self.device, self.group = parts, device, pp_mesh.get_group()
         self.has_first, self.has_last = 0 in stages, n_stages - 1 in stages
         self.n_microbatches, self.z_coefficient = n_microbatches, cfg.stability.z_loss
@@ -159,17 +162,12 @@ class PipelineEngine(TorchEngine):
         torch.distributed.all_reduce(total, group=self.group)
         return total
 
-    def step(self, max_norm: float, skip_nonfinite: bool = False) -> torch.Tensor:
-        grad_norm = clip_grad_norm_pipelined(list(self.model.parameters()), max_norm, self.group)
-        if not skip_nonfinite or torch.isfinite(grad_norm).item():
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
+    def clip(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_pipelined(list(self.model.parameters()), max_norm, self.group)
 
 
 def build_pipeline_engine(cfg: Config, model: nn.Module, mesh: DeviceMesh, dims: ParallelDims,
-                          device: torch.device) -> PipelineEngine:
+                          device: torch.device, after_step=None) -> PipelineEngine:
     """Split the meta-device model into this rank's stages, parallelize each, and build the schedule."""
     from trainer.train import cross_entropy  # the loop's own loss (imported here: the loop imports this module)
 
@@ -186,7 +184,8 @@ def build_pipeline_engine(cfg: Config, model: nn.Module, mesh: DeviceMesh, dims:
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(p, reshard_after_forward=False))
     parts = [parallelize(pipeline_part(model, stage, counts), cfg, mesh, device) for stage in stages]
     micro_batch, n_microbatches = micro_batching(cfg.training, dims.dp_size, n_stages)
-    engine = PipelineEngine(parts, stages, n_stages, cfg, mesh["pp"], device, n_microbatches, cross_entropy, z_loss)
+    engine = PipelineEngine(parts, stages, n_stages, cfg, mesh["pp"], device, n_microbatches, cross_entropy, z_loss,
+                            after_step)
     engine.infer_shapes(micro_batch * n_microbatches, cfg.data.seq_len)
     return engine
 
@@ -232,15 +231,14 @@ def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: 
         return TorchEngine(model, cfg)
     if p.backend == "fsdp":
         mesh = dims.build_mesh(device)
+        after_step = precompute_float8_scales if fp8_all_gather else None
         if dims.pp > 1:
-            engine = build_pipeline_engine(cfg, model, mesh, dims, device)
-            if init_from is not None:
-                load_model_weights(init_from, engine.model)
-            return engine
-        model = parallelize(model, cfg, mesh, device)
+            engine = build_pipeline_engine(cfg, model, mesh, dims, device, after_step)
+        else:
+            engine = TorchEngine(parallelize(model, cfg, mesh, device), cfg, after_step)
         if init_from is not None:
-            load_model_weights(init_from, model)
-        return TorchEngine(model, cfg, after_step=precompute_float8_scales if fp8_all_gather else None)
+            load_model_weights(init_from, engine.model)
+        return engine
     from parallel.zero import DeepSpeedEngine
     materialize(model, device, cfg.run.seed)
     if init_from is not None:  # before DeepSpeed copies the weights into its fp32 master partitions
