@@ -15,7 +15,7 @@ from helpers import read_metrics, run_cli, tree_digest
 from safetensors.torch import load_file
 
 from trainer.cli import main
-from trainer.data import TrainBatches, load_data_meta, open_tokens
+from trainer.data.batches import TrainBatches, load_data_meta, open_tokens
 
 
 def save_llama(out: Path, tokenizer: Path, tied: bool = False, dtype=torch.float32, shard: str | None = None):

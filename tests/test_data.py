@@ -10,8 +10,8 @@ import pytest
 import sentencepiece as spm
 from helpers import run_cli, tree_digest
 
-from trainer.data import TrainBatches, eval_windows
-from trainer.prepare import token_dtype
+from trainer.data.batches import TrainBatches, eval_windows
+from trainer.data.tokenizer import token_dtype
 
 
 def test_shakespeare_prepared(shakespeare_data, shakespeare_dir):

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "prepare-data":
-            from trainer.prepare import prepare_data
+            from trainer.data.prepare import prepare_data
 
             prepare_data(args.input, args.output, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                          val_fraction=args.val_fraction)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"{failed} of {len(study.cells)} runs failed (their logs are in "
                                 f"{study.output_dir / 'logs'}); re-run the study to retry them")
         elif args.command == "download-corpus":
-            from trainer.corpus import download_corpus
+            from trainer.data.corpus import download_corpus
 
             print(download_corpus(args.name, Path(args.cache_dir)))
         elif args.command == "convert":

@@ -32,7 +32,7 @@ import yaml
 
 from trainer.checkpoint import complete_checkpoints
 from trainer.config import load_config, validate
-from trainer.data import load_data_meta
+from trainer.data.batches import load_data_meta
 from trainer.errors import UserError
 from trainer.metrics import format_duration
 

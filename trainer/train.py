@@ -31,14 +31,14 @@ from parallel.pipeline import layers_per_stage
 from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
 from trainer.config import (Config, config_to_dict, dump_config, micro_batching, parallel_dims, pipeline_stages,
                             validate, validate_tensor_parallel)
-from trainer.data import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
+from trainer.data.batches import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
 from trainer.diagnostics import Diagnostics
 from trainer.engine import PipelineEngine, build_engine, compute_context, local_tensor
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
 from trainer.optim import apply_hyperparameters, apply_lr_schedule
 from trainer.preemption import PreemptionWatch
-from trainer.prepare import unigram_baseline
+from trainer.data.format import unigram_baseline
 from trainer.stability import StabilityMonitor, z_loss
 
 

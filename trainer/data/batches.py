@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from trainer.errors import UserError
-from trainer.prepare import data_dir_problem, read_meta
+from trainer.data.format import data_dir_problem, read_meta
 
 
 def load_data_meta(data_dir: str | Path) -> dict:
