@@ -45,6 +45,9 @@ def single_process_ok():
 
 
 STEP_DIR = re.compile(r"^step_(\d{8})$")
+# The tokenizer a checkpoint carries: a sentencepiece model or a Hugging Face tokenizer.json (with, for the latter,
+# the tokenizer_config.json holding its BOS/EOS rule); the first present is the one.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -202,8 +205,8 @@ def check_init_from(path: Path, model_cfg: Any, data_meta: dict) -> None:
     if changed:
         raise UserError(f"checkpoint.init_from={path} holds a different model ({'; '.join(changed)}); start from "
                         f"its config.yaml, e.g. `normtron train {path / 'config.yaml'} data.dir=...`")
-    tokenizer = path / "tokenizer.model"
-    if tokenizer.is_file() and hashlib.sha256(tokenizer.read_bytes()).hexdigest() != data_meta["tokenizer"]["sha256"]:
+    tokenizer = next((path / name for name in TOKENIZER_FILES if (path / name).is_file()), None)
+    if tokenizer and hashlib.sha256(tokenizer.read_bytes()).hexdigest() != data_meta["tokenizer"]["sha256"]:
         raise UserError(f"data.dir was tokenized with another tokenizer than checkpoint.init_from={path} (vocab "
                         f"{saved_vocab}); prepare it with `normtron prepare-data --tokenizer {tokenizer} ...`")
 

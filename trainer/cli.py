@@ -28,13 +28,15 @@ def _parser() -> argparse.ArgumentParser:
                     "DIR/val.bin (uint16/uint32 token ids) and DIR/meta.json. Re-running with the same inputs "
                     "and options does nothing.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
-                   help=".txt files (one document each), .jsonl/.parquet files (one document per row, field "
-                        "'text'), or directories searched recursively for them")
+                   help=".txt files (one document each), .jsonl/.json JSON-lines files (one document per line, "
+                        "field 'text'), each optionally compressed (.gz, .zst), .parquet files (one document per "
+                        "row, column 'text'), or directories searched recursively for them")
     p.add_argument("--output", required=True, metavar="DIR", help="directory to write the prepared data into")
     p.add_argument("--vocab-size", type=_vocab_size, default=None, metavar="N",
                    help="vocabulary size of the tokenizer to train (default 8192; with --tokenizer: taken from it)")
-    p.add_argument("--tokenizer", default=None, metavar="MODEL",
-                   help="use this existing sentencepiece .model instead of training one")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="use this existing tokenizer instead of training one: a sentencepiece .model, a Hugging "
+                        "Face tokenizer.json (e.g. Llama 3's), or a folder holding one")
     p.add_argument("--val-fraction", type=float, default=0.02, metavar="F",
                    help="fraction of tokens held out for validation, sampled in blocks across the corpus "
                         "(default 0.02)")
@@ -96,17 +98,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="largest safetensors file before sharding, e.g. 5GB, 500MB, 1000000 (default 5GB)")
     c = convert.add_parser(
         "from-hf", help="Hugging Face Llama folder -> training checkpoint",
-        description="Read config.json, the safetensors weights and tokenizer.model of a local Llama folder into "
-                    "OUT_CHECKPOINT (DCP model weights, config.yaml, tokenizer.model). Continue pretraining with "
+        description="Read config.json, the safetensors weights and the tokenizer (a sentencepiece tokenizer.model, "
+                    "else a tokenizer.json as Llama 3 has) of a local Llama folder into OUT_CHECKPOINT (DCP model "
+                    "weights, config.yaml, the tokenizer file). Continue pretraining with "
                     "`normtron train OUT_CHECKPOINT/config.yaml data.dir=DATA`, DATA prepared with "
-                    "`--tokenizer OUT_CHECKPOINT/tokenizer.model`.")
-    c.add_argument("hf_dir", metavar="HF_DIR", help="local folder with config.json, *.safetensors, tokenizer.model")
+                    "`--tokenizer OUT_CHECKPOINT/tokenizer.model` (or tokenizer.json).")
+    c.add_argument("hf_dir", metavar="HF_DIR",
+                   help="local folder with config.json, *.safetensors, tokenizer.model or tokenizer.json")
     c.add_argument("out_checkpoint", metavar="OUT_CHECKPOINT", help="new directory to write (must not exist)")
     c = convert.add_parser(
         "consolidate", help="DeepSpeed ZeRO checkpoint -> one full fp32 model state (DCP)",
         description="Gather the ZeRO partitions of a DeepSpeed checkpoint (stage 0-3, any number of ranks) into the "
                     "full fp32 model and write it as a DCP checkpoint directory with model.* keys, config.yaml and "
-                    "tokenizer.model, readable without DeepSpeed or a process group (to-hf does this by itself).")
+                    "the tokenizer file, readable without DeepSpeed or a process group (to-hf does this by itself).")
     c.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="RUN/checkpoints/step_XXXXXXXX written by DeepSpeed")
     c.add_argument("output", metavar="OUT_DIR", help="new directory for the consolidated checkpoint")
     return parser

@@ -25,7 +25,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from models.config import ModelConfig
-from trainer.checkpoint import checkpoint_format, complete_checkpoints, load_failure_reason, single_process_ok
+from trainer.checkpoint import (TOKENIZER_FILES, checkpoint_format, complete_checkpoints, load_failure_reason,
+                                single_process_ok)
 from trainer.config import Config, config_from_dict, dump_config
 from trainer.errors import UserError
 from trainer.hf import mapping
@@ -181,17 +182,18 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
     from safetensors.torch import save_file
 
     from trainer.hf.codegen import write_remote_code
-    from trainer.hf.tokenizer import write_hf_tokenizer
+    from trainer.hf.tokenizer import special_token_ids, write_hf_tokenizer
 
     path, out, torch_dtype = find_checkpoint(Path(checkpoint)), Path(out_dir), DTYPES[dtype]
     if checkpoint_format(path) == "deepspeed":  # gather its ZeRO partitions first, then convert as usual
         with tempfile.TemporaryDirectory(prefix="normtron-consolidated-") as tmp:
             return to_hf(consolidate(path, Path(tmp) / path.name), out, dtype, max_shard_size)
     cfg = checkpoint_config(path).model
-    tokenizer = path / "tokenizer.model"
-    if not tokenizer.is_file():
-        raise UserError(f"{path} has no tokenizer.model; copy the run's data.dir/tokenizer.model into it")
-    _check_vocab(tokenizer, cfg.vocab_size, f"{path}/config.yaml (model.vocab_size)")
+    tokenizer = next((path / name for name in TOKENIZER_FILES if (path / name).is_file()), None)
+    if tokenizer is None:
+        raise UserError(f"{path} has no tokenizer.model or tokenizer.json; copy the one in the run's data.dir into it")
+    tok = _checked_tokenizer(tokenizer, cfg.vocab_size, f"{path}/config.yaml (model.vocab_size)")
+    bos_id, eos_id = special_token_ids(tok)
     tensors = CheckpointTensors(path, cfg)
     arch = mapping.architecture(cfg)
     shards = _plan_shards(list(tensors.expected), tensors.expected, torch_dtype, max_shard_size)
@@ -209,13 +211,13 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
         if len(shards) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        config = mapping.hf_config(cfg, torch_dtype)
+        config = mapping.hf_config(cfg, torch_dtype, bos_id, eos_id)
         if arch == mapping.NORMTRON:
             config["auto_map"] = write_remote_code(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": 1, "eos_token_id": 2, "use_cache": arch == mapping.LLAMA}, indent=2) + "\n")
-        write_hf_tokenizer(tokenizer, tmp, cfg.max_seq_len)
+            {"bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": arch == mapping.LLAMA}, indent=2) + "\n")
+        write_hf_tokenizer(tok, tmp, cfg.max_seq_len)
     _say(f"{out}: {arch} ({'no custom code' if arch == mapping.LLAMA else 'load with trust_remote_code=True'}), "
          f"{total / 2**20:,.1f} MiB in {len(shards)} file(s)")
     return out
@@ -234,16 +236,15 @@ def _plan_shards(names: list[str], shapes: dict, dtype: torch.dtype, limit: int)
     return shards + [current] if current else shards
 
 
-def _check_vocab(tokenizer: Path, vocab_size: int, where: str) -> None:
-    import sentencepiece as spm
+def _checked_tokenizer(tokenizer: Path, vocab_size: int, where: str):
+    """The tokenizer in `tokenizer` (sentencepiece or tokenizer.json), after checking the model can embed its ids."""
+    from trainer.data.tokenizer import load_tokenizer
 
-    try:
-        pieces = spm.SentencePieceProcessor(model_file=str(tokenizer)).get_piece_size()
-    except (RuntimeError, OSError) as err:
-        raise UserError(f"{tokenizer} is not a sentencepiece model ({' '.join(str(err).split())[:120]})") from None
-    if pieces > vocab_size:
-        raise UserError(f"the tokenizer {tokenizer} has {pieces} tokens but {where} has only {vocab_size} "
+    tok = load_tokenizer(tokenizer)
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"the tokenizer {tokenizer} has {tok.vocab_size} tokens but {where} has only {vocab_size} "
                         f"embedding rows; the model and tokenizer do not belong together")
+    return tok
 
 
 # --- from-hf -------------------------------------------------------------------------------------------------------
@@ -259,11 +260,12 @@ def from_hf(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise UserError(f"{hf / 'config.json'} is not valid JSON ({err})") from None
     cfg = mapping.model_config_from_hf(hf_config, str(hf))
-    tokenizer = hf / "tokenizer.model"
-    if not tokenizer.is_file():
-        raise UserError(f"{hf} has no sentencepiece tokenizer.model; normtron's data pipeline needs one "
-                        f"(tokenizer.json-only models such as Llama 3 are not supported)")
-    _check_vocab(tokenizer, cfg.vocab_size, f"{hf / 'config.json'} (vocab_size)")
+    # A Llama 2 style folder has both files: its sentencepiece model stays what normtron uses (as before).
+    tokenizer = next((hf / name for name in TOKENIZER_FILES if (hf / name).is_file()), None)
+    if tokenizer is None:
+        raise UserError(f"{hf} has no sentencepiece tokenizer.model and no tokenizer.json; download the model's "
+                        f"tokenizer files too")
+    tok = _checked_tokenizer(tokenizer, cfg.vocab_size, f"{hf / 'config.json'} (vocab_size)")
     names = mapping.hf_names(cfg)  # Hugging Face name -> ours
     expected = mapping.expected_tensors(cfg)
     state: dict[str, torch.Tensor] = {}
@@ -292,10 +294,10 @@ def from_hf(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:
     with _output_dir(out) as tmp:
         with single_process_ok():
             dcp.save(state, checkpoint_id=tmp, no_dist=True)
-        shutil.copy2(tokenizer, tmp / "tokenizer.model")
+        tok.save(tmp / tok.file_name)  # a tokenizer.json comes with the tokenizer_config.json of its BOS/EOS rule
         (tmp / "config.yaml").write_text(dump_config(run_cfg))
     _say(f"{out}: {sum(t.numel() for t in state.values()) / 1e6:.2f}M parameters from {hf}. Continue pretraining "
-         f"with: normtron prepare-data --tokenizer {out}/tokenizer.model ... && normtron train {out}/config.yaml "
+         f"with: normtron prepare-data --tokenizer {out}/{tok.file_name} ... && normtron train {out}/config.yaml "
          f"data.dir=DATA (checkpoint.init_from={out.resolve()})")
     return out
 
@@ -337,7 +339,7 @@ def _open_safetensors(file: Path):
 
 def consolidate(src: Path, dst: Path) -> Path:
     """Write the full fp32 model of a DeepSpeed checkpoint as a DCP checkpoint with `model.*` keys (plus its
-    config.yaml and tokenizer.model): layout-free, readable by to-hf, `checkpoint.init_from` or any DCP reader."""
+    config.yaml and tokenizer files): layout-free, readable by to-hf, `checkpoint.init_from` or any DCP reader."""
     src, dst = Path(src), Path(dst)
     written_by = checkpoint_format(src) if src.is_dir() else None
     if written_by is None:
@@ -353,7 +355,7 @@ def consolidate(src: Path, dst: Path) -> Path:
             raise UserError(f"cannot read the DeepSpeed checkpoint {src} ({load_failure_reason(err)})") from None
         with single_process_ok():
             dcp.save({"model": state}, checkpoint_id=tmp, no_dist=True)
-        for name in ("config.yaml", "tokenizer.model"):
+        for name in ("config.yaml", *TOKENIZER_FILES, "tokenizer_config.json"):
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
     _say(f"{dst}: {len(state)} tensors, {sum(t.numel() for t in state.values()) / 1e6:.2f}M parameters (fp32)")

@@ -1,4 +1,4 @@
-"""Tokenizers for prepared data: train or load a sentencepiece model, or (issue 14) load a Hugging Face
+"""Tokenizers for prepared data: train or load a sentencepiece model, or load a Hugging Face
 `tokenizer.json`. Both sit behind one small interface, so preparation, training and conversion never ask which.
 
 A document is stored as `BOS ids EOS`, with BOS/EOS as the tokenizer defines them (a tokenizer without one writes
@@ -12,7 +12,8 @@ The interface every tokenizer class offers (preparation, training and conversion
     bos_id, eos_id: int|None   the ids framing each document (None: not added)
     encode_documents(docs, threads=1) -> list[list[int]]   each document's ids, framed
     info() -> dict             meta.json's "tokenizer" entry (file, type, source, sha256, bos_id, eos_id, ...)
-    save(path)                 write the tokenizer file to `path`
+    save(path)                 write the tokenizer file to `path` (a Hugging Face tokenizer also writes the
+                               tokenizer_config.json that holds its EOS rule beside it)
 `load_tokenizer(path)` returns the right class for a file (or a folder holding one).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import random
 import time
@@ -75,16 +77,122 @@ class SentencePieceTokenizer:
         path.write_bytes(self.model_bytes)
 
 
+class HuggingFaceTokenizer:
+    """A Hugging Face `tokenizer.json` (Llama 3, Mistral, GPT-NeoX, OLMo, Qwen ...), run by the `tokenizers` library.
+
+    A document's ids are exactly `Tokenizer.encode(doc).ids`: its post-processor adds BOS where the tokenizer does
+    (Llama 3's <|begin_of_text|>; GPT-NeoX adds none). EOS is appended unless the ids already end with it. The EOS
+    token is the `eos_token` of the tokenizer_config.json beside the file if that names one (null there: no EOS);
+    without that key, the first special token of the tokenizer.json among KNOWN_EOS_TOKENS; otherwise none.
+    `save` writes tokenizer_config.json beside the copy, so a saved tokenizer loads with the same rule.
+    """
+    kind, file_name = "huggingface", "tokenizer.json"
+    CONFIG_NAME = "tokenizer_config.json"
+    KNOWN_EOS_TOKENS = ("<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>")  # Llama 3; NeoX/OLMo/Qwen; Llama 2; Gemma
+
+    def __init__(self, json_bytes: bytes, source: str, config: dict | None = None):
+        from tokenizers import Tokenizer
+
+        self.json_bytes, self.source = json_bytes, source
+        try:
+            self.tokenizer = Tokenizer.from_str(json_bytes.decode("utf-8"))
+        except Exception as err:  # tokenizers raises a plain Exception for malformed files
+            raise UserError(f"{source} is not a Hugging Face tokenizer.json ({' '.join(str(err).split())[:160]})") \
+                from None
+        vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+        self.vocab_size = max(self.tokenizer.get_vocab_size(with_added_tokens=True), max(vocab.values(), default=0) + 1)
+        config = config or {}
+        # BOS: the token the post-processor puts in front of every text, if any.
+        empty, one = self.tokenizer.encode("").ids, self.tokenizer.encode("a").ids
+        self.bos_id = empty[0] if empty and one and one[0] == empty[0] else None
+        self.bos_token = self.tokenizer.id_to_token(self.bos_id) if self.bos_id is not None else \
+            _token_content(config.get("bos_token"))
+        if "eos_token" in config:
+            self.eos_token, self.eos_source = _token_content(config["eos_token"]), self.CONFIG_NAME
+        else:
+            special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
+            self.eos_token = next((t for t in self.KNOWN_EOS_TOKENS if t in special), None)
+            self.eos_source = "tokenizer.json special tokens"
+        self.eos_id = self._token_id(self.eos_token, "eos_token")
+        if self.bos_id is None and self.bos_token is not None and self.tokenizer.token_to_id(self.bos_token) is None:
+            self.bos_token = None  # a config naming a token the vocabulary lacks: not used for framing anyway
+
+    def _token_id(self, token: str | None, key: str) -> int | None:
+        if token is None:
+            return None
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise UserError(f"the {self.CONFIG_NAME} beside {self.source} names {key} {token!r}, which its "
+                            f"tokenizer.json does not have; fix {key} there")
+        return token_id
+
+    def encode_documents(self, docs: list[str], threads: int = 1) -> list[list[int]]:
+        """Each document's ids, as `Tokenizer.encode` gives them, then EOS (see the class docstring)."""
+        if threads > 1:  # the tokenizers library spreads a batch over its own threads
+            encodings = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)(docs)
+        else:
+            encodings = [self.tokenizer.encode(doc) for doc in docs]
+        out = []
+        for encoding in encodings:
+            ids = encoding.ids
+            if self.eos_id is not None and (not ids or ids[-1] != self.eos_id):
+                ids.append(self.eos_id)
+            out.append(ids)
+        return out
+
+    def info(self) -> dict:
+        return {"file": self.file_name, "type": self.kind, "source": self.source,
+                "sha256": hashlib.sha256(self.json_bytes).hexdigest(),
+                "bos_id": self.bos_id, "eos_id": self.eos_id, "bos_token": self.bos_token,
+                "eos_token": self.eos_token, "eos_from": self.eos_source,
+                "framing": "Tokenizer.encode(doc).ids (its post-processor adds BOS), then eos_id unless already last"}
+
+    def save(self, path: Path) -> None:
+        path.write_bytes(self.json_bytes)
+        config = {"bos_token": self.bos_token, "eos_token": self.eos_token}
+        (path.parent / self.CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _token_content(token) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken mapping."""
+    return token.get("content") if isinstance(token, dict) else token
+
+
 def load_tokenizer(path: str | Path):
-    """The tokenizer in `path`: a sentencepiece .model file (a tokenizer.json / HF folder: issue 14)."""
+    """The tokenizer in `path`: a sentencepiece .model file, a Hugging Face tokenizer.json (with the
+    tokenizer_config.json beside it, if any), or a folder holding one of them. A folder with both (Llama 2 style)
+    gives its tokenizer.model, the file normtron has always used for such models."""
     path = Path(path)
+    if path.is_dir():
+        found = next((path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()), None)
+        if found is None:
+            raise UserError(f"tokenizer folder {path} holds neither tokenizer.model nor tokenizer.json; pass a "
+                            f"sentencepiece .model, a tokenizer.json or a folder holding one")
+        path = found
     if not path.is_file():
-        raise UserError(f"--tokenizer {path} does not exist; pass a sentencepiece .model file")
-    model_bytes = path.read_bytes()
+        raise UserError(f"tokenizer {path} does not exist; pass a sentencepiece .model file, a Hugging Face "
+                        f"tokenizer.json or a folder holding one")
+    data = path.read_bytes()
+    if data.lstrip()[:1] == b"{":  # JSON: a Hugging Face tokenizer
+        return HuggingFaceTokenizer(data, source=str(path.resolve()), config=_read_tokenizer_config(path))
     try:
-        return SentencePieceTokenizer(model_bytes, source=str(path.resolve()))
+        return SentencePieceTokenizer(data, source=str(path.resolve()))
     except Exception:
-        raise UserError(f"--tokenizer {path} is not a sentencepiece model") from None
+        raise UserError(f"tokenizer {path} is neither a sentencepiece model nor a Hugging Face tokenizer.json") \
+            from None
+
+
+def _read_tokenizer_config(tokenizer_json: Path) -> dict | None:
+    config = tokenizer_json.parent / HuggingFaceTokenizer.CONFIG_NAME
+    if not config.is_file():
+        return None
+    try:
+        loaded = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UserError(f"{config} is not valid JSON ({err}); fix or remove it") from None
+    if not isinstance(loaded, dict):
+        raise UserError(f"{config} is not a JSON object; fix or remove it")
+    return loaded
 
 
 def train_sentencepiece(documents: Iterable[str], vocab_size: int, n_files: int, log=print) -> SentencePieceTokenizer:

@@ -65,12 +65,12 @@ def hf_names(cfg: ModelConfig) -> dict[str, str]:
     return {hf_name(ours, arch): ours for ours in expected_tensors(cfg)}
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype) -> dict:
-    """config.json for the model (without auto_map)."""
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos_id: int | None = 1, eos_id: int | None = 2) -> dict:
+    """config.json for the model (without auto_map); bos/eos ids are the tokenizer's."""
     from transformers import LlamaConfig
 
-    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": 1,
-              "eos_token_id": 2, "dtype": str(dtype).removeprefix("torch.")}
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_id,
+              "eos_token_id": eos_id, "dtype": str(dtype).removeprefix("torch.")}
     if is_llama(cfg):
         config = LlamaConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
                              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,

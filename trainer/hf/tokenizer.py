@@ -1,5 +1,6 @@
-"""The tokenizer files of a converted folder: the sentencepiece model plus a `tokenizer.json` that encodes exactly
-like it, so `AutoTokenizer.from_pretrained(folder)` works without sentencepiece installed."""
+"""The tokenizer files of a converted folder, so `AutoTokenizer.from_pretrained(folder)` encodes exactly like the
+tokenizer the model was trained with: a Hugging Face tokenizer.json is carried over as it is; a sentencepiece model
+is copied and also converted into a `tokenizer.json` that encodes exactly like it (no sentencepiece needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,29 @@ import tempfile
 from pathlib import Path
 
 
-def write_hf_tokenizer(sp_model: Path, out_dir: Path, max_length: int) -> None:
+def write_hf_tokenizer(tok, out_dir: Path, max_length: int) -> None:
+    """The tokenizer files for `tok` (`trainer.data.tokenizer.load_tokenizer` of a checkpoint's tokenizer) in
+    `out_dir`."""
+    if tok.kind == "sentencepiece":
+        (out_dir / "tokenizer.model").write_bytes(tok.model_bytes)
+        _write_sentencepiece(out_dir / "tokenizer.model", out_dir, max_length)
+        return
+    (out_dir / "tokenizer.json").write_bytes(tok.json_bytes)
+    # The generic fast class runs tokenizer.json as it is (its post-processor adds BOS where it did in training).
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+        "clean_up_tokenization_spaces": False, "model_max_length": max_length}, indent=2) + "\n")
+
+
+def special_token_ids(tok) -> tuple[int | None, int | None]:
+    """(bos, eos) ids for config.json and generation_config.json: those the tokenizer frames documents with."""
+    bos = tok.bos_id
+    if bos is None and getattr(tok, "bos_token", None) is not None:  # named in tokenizer_config.json, not added
+        bos = tok.tokenizer.token_to_id(tok.bos_token)
+    return bos, tok.eos_id
+
+
+def _write_sentencepiece(sp_model: Path, out_dir: Path, max_length: int) -> None:
     import sentencepiece as spm
     from tokenizers import normalizers, processors
     from transformers import AutoTokenizer
@@ -17,7 +40,6 @@ def write_hf_tokenizer(sp_model: Path, out_dir: Path, max_length: int) -> None:
     sp = spm.SentencePieceProcessor(model_file=str(sp_model))
     bos, eos, unk = (sp.id_to_piece(i) for i in (sp.bos_id(), sp.eos_id(), sp.unk_id()))
 
-    shutil.copy2(sp_model, out_dir / "tokenizer.model")
     with tempfile.TemporaryDirectory() as tmp:  # Hugging Face's own sentencepiece -> tokenizers conversion
         shutil.copy2(sp_model, Path(tmp) / "tokenizer.model")
         (Path(tmp) / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
