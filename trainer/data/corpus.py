@@ -30,7 +30,8 @@ TEXT_FORMATS = (".txt", ".jsonl", ".json")  # each also as .gz / .zst
 COMPRESSIONS = (".gz", ".zst")
 TEXT_FIELD = "text"  # the default field/column holding a document in JSON lines and parquet files
 SUPPORTED = ".txt/.jsonl/.json (optionally .gz or .zst) or .parquet"
-READ_CHUNK = 1 << 16  # compressed bytes decoded per step: bounds memory whatever the compression ratio
+READ_CHUNK = 1 << 16  # compressed bytes decoded per step (fewer when the data compresses extremely well)
+ZSTD_STEP_OUTPUT = 1 << 20  # aim for about this many decompressed bytes per step
 
 
 def corpus_format(path: Path) -> tuple[str, str] | None:
@@ -101,24 +102,32 @@ def iter_documents(path: Path, text_key: str = TEXT_FIELD, start: int = 0,
 # --- Reading -------------------------------------------------------------------------------------------------------
 
 class _ZstdStream(io.RawIOBase):
-    """Incremental zstd decoding that notices a truncated file (zstandard's stream_reader just stops early)."""
+    """Incremental zstd decoding that notices a truncated file (zstandard's stream_reader just stops early).
+
+    zstandard's decompressobj returns everything a piece of input decodes to, and a 4-byte block can stand for
+    128 KB, so the piece fed per step shrinks when the output is large: memory stays bounded at any ratio."""
 
     def __init__(self, raw: BinaryIO):
         self.raw, self.zstd = raw, zstandard.ZstdDecompressor()
         self.frame = None  # the decompressor of the current frame; a file may hold several frames
         self.out, self.pos = b"", 0
+        self.feed = 64  # grows to READ_CHUNK while the output stays small
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
         while self.pos == len(self.out):
-            chunk = self.raw.read(READ_CHUNK)
+            chunk = self.raw.read(self.feed)
             if not chunk:
                 if self.frame is not None and not self.frame.eof:
                     raise EOFError("the file ends inside a zstd frame")
                 return 0
             self.out, self.pos = self._decompress(chunk), 0
+            if len(self.out) > ZSTD_STEP_OUTPUT:
+                self.feed = max(16, self.feed // 4)
+            elif len(self.out) < ZSTD_STEP_OUTPUT // 4:
+                self.feed = min(READ_CHUNK, self.feed * 2)
         n = min(len(buffer), len(self.out) - self.pos)
         buffer[:n] = self.out[self.pos:self.pos + n]
         self.pos += n
@@ -209,13 +218,14 @@ def _read_json_lines(path: Path, compression: str, text_key: str, start: int,
 
 
 def _json_text(raw: bytes, path: Path, line_no: int, text_key: str) -> str:
-    line = _decode(raw, path, f" line {line_no}")
+    line = _decode(raw, path, f" line {line_no}").rstrip("\r\n")
     array_hint = "; normtron reads JSON lines (one object per line), convert an array with `jq -c '.[]'`"
     try:
         row = json.loads(line)
     except json.JSONDecodeError as err:
         hint = array_hint if line_no == 1 and line.lstrip().startswith("[") else ""
-        raise UserError(f"{path} line {line_no} is not valid JSON ({err.msg} at column {err.colno}){hint}") from None
+        raise UserError(f"{path} line {line_no} is not valid JSON ({err.msg.removesuffix(' at')} at column "
+                        f"{err.colno}){hint}") from None
     if isinstance(row, dict) and isinstance(row.get(text_key), str):
         return row[text_key]
     if isinstance(row, list):

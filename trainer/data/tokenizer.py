@@ -158,20 +158,27 @@ def _token_content(token) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 
 
-def load_tokenizer(path: str | Path):
-    """The tokenizer in `path`: a sentencepiece .model file, a Hugging Face tokenizer.json (with the
-    tokenizer_config.json beside it, if any), or a folder holding one of them. A folder with both (Llama 2 style)
-    gives its tokenizer.model, the file normtron has always used for such models."""
+def tokenizer_file(path: str | Path) -> Path:
+    """The tokenizer file `path` stands for: itself, or in a folder its tokenizer.model if it has one (a Llama 2
+    style folder has both; normtron has always used the sentencepiece model of such models, and `convert from-hf`
+    keeps it), else its tokenizer.json."""
     path = Path(path)
     if path.is_dir():
         found = next((path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()), None)
         if found is None:
             raise UserError(f"tokenizer folder {path} holds neither tokenizer.model nor tokenizer.json; pass a "
                             f"sentencepiece .model, a tokenizer.json or a folder holding one")
-        path = found
+        return found
     if not path.is_file():
         raise UserError(f"tokenizer {path} does not exist; pass a sentencepiece .model file, a Hugging Face "
                         f"tokenizer.json or a folder holding one")
+    return path
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer in `path` (see `tokenizer_file`): a sentencepiece .model file, or a Hugging Face tokenizer.json
+    with the tokenizer_config.json beside it, if any (see HuggingFaceTokenizer)."""
+    path = tokenizer_file(path)
     data = path.read_bytes()
     if data.lstrip()[:1] == b"{":  # JSON: a Hugging Face tokenizer
         return HuggingFaceTokenizer(data, source=str(path.resolve()), config=_read_tokenizer_config(path))
