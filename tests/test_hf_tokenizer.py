@@ -1,6 +1,7 @@
 """Hugging Face tokenizer.json support: ids equal `tokenizers.Tokenizer.encode` (plus the documented EOS rule) for
 tokenizers built here with the `tokenizers` library, prepared data holds exactly those ids (uint32 above 65,536
-tokens), and the folder/file rules of `load_tokenizer`."""
+tokens), the folder/file rules of `load_tokenizer`, and Llama 3 style models (tokenizer.json only) through
+`convert from-hf`, continued pretraining and `convert to-hf`."""
 
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import transformers
+from helpers import read_metrics, run_cli
+from test_convert import native_model
+from test_convert_from_hf import all_tensors, comparable_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from trainer.cli import main
@@ -167,3 +173,76 @@ def test_vocabulary_above_65536_is_stored_as_uint32(tmp_path):
     expected = np.concatenate(expected_ids(tmp_path / "tokenizer.json", docs, "</s>"))
     assert expected.max() > 65_535 and stored.max() == expected.max()
     assert np.array_equal(np.bincount(stored, minlength=70_000), np.bincount(expected, minlength=70_000))
+
+
+# --- Conversion: a Llama 3 style model (tokenizer.json only) through from-hf, training and to-hf -------------------
+
+def save_llama3_style(out: Path, tokenizer_json: Path) -> Path:
+    """A random Llama saved by transformers itself with a tokenizer.json and its tokenizer_config.json, and no
+    sentencepiece tokenizer.model, as Llama 3 is distributed."""
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    config = transformers.LlamaConfig(
+        vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=tok.token_to_id(BOS),
+        eos_token_id=tok.token_to_id(EOS))
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.uniform_(0.5, 1.5) if "norm" in name else p.normal_(0, 0.1)
+    model.save_pretrained(out)
+    shutil.copy2(tokenizer_json, out / "tokenizer.json")
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "model_max_length": 64}))
+    return out
+
+
+def assert_tokenizer_carried(folder: Path, tokenizer_json: Path, documents: list[str]) -> None:
+    """AutoTokenizer on the exported folder encodes like the original tokenizers.Tokenizer; ids in the configs."""
+    auto = transformers.AutoTokenizer.from_pretrained(folder)
+    original = Tokenizer.from_file(str(tokenizer_json))
+    assert [auto(d)["input_ids"] for d in documents] == [original.encode(d).ids for d in documents]
+    assert (auto.bos_token, auto.eos_token) == (BOS, EOS)
+    generation = json.loads((folder / "generation_config.json").read_text())
+    config = json.loads((folder / "config.json").read_text())
+    for ids in (generation, config):
+        assert (ids["bos_token_id"], ids["eos_token_id"]) == (original.token_to_id(BOS), original.token_to_id(EOS))
+
+
+def test_tokenizer_json_model_round_trip(bpe_json, documents, tmp_path):
+    original = save_llama3_style(tmp_path / "llama3", bpe_json)
+    assert main(["convert", "from-hf", str(original), str(tmp_path / "ckpt")]) == 0
+    assert (tmp_path / "ckpt" / "tokenizer.json").read_bytes() == bpe_json.read_bytes()
+    assert not (tmp_path / "ckpt" / "tokenizer.model").exists()
+    assert main(["convert", "to-hf", str(tmp_path / "ckpt"), str(tmp_path / "back")]) == 0
+    before, after = all_tensors(original), all_tensors(tmp_path / "back")
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert comparable_config(tmp_path / "back") == comparable_config(original)
+    assert_tokenizer_carried(tmp_path / "back", bpe_json, documents)
+
+
+def test_continued_pretraining_of_a_tokenizer_json_model(bpe_json, documents, tmp_path):
+    """from-hf, prepare-data with the checkpoint's tokenizer.json, train from it, to-hf: the exported model's logits
+    are normtron's own, and its tokenizer is the original one."""
+    ckpt, data = tmp_path / "ckpt", tmp_path / "data"
+    assert main(["convert", "from-hf", str(save_llama3_style(tmp_path / "llama3", bpe_json)), str(ckpt)]) == 0
+    corpus = write_jsonl(tmp_path / "in" / "docs.jsonl", documents)
+    assert main(["prepare-data", "--input", str(corpus), "--output", str(data), "--tokenizer",
+                 str(ckpt / "tokenizer.json")]) == 0
+    run = tmp_path / "runs" / "continued"
+    result = run_cli("train", str(ckpt / "config.yaml"), f"data.dir={data}", f"run.output_dir={run.parent}",
+                     f"run.name={run.name}", "training.steps=3", "checkpoint.every=3", "data.seq_len=32",
+                     "training.batch_size=8", "training.warmup_steps=1", "logging.every=1",
+                     "logging.tensorboard=false", "eval.steps=1", "eval.every=3")
+    assert f"initialized the model from {ckpt.resolve()}" in result.stdout + result.stderr
+    rows, _ = read_metrics(run)
+    assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]
+    step = run / "checkpoints" / "step_00000003"
+    assert (step / "tokenizer.json").read_bytes() == bpe_json.read_bytes()
+    assert main(["convert", "to-hf", str(run), str(tmp_path / "exported")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (hf(tokens).logits - native_model(step)(tokens)).abs().max().item() < 1e-4
+    assert_tokenizer_carried(tmp_path / "exported", bpe_json, documents)
