@@ -66,7 +66,7 @@ def test_directory_without_text_files(unchanged, tmp_path):
     (tmp_path / "pics").mkdir()
     (tmp_path / "pics" / "a.png").write_bytes(b"\x89PNG")
     result = prepare(unchanged, "--input", str(tmp_path / "pics"), "--output", str(unchanged / "data"))
-    assert_user_error(result, "no .txt/.jsonl/.parquet files")
+    assert_user_error(result, "no .txt/.jsonl/.json (optionally .gz or .zst) or .parquet files")
 
 
 def test_non_utf8_file(unchanged, tmp_path):
