@@ -211,7 +211,7 @@ def assert_tokenizer_carried(folder: Path, tokenizer_json: Path, documents: list
         assert (ids["bos_token_id"], ids["eos_token_id"]) == (original.token_to_id(BOS), original.token_to_id(eos))
 
 
-def test_tokenizer_json_model_round_trip(bpe_json, documents, tmp_path):
+def test_tokenizer_json_model_round_trip(bpe_json, documents, tmp_path, capsys):
     original = save_llama3_style(tmp_path / "llama3", bpe_json)
     assert main(["convert", "from-hf", str(original), str(tmp_path / "ckpt")]) == 0
     assert (tmp_path / "ckpt" / "tokenizer.json").read_bytes() == bpe_json.read_bytes()
@@ -221,6 +221,13 @@ def test_tokenizer_json_model_round_trip(bpe_json, documents, tmp_path):
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
     assert comparable_config(tmp_path / "back") == comparable_config(original)
     assert_tokenizer_carried(tmp_path / "back", bpe_json, documents)
+    # A config.json with fewer embedding rows than the tokenizer.json has tokens is refused, nothing written.
+    small = tmp_path / "small"
+    shutil.copytree(original, small)
+    (small / "config.json").write_text(json.dumps({**json.loads((small / "config.json").read_text()),
+                                                   "vocab_size": 256}))
+    assert main(["convert", "from-hf", str(small), str(tmp_path / "never")]) == 2
+    assert "has 512 tokens but" in capsys.readouterr().err and not (tmp_path / "never").exists()
 
 
 def test_continued_pretraining_of_a_tokenizer_json_model(bpe_json, documents, tmp_path):

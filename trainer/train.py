@@ -292,10 +292,11 @@ class TrainLoop:
         self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops)
         self.autocast = compute_context(cfg, dist_info.device)
         self.loss_context = getattr(engine, "loss_context", contextlib.nullcontext)  # loss parallel under tp
-        tokenizer = inputs.meta["tokenizer"].get("file", "tokenizer.model")  # older metas name no file
-        self.extra_files = {"config.yaml": run_dir / "config.yaml", tokenizer: Path(cfg.data.dir) / tokenizer}
-        if (Path(cfg.data.dir) / "tokenizer_config.json").is_file():  # a tokenizer.json's BOS/EOS rule
-            self.extra_files["tokenizer_config.json"] = Path(cfg.data.dir) / "tokenizer_config.json"
+        tokenizer_name = inputs.meta["tokenizer"].get("file", "tokenizer.model")  # older metas name no file
+        tokenizer = Path(cfg.data.dir) / tokenizer_name
+        self.extra_files = {"config.yaml": run_dir / "config.yaml", tokenizer_name: tokenizer}
+        if tokenizer_name == "tokenizer.json" and tokenizer.with_name("tokenizer_config.json").is_file():
+            self.extra_files["tokenizer_config.json"] = tokenizer.with_name("tokenizer_config.json")  # its BOS/EOS
         self.diagnostics = Diagnostics(engine.model, cfg.diagnostics.every, t.steps, dist_info.device,
                                        gradients=cfg.parallel.backend != "deepspeed", n_layers=cfg.model.n_layers,
                                        pp_group=engine.group if self.pipelined else None)
