@@ -178,3 +178,34 @@ def test_bad_sources_on_the_command_line_exit_2(two_sources, tmp_path):
     # A source that does not exist is named by its key.
     with pytest.raises(UserError, match=r"^data.sources\[1\].dir=.*nowhere does not exist"):
         open_sources(DataConfig(sources=[{"dir": str(first)}, {"dir": str(tmp_path / "nowhere")}]))
+
+
+def test_format2_shards_read_as_one_stream(tmp_path):
+    """Format 2: a split's stream is its shard files concatenated in meta.json's order; a 0-byte file is allowed."""
+    from trainer.data.batches import open_tokens
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "shards").mkdir()
+    files = {"00000": (rng.integers(0, 500, 1001), rng.integers(0, 500, 37)),
+             "00001": (rng.integers(0, 500, 3), np.zeros(0, int)),
+             "00002": (rng.integers(0, 500, 2222), rng.integers(0, 500, 300))}
+    for name, (train, val) in files.items():
+        train.astype(np.uint16).tofile(tmp_path / "shards" / f"{name}.train.bin")
+        val.astype(np.uint16).tofile(tmp_path / "shards" / f"{name}.val.bin")
+    meta = {"format": 2, "dtype": "uint16", "vocab_size": 500, "shards": [{"name": n} for n in files]}
+    for split, column in (("train", 0), ("val", 1)):
+        whole = np.concatenate([files[n][column] for n in files]).astype(np.uint16)
+        stream = open_tokens(tmp_path, split, meta)
+        assert len(stream) == len(whole)
+        for a, b in ((0, len(whole)), (990, 1010), (1000, 1005), (1003, 1004), (37, 38), (5, 5)):
+            assert np.array_equal(stream[a:b], whole[a:b])
+    # Batches over the shards are those over the concatenated tokens.
+    whole = np.concatenate([files[n][0] for n in files]).astype(np.uint16)
+    sharded = TrainBatches(open_tokens(tmp_path, "train", meta), 16, 8, 0, 1, 7)
+    flat = TrainBatches(whole, 16, 8, 0, 1, 7)
+    for _ in range(40):
+        assert all(np.array_equal(a, b) for a, b in zip(sharded.next_batch(), flat.next_batch()))
+    # An id beyond the vocabulary in any shard's first/last million tokens is refused with one line.
+    np.array([7, 600], dtype=np.uint16).tofile(tmp_path / "shards" / "00001.train.bin")
+    with pytest.raises(UserError, match="holds token id 600, outside the vocabulary of 500"):
+        open_tokens(tmp_path, "train", meta)

@@ -32,12 +32,29 @@ class TokenStream:
     """Token ranges of one or more arrays read as one flat stream: `stream[a:b]` may span range boundaries.
 
     Format 2's shard files, format 1's single file and a Megatron dataset's train (or validation) documents are all
-    such streams. Ranges are (array, start, stop); empty ones are dropped (np.memmap cannot map a 0-byte file)."""
+    such streams. Ranges are (array, start, stop); empty ones are dropped (np.memmap cannot map a 0-byte file).
+    The ranges are kept as numpy arrays, so millions of them (one per held-out document) stay cheap."""
 
     def __init__(self, ranges: list[tuple[np.ndarray, int, int]]):
-        self.ranges = [(array, start, stop) for array, start, stop in ranges if stop > start]
-        lengths = np.array([stop - start for _, start, stop in self.ranges], dtype=np.int64)
-        self.offsets = np.concatenate([[0], np.cumsum(lengths)])  # where each range begins in the stream
+        ranges = [(array, start, stop) for array, start, stop in ranges if stop > start]
+        self.arrays = [array for array, _, _ in ranges]
+        self._set_ranges(np.arange(len(ranges)), np.array([r[1] for r in ranges], dtype=np.int64),
+                         np.array([r[2] for r in ranges], dtype=np.int64))
+
+    @classmethod
+    def of_ranges(cls, array: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> TokenStream:
+        """Many [start, stop) ranges of one array, in order."""
+        stream = cls([])
+        keep = stops > starts
+        stream.arrays = [array]
+        stream._set_ranges(np.zeros(int(keep.sum()), dtype=np.int64), starts[keep].astype(np.int64),
+                           stops[keep].astype(np.int64))
+        return stream
+
+    def _set_ranges(self, array_index: np.ndarray, starts: np.ndarray, stops: np.ndarray) -> None:
+        self.array_index, self.starts = array_index, starts
+        self.offsets = np.concatenate([[0], np.cumsum(stops - starts)])  # where each range begins in the stream
+        self.dtype = self.arrays[0].dtype if self.arrays else np.dtype(np.uint16)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -49,15 +66,14 @@ class TokenStream:
         parts, position = [], begin
         piece = int(np.searchsorted(self.offsets, begin, side="right")) - 1
         while position < end:
-            array, start, stop = self.ranges[piece]
-            local = start + position - int(self.offsets[piece])
-            take = min(stop - local, end - position)
-            parts.append(array[local:local + take])
+            local = int(self.starts[piece]) + position - int(self.offsets[piece])
+            take = min(int(self.offsets[piece + 1]) - position, end - position)
+            parts.append(self.arrays[self.array_index[piece]][local:local + take])
             position += take
             piece += 1
         if len(parts) == 1:
             return parts[0]
-        return np.concatenate(parts) if parts else np.empty(0, self.ranges[0][0].dtype if self.ranges else np.uint16)
+        return np.concatenate(parts) if parts else np.empty(0, self.dtype)
 
 
 def open_tokens(data_dir: str | Path, split: str, meta: dict) -> TokenStream:

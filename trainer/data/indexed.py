@@ -93,11 +93,11 @@ def megatron_split(index: MegatronIndex, every: int, split: str) -> TokenStream:
     tokens, bounds = index.tokens(), index.doc_starts
     held_out = np.arange(every - 1, index.documents, every)
     if split == "val":
-        return TokenStream([(tokens, int(bounds[d]), int(bounds[d + 1])) for d in held_out])
+        return TokenStream.of_ranges(tokens, bounds[held_out], bounds[held_out + 1])
     # Between two held-out documents the training documents are contiguous in the .bin: one range each.
-    cuts = np.concatenate([[0], held_out + 1])
-    ends = np.concatenate([held_out, [index.documents]])
-    return TokenStream([(tokens, int(bounds[a]), int(bounds[b])) for a, b in zip(cuts, ends) if b > a])
+    first = np.concatenate([[0], held_out + 1])  # the first training document of each run
+    after = np.concatenate([held_out, [index.documents]])  # the document after its last
+    return TokenStream.of_ranges(tokens, bounds[first], bounds[after])
 
 
 def open_megatron(prefix: str | Path, tokenizer, val_fraction: float, key: str) -> tuple[dict, TokenStream,
