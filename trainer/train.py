@@ -92,6 +92,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     LOG.info(f"run {run_dir} | {dist_info.world_size} rank(s) on {dist_info.device.type} "
              f"({dist_info.backend or 'single process'}) | {describe_parallel(cfg, dist_info.world_size)}")
     LOG.info(model_summary)
+    for line in describe_data(inputs.sources).splitlines():
+        LOG.info(line)
     if latest is not None:
         LOG.info(f"resumed from {latest} at step {state.step}")
     elif init_from is not None:
@@ -149,14 +151,20 @@ def check_inputs(cfg: Config, world_size: int, rank: int) -> RunInputs:
     # Ranks that differ only in pipeline stage or tensor-parallel slice read the same batches.
     dp_rank, dp_size = parallel_dims(cfg, world_size).dp_coordinates(rank)
     batches = make_batches(sources, cfg.data.seq_len, cfg.training.batch_size, dp_rank, dp_size, cfg.run.seed)
-    max_windows = cfg.eval.steps * cfg.training.batch_size
-    validation = [ValidationSet(s.name, s.weight, s.val,
-                                eval_windows(s.val, cfg.data.seq_len, max_windows, dp_rank, dp_size),
+    validation = [ValidationSet(s.name, s.weight, s.val, source_eval_windows(cfg, s, dp_rank, dp_size),
                                 s.meta["val_unigram_entropy"]) for s in sources]
     check_run_dir(cfg)
     if cfg.checkpoint.init_from and not complete_checkpoints(cfg.run_dir / "checkpoints"):
         check_init_from(Path(cfg.checkpoint.init_from), cfg.model, meta)
     return RunInputs(meta, sources, batches, validation)
+
+
+def source_eval_windows(cfg: Config, source: Source, dp_rank: int, dp_size: int) -> np.ndarray:
+    try:
+        return eval_windows(source.val, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size, dp_rank, dp_size)
+    except UserError as err:
+        hint = " (a Megatron dataset: a larger data.val_fraction)" if source.megatron else ""
+        raise UserError(f"{source.key}={source.path}: {err}{hint}") from None
 
 
 def check_kernels(choice: str, device: torch.device) -> None:
