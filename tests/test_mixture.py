@@ -128,17 +128,21 @@ def test_mixture_run_shares_validation_and_exact_resume(two_sources, tmp_path):
 
 
 def test_two_ranks_draw_the_same_mixture_batches(two_sources, tmp_path):
+    """DDP and a 2-stage pipeline (its own evaluation path) reproduce the single process's losses, per source too."""
     common = ("training.steps=4", "checkpoint.every=4", "eval.every=2", "diagnostics.every=0")
     run_cli("train", TINY, *mix_args(two_sources, tmp_path, "single", *common))
-    run_torchrun(2, "train", TINY, *mix_args(two_sources, tmp_path, "ddp", *common, "training.micro_batch_size=2"))
-    (single, single_val), (ddp, ddp_val) = (read_metrics(tmp_path / "runs" / n) for n in ("single", "ddp"))
-    assert [r["step"] for r in ddp] == [1, 2, 3, 4]
-    for a, b in zip(single, ddp):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
-        assert b["data_share/code"] == a["data_share/code"]
-    for a, b in zip(single_val, ddp_val):
-        for key in ("val_loss", "val_loss/first", "val_loss/code"):
-            assert b[key] == pytest.approx(a[key], rel=1e-5)
+    single, single_val = read_metrics(tmp_path / "runs" / "single")
+    for name, layout in (("ddp", ["training.micro_batch_size=2"]),
+                         ("pp", ["parallel.backend=fsdp", "parallel.pp=2", "parallel.pp_schedule=GPipe"])):
+        run_torchrun(2, "train", TINY, *mix_args(two_sources, tmp_path, name, *common, *layout))
+        train, evals = read_metrics(tmp_path / "runs" / name)
+        assert [r["step"] for r in train] == [1, 2, 3, 4] and len(evals) == len(single_val) == 2
+        for a, b in zip(single, train):
+            assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
+            assert b["data_share/code"] == a["data_share/code"]
+        for a, b in zip(single_val, evals):
+            for key in ("val_loss", "val_loss/first", "val_loss/code"):
+                assert b[key] == pytest.approx(a[key], rel=1e-5)
 
 
 def test_one_source_in_data_sources_equals_data_dir(shakespeare_data, tmp_path):
