@@ -3,6 +3,8 @@ token with their document boundaries, validation held out as documented, and tra
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -118,6 +120,10 @@ def test_megatron_source_errors(megatron_data, shakespeare_data, shakespeare_dir
     (tmp_path / "bad.bin").write_bytes(b"\0" * 8)
     (tmp_path / "bad.idx").write_bytes(b"not an index at all, really not" * 3)
     assert "MMIDIDX" in error(dir=str(tmp_path / "bad"), tokenizer=str(tokenizer))
+    cut = tmp_path / "cut"  # a .bin shorter than its .idx says
+    (tmp_path / "cut.idx").write_bytes(Path(f"{prefix}.idx").read_bytes())
+    (tmp_path / "cut.bin").write_bytes(Path(f"{prefix}.bin").read_bytes()[:-2])
+    assert "the pair is damaged or mismatched" in error(dir=str(cut), tokenizer=str(tokenizer))
     # A tokenizer too small for the ids stored, and one that differs from a prepared source's own.
     lines = sorted(shakespeare_dir.glob("*.txt"))[0].read_text(encoding="utf-8").splitlines()
     other = tmp_path / "other.model"

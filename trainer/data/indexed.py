@@ -29,6 +29,7 @@ INDEX_HEADER = b"MMIDIDX\x00\x00"
 DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                8: np.uint16}
 UNIGRAM_SAMPLE_TOKENS = 1 << 24  # the unigram baseline of a Megatron validation split is measured on these
+CHECK_CHUNK = 1 << 24
 
 
 def is_megatron_prefix(path: str | Path) -> bool:
@@ -59,19 +60,23 @@ class MegatronIndex:
         self.dtype = np.dtype(DTYPE_CODES[code])
         if len(raw) < 34 + sequences * 12 + doc_count * 8 or doc_count < 1:
             raise damaged(f"is shorter than its {sequences} sequences and {doc_count} document indices need")
-        lengths = np.frombuffer(raw, np.int32, sequences, 34).astype(np.int64)
+        lengths = np.frombuffer(raw, np.int32, sequences, 34)
         pointers = np.frombuffer(raw, np.int64, sequences, 34 + 4 * sequences)
         doc_index = np.frombuffer(raw, np.int64, doc_count, 34 + 12 * sequences)
         if doc_index[0] != 0 or doc_index[-1] != sequences or np.any(np.diff(doc_index) < 0):
             raise damaged("has document indices that do not cover its sequences in order")
-        starts = np.concatenate([[0], np.cumsum(lengths)])  # tokens, if the sequences are stored back to back
-        if not np.array_equal(pointers, starts[:-1] * self.dtype.itemsize):
-            raise damaged("has sequence pointers that are not back to back (not supported)")
-        total = int(starts[-1])
+        itemsize = self.dtype.itemsize
+        for a in range(0, sequences, CHECK_CHUNK):  # sequences back to back (checked in chunks: bounded memory)
+            p, n = pointers[a:a + CHECK_CHUNK + 1], lengths[a:a + CHECK_CHUNK].astype(np.int64)
+            if (a == 0 and p[0] != 0) or not np.array_equal(np.diff(p), n[:len(p) - 1] * itemsize):
+                raise damaged("has sequence pointers that are not back to back (not supported)")
+        total = int(pointers[-1]) // itemsize + int(lengths[-1]) if sequences else 0
         if bin_path.stat().st_size != total * self.dtype.itemsize:
             raise UserError(f"{key}={prefix}: {bin_path} holds {bin_path.stat().st_size} bytes where {idx_path} "
                             f"says {total} {self.dtype} tokens; the pair is damaged or mismatched")
-        self.doc_starts = starts[doc_index]  # token offset where each document begins; the last is the end
+        # The token offset where each document begins, and the end.
+        begins = pointers[doc_index[:-1]] // itemsize if sequences else np.zeros(doc_count - 1, np.int64)
+        self.doc_starts = np.append(begins, total)
         self.bin_path, self.total_tokens = bin_path, total
 
     @property
