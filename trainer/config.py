@@ -60,6 +60,7 @@ class DataSourceSpec:
 
 
 SOURCE_KEYS = ("dir", "weight", "name")
+PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._+=@-]*"  # run and source names: directory and metric names
 
 
 def data_sources(data: DataConfig) -> list[DataSourceSpec]:
@@ -82,7 +83,7 @@ def data_sources(data: DataConfig) -> list[DataSourceSpec]:
             raise UserError(f"{key}.weight={entry.get('weight')!r} must be a positive number (the source's share "
                             f"of training tokens, relative to the other weights)")
         name = str(entry.get("name", Path(entry["dir"]).name))
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*", name):
+        if not re.fullmatch(PLAIN_NAME, name):
             raise UserError(f"{key}.name={name!r} must be a plain name (letters, digits, . _ - + = @): it names the "
                             f"source's metrics (val_loss/NAME); set {key}.name")
         if name in (spec.name for spec in specs):
@@ -415,7 +416,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         cfg.model.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*", cfg.run.name):
+    if not re.fullmatch(PLAIN_NAME, cfg.run.name):
         raise UserError(f"run.name={cfg.run.name!r} must be a plain directory name (letters, digits, . _ - + = @), "
                         f"not a path; use run.output_dir for the location")
     data_sources(cfg.data)
