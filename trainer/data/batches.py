@@ -1,4 +1,5 @@
-"""Token batches from the token files of a prepared directory (or any TokenStream).
+"""Token batches from one source's token stream (a prepared directory's files as one TokenStream); mixtures of
+several sources draw from such streams in mixture.py.
 
 The token stream is cut into non-overlapping windows of seq_len + 1 tokens (inputs and shifted targets). Every
 epoch visits the windows in a seeded random order; consecutive runs of `global_batch` windows form the global
