@@ -83,7 +83,7 @@ def test_reads_megatron_core_files_token_for_token(megatron_data, tmp_path, dtyp
     assert train[1000:9000].tolist() == expected_train[1000:9000]
 
 
-def test_trains_on_a_megatron_prefix(megatron_data, tmp_path):
+def test_trains_on_a_megatron_prefix(megatron_data, shakespeare_data, tmp_path):
     prefix, tokenizer, token_docs = megatron_data
     args = [f"data.dir={prefix}", f"data.tokenizer={tokenizer}", f"run.output_dir={tmp_path}", "run.name=mega",
             *MICRO_MODEL, "training.steps=4", "checkpoint.every=4", "eval.every=4", "data.val_fraction=0.1"]
@@ -94,6 +94,12 @@ def test_trains_on_a_megatron_prefix(megatron_data, tmp_path):
     assert abs(train[0]["loss"] - np.log(512)) < 0.5 and np.isfinite(evals[-1]["val_loss"])
     ckpt = tmp_path / "mega" / "checkpoints" / "step_00000004"
     assert (ckpt / "tokenizer.model").read_bytes() == tokenizer.read_bytes()
+    # In a mixture with a prepared directory of the same tokenizer.
+    run_cli("train", TINY, f"data.sources=[{{dir: {prefix}, name: mega}}, {{dir: {shakespeare_data}, weight: 3}}]",
+            *args[1:3], "run.name=mixed", *args[4:])
+    mixed_train, mixed_evals = read_metrics(tmp_path / "mixed")
+    assert mixed_train[-1]["data_share/mega"] == pytest.approx(0.25, abs=0.02)
+    assert {"val_loss/mega", "val_loss/shakespeare"} <= set(mixed_evals[-1])
     # The meta that training used: token counts of the two splits at val_fraction 0.1 (every 10th document).
     sources = open_sources(DataConfig(dir=str(prefix), tokenizer=str(tokenizer), val_fraction=0.1))
     meta = sources[0].meta
