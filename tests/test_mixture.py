@@ -125,6 +125,14 @@ def test_mixture_run_shares_validation_and_exact_resume(two_sources, tmp_path):
     strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]  # noqa: E731
     resumed_train, resumed_evals = read_metrics(tmp_path / "runs" / "resumed")
     assert strip(resumed_train) == strip(train) and resumed_evals == evals
+    # Resuming the mixture's checkpoint with other data fails with one line and leaves the run as it was.
+    before = (tmp_path / "runs" / "resumed" / "metrics.jsonl").read_text()
+    first, _ = two_sources
+    result = run_cli("train", TINY, f"data.dir={first}", *mix_args(two_sources, tmp_path, "resumed")[1:],
+                     "training.steps=300", check=False)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "holds the data position of other data" in result.stderr
+    assert (tmp_path / "runs" / "resumed" / "metrics.jsonl").read_text() == before
 
 
 def test_two_ranks_draw_the_same_mixture_batches(two_sources, tmp_path):

@@ -9,6 +9,7 @@ same for every world size, and resuming restores (epoch, position) to continue w
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -161,9 +162,9 @@ class TrainBatches:
 
     def load_state_dict(self, state: dict) -> None:
         if "sources" in state:
-            raise UserError(f"the checkpoint's data position was saved for a mixture of "
-                            f"{len(state['sources'])} sources, but this run reads one; resume with the same "
-                            f"data.sources, or start a new run.name")
+            sources = len(json.loads(state["sources"]))
+            raise UserError(f"the checkpoint's data position was saved for a mixture of {sources} sources, but this "
+                            f"run reads one; resume with the same data.sources, or start a new run.name")
         if (state["n_windows"], state["seq_len"]) != (self.n_windows, self.seq_len):
             raise UserError(f"the checkpoint's data position was saved for {state['n_windows']} windows of "
                             f"{state['seq_len']} tokens, but data.dir now has {self.n_windows} of {self.seq_len}; "

@@ -11,6 +11,7 @@ exact next batch.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,13 +144,15 @@ class MixtureBatches:
         return {name: int(count) / total for name, count in zip(self.names, self.drawn)}
 
     def state_dict(self) -> dict:
-        return {"seq_len": self.seq_len, "sources": [
+        # The sources as one JSON string: the checkpoint's keys stay the same whatever the number of sources, so a
+        # changed data.sources reaches the check in load_state_dict.
+        return {"seq_len": self.seq_len, "sources": json.dumps([
             {"name": name, "n_windows": order.n_windows, "seed": order.seed, "epoch": order.epoch,
              "position": order.position, "drawn": int(drawn)}
-            for name, order, drawn in zip(self.names, self.orders, self.drawn)]}
+            for name, order, drawn in zip(self.names, self.orders, self.drawn)])}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = state.get("sources")
+        saved = json.loads(state["sources"]) if "sources" in state else None
         now = [(name, order.n_windows) for name, order in zip(self.names, self.orders)]
         if saved is None or [(s["name"], int(s["n_windows"])) for s in saved] != now \
                 or int(state["seq_len"]) != self.seq_len:
