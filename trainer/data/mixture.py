@@ -22,6 +22,7 @@ from trainer.config import DataConfig, DataSourceSpec, data_sources
 from trainer.data.batches import (TokenStream, TrainBatches, WindowOrder, check_windows, load_data_meta,
                                   open_tokens)
 from trainer.data.indexed import is_megatron_prefix, open_megatron
+from trainer.data.tokenizer import load_tokenizer
 from trainer.errors import UserError
 
 
@@ -53,8 +54,6 @@ def open_sources(data: DataConfig) -> list[Source]:
 
 
 def load_config_tokenizer(path: str):
-    from trainer.data.tokenizer import load_tokenizer
-
     if not Path(path).exists():
         raise UserError(f"data.tokenizer={path} does not exist; name the sentencepiece .model or tokenizer.json "
                         f"the data was tokenized with")
