@@ -161,7 +161,11 @@ class Checkpointer:
         except UserError:
             raise
         except (Exception, CheckpointException) as err:  # damage surfaces as many types
-            raise UserError(f"checkpoint {path} cannot be loaded ({load_failure_reason(err)}); remove it to resume "
+            reason = load_failure_reason(err)
+            if "Missing key" in reason and "train.data." in reason:  # saved for one source, resumed with several
+                raise UserError(f"checkpoint {path} holds the data position of other data ({reason}); resume with "
+                                f"the data.dir / data.sources it was saved with, or choose another run.name") from None
+            raise UserError(f"checkpoint {path} cannot be loaded ({reason}); remove it to resume "
                             f"from the one before, or choose another run.name") from None
 
     def _prune(self) -> None:

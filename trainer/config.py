@@ -37,8 +37,60 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    dir: str = config_field("data/shakespeare", "directory written by `normtron prepare-data`")
+    dir: str = config_field("data/shakespeare", "directory written by `normtron prepare-data`, or the PREFIX of a "
+                                                "Megatron-LM/GPT-NeoX indexed dataset (PREFIX.bin + PREFIX.idx)")
     seq_len: int = config_field(256, "tokens per training sequence", ge=1)
+    sources: Optional[list[dict]] = config_field(
+        None, "a mixture: [{dir: DIR, weight: W, name: NAME}, ...] (dir as data.dir; weight > 0, default 1; name "
+              "default the dir's basename, used in val_loss/NAME and data_share/NAME); replaces data.dir when set")
+    tokenizer: Optional[str] = config_field(
+        None, "the tokenizer (sentencepiece .model or tokenizer.json) of Megatron indexed datasets, which carry "
+              "none; required for them, and must match a prepared directory's own")
+    val_fraction: float = config_field(0.02, "Megatron indexed datasets: every round(1/val_fraction)-th document "
+                                             "is held out for validation", gt=0, le=0.5)
+
+
+@dataclass
+class DataSourceSpec:
+    """One entry of data.sources (or data.dir), as the config gives it."""
+    name: str
+    dir: str
+    weight: float
+    key: str  # the config key naming its dir, for messages
+
+
+SOURCE_KEYS = ("dir", "weight", "name")
+PLAIN_NAME = r"[A-Za-z0-9][A-Za-z0-9._+=@-]*"  # run and source names: directory and metric names
+
+
+def data_sources(data: DataConfig) -> list[DataSourceSpec]:
+    """The run's sources: data.sources when set, else data.dir alone; checked without touching the disk."""
+    if data.sources is None:
+        return [DataSourceSpec(Path(data.dir).name or "data", data.dir, 1.0, "data.dir")]
+    if not data.sources:
+        raise UserError("data.sources is empty; list at least one {dir: DIR, weight: W}, or set it to null and use "
+                        "data.dir")
+    specs = []
+    for i, entry in enumerate(data.sources):
+        key = f"data.sources[{i}]"
+        unknown = sorted(set(map(str, entry)) - set(SOURCE_KEYS))
+        if unknown:
+            raise UserError(f"{key} has unknown key(s) {', '.join(unknown)}; a source takes {', '.join(SOURCE_KEYS)}")
+        if not isinstance(entry.get("dir"), str) or not entry["dir"]:
+            raise UserError(f"{key}.dir is missing; name the prepared directory or Megatron prefix of the source")
+        weight = _as_type(entry.get("weight", 1.0), float)
+        if weight is _INVALID or weight <= 0:
+            raise UserError(f"{key}.weight={entry.get('weight')!r} must be a positive number (the source's share "
+                            f"of training tokens, relative to the other weights)")
+        name = str(entry.get("name", Path(entry["dir"]).name))
+        if not re.fullmatch(PLAIN_NAME, name):
+            raise UserError(f"{key}.name={name!r} must be a plain name (letters, digits, . _ - + = @): it names the "
+                            f"source's metrics (val_loss/NAME); set {key}.name")
+        if name in (spec.name for spec in specs):
+            raise UserError(f"{key}.name={name!r} is used by another source too; give each source a unique name "
+                            f"({key}.name)")
+        specs.append(DataSourceSpec(name, entry["dir"], weight, f"{key}.dir"))
+    return specs
 
 
 @dataclass
@@ -191,6 +243,7 @@ def _unknown_key(key: str, known: list[str]) -> UserError:
 
 
 _INVALID = object()
+LIST_ITEMS = {int: "whole numbers", str: "names", dict: "mappings"}
 
 
 def _as_type(value: Any, base: Any) -> Any:
@@ -200,6 +253,8 @@ def _as_type(value: Any, base: Any) -> Any:
         items = [v.strip() for v in value.split(",")] if isinstance(value, str) else value
         if not isinstance(items, list):
             return _INVALID
+        if typing.get_args(base)[0] is dict:  # a list of mappings (data.sources)
+            return items if all(isinstance(v, dict) for v in items) else _INVALID
         if typing.get_args(base)[0] is int:
             items = [_as_type(v, int) for v in items]
             return _INVALID if any(v is _INVALID for v in items) else items
@@ -234,7 +289,7 @@ def _coerce(key: str, value: Any, field: dataclasses.Field, hint: Any) -> Any:
         raise UserError(f"{key} must not be null (expected {base.__name__})")
     parsed = _as_type(value, base)
     if parsed is _INVALID:
-        wanted = (f"list of {'whole numbers' if typing.get_args(base)[0] is int else 'names'}"
+        wanted = (f"list of {LIST_ITEMS[typing.get_args(base)[0]]}"
                   if typing.get_origin(base) is list else base.__name__)
         raise UserError(f"{key} expects {wanted}{' or null' if optional else ''}, got {value!r} "
                         f"({type(value).__name__})")
@@ -361,9 +416,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         cfg.model.validate()
     except ValueError as err:
         raise UserError(str(err)) from None
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=@-]*", cfg.run.name):
+    if not re.fullmatch(PLAIN_NAME, cfg.run.name):
         raise UserError(f"run.name={cfg.run.name!r} must be a plain directory name (letters, digits, . _ - + = @), "
                         f"not a path; use run.output_dir for the location")
+    data_sources(cfg.data)
     if cfg.data.seq_len > cfg.model.max_seq_len:
         raise UserError(f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}; "
                         f"raise model.max_seq_len or shorten data.seq_len")

@@ -42,12 +42,19 @@ def format_duration(seconds: float) -> str:
 
 def progress_line(row: dict, total_steps: int) -> str:
     if "val_loss" in row:
-        return f"eval  step {row['step']} | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.2f}"
+        per_source = [f"{key.split('/', 1)[1]} {value:.4f}" for key, value in row.items()
+                      if key.startswith("val_loss/")]
+        return (f"eval  step {row['step']} | val_loss {row['val_loss']:.4f} | val_ppl {row['val_ppl']:.2f}"
+                + (f" | by source: {', '.join(per_source)}" if per_source else ""))
     width = len(str(total_steps))
     parts = [f"step {row['step']:>{width}}/{total_steps}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
              f"grad {row['grad_norm']:.3f}", f"{row['tokens_per_sec']:,.0f} tok/s"]
     if "mfu" in row:
         parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    shares = [f"{key.split('/', 1)[1]} {100 * value:.1f}%" for key, value in row.items()
+              if key.startswith("data_share/")]
+    if shares:
+        parts.append(f"data {' '.join(shares)}")
     parts.append(f"ETA {format_duration(row['eta_s'])}")
     return " | ".join(parts)
 

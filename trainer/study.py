@@ -16,6 +16,7 @@ A study file:
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -31,8 +32,8 @@ import torch
 import yaml
 
 from trainer.checkpoint import complete_checkpoints
-from trainer.config import load_config, validate
-from trainer.data.batches import load_data_meta
+from trainer.config import DataConfig, load_config, validate
+from trainer.data.mixture import open_sources
 from trainer.errors import UserError
 from trainer.metrics import format_duration
 
@@ -130,7 +131,7 @@ def load_study(path: str | Path, max_parallel: int | None = None) -> Study:
     study = Study(path, base, output_dir, parallel, overrides, grid, reference, [])
     short = _short_names(list(grid))
     common = [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
-    data_dirs: set[str] = set()
+    data_configs: dict[str, DataConfig] = {}  # each distinct data section once
     for combo in itertools.product(*grid.values()):
         values = dict(zip(grid, combo))
         name = cell_name(values, short)
@@ -142,9 +143,9 @@ def load_study(path: str | Path, max_parallel: int | None = None) -> Study:
         except UserError as err:
             raise UserError(f"study cell {name}: {err}") from None
         study.cells.append(Cell(values, name, cfg.run_dir, cfg.training.steps, run_overrides))
-        data_dirs.add(cfg.data.dir)
-    for data_dir in sorted(data_dirs):  # a missing corpus fails here once, not in every run
-        load_data_meta(data_dir)
+        data_configs[repr(dataclasses.replace(cfg.data, seq_len=0))] = cfg.data
+    for key in sorted(data_configs):  # a missing corpus fails here once, not in every run
+        open_sources(data_configs[key])
     return study
 
 

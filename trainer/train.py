@@ -31,14 +31,14 @@ from parallel.pipeline import layers_per_stage
 from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
 from trainer.config import (Config, config_to_dict, dump_config, micro_batching, parallel_dims, pipeline_stages,
                             validate, validate_tensor_parallel)
-from trainer.data.batches import TrainBatches, eval_windows, load_data_meta, open_tokens, stack_windows
+from trainer.data.batches import TokenStream, TrainBatches, eval_windows, stack_windows
+from trainer.data.mixture import MixtureBatches, Source, make_batches, open_sources, sources_tokenizer
 from trainer.diagnostics import Diagnostics
 from trainer.engine import PipelineEngine, build_engine, compute_context, local_tensor
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration, setup_logging
 from trainer.optim import apply_hyperparameters, apply_lr_schedule
 from trainer.preemption import PreemptionWatch
-from trainer.data.format import unigram_baseline
 from trainer.stability import StabilityMonitor, z_loss
 
 
@@ -92,6 +92,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     LOG.info(f"run {run_dir} | {dist_info.world_size} rank(s) on {dist_info.device.type} "
              f"({dist_info.backend or 'single process'}) | {describe_parallel(cfg, dist_info.world_size)}")
     LOG.info(model_summary)
+    for line in describe_data(inputs.sources).splitlines():
+        LOG.info(line)
     if latest is not None:
         LOG.info(f"resumed from {latest} at step {state.step}")
     elif init_from is not None:
@@ -106,42 +108,63 @@ def check(cfg: Config, world_size: int) -> str:
     inputs = check_inputs(cfg, world_size, rank=0)
     model = build_model_on_meta(cfg)
     return (f"config OK for {world_size} rank(s) ({describe_parallel(cfg, world_size)}): "
-            f"{describe_model(cfg, model)}\n"
-            f"data {cfg.data.dir}: {inputs.meta['train_tokens']:,} train / {inputs.meta['val_tokens']:,} val tokens"
-            f" | run directory {cfg.run_dir}"
-            f"{' (exists: the run will resume)' if cfg.run_dir.exists() else ''}")
+            f"{describe_model(cfg, model)}\n{describe_data(inputs.sources)}\n"
+            f"run directory {cfg.run_dir}{' (exists: the run will resume)' if cfg.run_dir.exists() else ''}")
+
+
+def describe_data(sources: list[Source]) -> str:
+    """One line per source: where, how many tokens, and its weight in a mixture."""
+    return "\n".join(f"data {s.path}{f' ({s.name}, weight {s.weight:.3g})' if len(sources) > 1 else ''}"
+                     f"{' [Megatron indexed dataset]' if s.megatron else ''}: {len(s.train):,} train / "
+                     f"{len(s.val):,} val tokens" for s in sources)
 
 
 # --- Setup steps -------------------------------------------------------------------------------------------------
 
 @dataclass
+class ValidationSet:
+    """One source's fixed validation windows (this rank's share) and their token stream."""
+    name: str
+    weight: float
+    tokens: TokenStream
+    windows: np.ndarray
+    unigram_entropy: float
+
+
+@dataclass
 class RunInputs:
     """What a run reads from disk, opened and checked before it writes anything."""
-    meta: dict
-    batches: TrainBatches
-    val_tokens: np.ndarray
-    val_windows: np.ndarray
+    meta: dict  # the first source's; the sources share its tokenizer and vocabulary
+    sources: list[Source]
+    batches: TrainBatches | MixtureBatches
+    validation: list[ValidationSet]  # one per source, in data.sources order
 
 
 def check_inputs(cfg: Config, world_size: int, rank: int) -> RunInputs:
     """Every check that can fail on user input: the config, the data, and the run directory (same on all ranks)."""
     validate(cfg, world_size)
     check_kernels(cfg.model.kernels, pick_device()[0])
-    meta = load_data_meta(cfg.data.dir)
+    sources = open_sources(cfg.data)
+    meta = sources[0].meta
     resolve_vocab_size(cfg, meta)
     validate_tensor_parallel(cfg)  # again, now that the vocabulary size is known
     # Ranks that differ only in pipeline stage or tensor-parallel slice read the same batches.
     dp_rank, dp_size = parallel_dims(cfg, world_size).dp_coordinates(rank)
-    train_tokens = open_tokens(cfg.data.dir, "train", meta)
-    val_tokens = open_tokens(cfg.data.dir, "val", meta)
-    batches = TrainBatches(train_tokens, cfg.data.seq_len, cfg.training.batch_size, dp_rank, dp_size,
-                           cfg.run.seed)
-    val_windows = eval_windows(val_tokens, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size, dp_rank,
-                               dp_size)
+    batches = make_batches(sources, cfg.data.seq_len, cfg.training.batch_size, dp_rank, dp_size, cfg.run.seed)
+    validation = [ValidationSet(s.name, s.weight, s.val, source_eval_windows(cfg, s, dp_rank, dp_size),
+                                s.meta["val_unigram_entropy"]) for s in sources]
     check_run_dir(cfg)
     if cfg.checkpoint.init_from and not complete_checkpoints(cfg.run_dir / "checkpoints"):
         check_init_from(Path(cfg.checkpoint.init_from), cfg.model, meta)
-    return RunInputs(meta, batches, val_tokens, val_windows)
+    return RunInputs(meta, sources, batches, validation)
+
+
+def source_eval_windows(cfg: Config, source: Source, dp_rank: int, dp_size: int) -> np.ndarray:
+    try:
+        return eval_windows(source.val, cfg.data.seq_len, cfg.eval.steps * cfg.training.batch_size, dp_rank, dp_size)
+    except UserError as err:
+        hint = " (a Megatron dataset: a larger data.val_fraction)" if source.megatron else ""
+        raise UserError(f"{source.key}={source.path}: {err}{hint}") from None
 
 
 def check_kernels(choice: str, device: torch.device) -> None:
@@ -154,7 +177,7 @@ def resolve_vocab_size(cfg: Config, meta: dict) -> None:
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = vocab
     elif cfg.model.vocab_size < vocab:
-        raise UserError(f"the tokenizer in {cfg.data.dir} has {vocab} tokens but model.vocab_size="
+        raise UserError(f"the data's tokenizer has {vocab} tokens but model.vocab_size="
                         f"{cfg.model.vocab_size}; set model.vocab_size >= {vocab} (or null to use the tokenizer's)")
 
 
@@ -248,7 +271,7 @@ def describe_parallel(cfg: Config, world_size: int) -> str:
 class TrainState(Stateful):
     """Everything besides model and optimizer that a resume needs: step, tokens, schedule, data position, RNG."""
 
-    def __init__(self, scheduler, batches: TrainBatches):
+    def __init__(self, scheduler, batches: TrainBatches | MixtureBatches):
         self.scheduler, self.batches = scheduler, batches
         self.step, self.tokens_seen = 0, 0
 
@@ -282,7 +305,7 @@ class TrainLoop:
         self.cfg, self.dist, self.engine, self.model = cfg, dist_info, engine, engine.model
         self.state = state
         self.checkpointer, self.run_dir, self.meta = checkpointer, run_dir, inputs.meta
-        self.val_tokens, self.val_windows = inputs.val_tokens, inputs.val_windows
+        self.validation = inputs.validation
         t = cfg.training
         self.micro_batch, self.accum_steps = micro_batching(t, parallel_dims(cfg, dist_info.world_size).dp_size,
                                                             pipeline_stages(cfg))
@@ -292,11 +315,13 @@ class TrainLoop:
         self.peak_flops = device_peak_flops(dist_info.device, cfg.logging.peak_tflops)
         self.autocast = compute_context(cfg, dist_info.device)
         self.loss_context = getattr(engine, "loss_context", contextlib.nullcontext)  # loss parallel under tp
+        # The tokenizer under its own file name (tokenizer.model | tokenizer.json): a prepared directory's, or
+        # data.tokenizer for Megatron sources; a tokenizer.json brings its tokenizer_config.json (its BOS/EOS).
+        tokenizer = sources_tokenizer(inputs.sources)
         tokenizer_name = inputs.meta["tokenizer"].get("file", "tokenizer.model")  # older metas name no file
-        tokenizer = Path(cfg.data.dir) / tokenizer_name
         self.extra_files = {"config.yaml": run_dir / "config.yaml", tokenizer_name: tokenizer}
         if tokenizer_name == "tokenizer.json" and tokenizer.with_name("tokenizer_config.json").is_file():
-            self.extra_files["tokenizer_config.json"] = tokenizer.with_name("tokenizer_config.json")  # its BOS/EOS
+            self.extra_files["tokenizer_config.json"] = tokenizer.with_name("tokenizer_config.json")
         self.diagnostics = Diagnostics(engine.model, cfg.diagnostics.every, t.steps, dist_info.device,
                                        gradients=cfg.parallel.backend != "deepspeed", n_layers=cfg.model.n_layers,
                                        pp_group=engine.group if self.pipelined else None)
@@ -347,8 +372,7 @@ class TrainLoop:
                         LOG.warning(f"no checkpoint at step {step}: the model state is not finite")
                         do_save = False
                 if do_eval:
-                    val_loss = self.evaluate()
-                    metrics.log({"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)})
+                    val_loss = self.evaluate_and_log(metrics, step)
                 if do_save:
                     saved = self.checkpointer.save(step, self.engine, state, self.extra_files)
                     LOG.info(f"checkpoint {saved}")
@@ -357,7 +381,7 @@ class TrainLoop:
                 if do_eval or do_save:  # keep their time out of the next tokens/s
                     self.interval_start, self.interval_step = time.time(), step
             if not math.isfinite(val_loss):  # nothing was trained in this call: report the finished model
-                val_loss = self.evaluate()
+                val_loss = self.evaluate_all()[0]
         finally:
             metrics.close()
             preemption.close()
@@ -387,6 +411,8 @@ class TrainLoop:
         row = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_sec": self.tokens_per_step / step_time, "tokens_seen": self.state.tokens_seen,
                "elapsed_s": now - started, "eta_s": step_time * (total - step), **self.stability.counters()}
+        if isinstance(self.state.batches, MixtureBatches):
+            row.update({f"data_share/{name}": share for name, share in self.state.batches.shares().items()})
         if self.peak_flops:
             row["mfu"] = row["tokens_per_sec"] * self.flops_per_token / (self.peak_flops * self.dist.world_size)
         metrics.log(row)
@@ -432,17 +458,32 @@ class TrainLoop:
         max_norm = self.cfg.training.grad_clip if self.cfg.training.grad_clip > 0 else float("inf")
         return self.engine.step(max_norm, self.skip_nonfinite)
 
+    def evaluate_all(self) -> tuple[float, dict[str, float]]:
+        """(overall validation loss, each source's). The overall loss is the sources' losses weighted by their
+        (normalized) data.sources weights, the mixture the model is trained on; one source: its loss."""
+        losses = {v.name: self.evaluate(v.tokens, v.windows) for v in self.validation}
+        return sum(v.weight * losses[v.name] for v in self.validation), losses
+
+    def evaluate_and_log(self, metrics: MetricsLogger, step: int) -> float:
+        val_loss, per_source = self.evaluate_all()
+        row = {"step": step, "val_loss": val_loss, "val_ppl": perplexity(val_loss)}
+        if len(per_source) > 1:
+            for name, loss in per_source.items():
+                row.update({f"val_loss/{name}": loss, f"val_ppl/{name}": perplexity(loss)})
+        metrics.log(row)
+        return val_loss
+
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean token loss over the fixed validation windows, summed over all ranks."""
+    def evaluate(self, tokens: TokenStream, windows: np.ndarray) -> float:
+        """Mean token loss over fixed validation windows, summed over all ranks."""
         if self.pipelined:
-            return self.evaluate_pipelined()
+            return self.evaluate_pipelined(tokens, windows)
         self.model.eval()
         loss_sum, count = 0.0, 0
-        for chunk in np.array_split(self.val_windows, max(1, math.ceil(len(self.val_windows) / self.micro_batch))):
+        for chunk in np.array_split(windows, max(1, math.ceil(len(windows) / self.micro_batch))):
             if len(chunk) == 0:
                 continue
-            x, y = stack_windows(self.val_tokens, chunk, self.cfg.data.seq_len)
+            x, y = stack_windows(tokens, chunk, self.cfg.data.seq_len)
             # Compiled blocks run eagerly here: a second (no-grad) graph per block would add compile time for a
             # few batches (and hits a DTensor bug in torch 2.13's inference graphs under tensor parallelism).
             with self.autocast, torch.compiler.set_stance("force_eager"):
@@ -454,15 +495,15 @@ class TrainLoop:
         loss_sum, count = all_reduce_sum([loss_sum, float(count)], self.dist.device)
         return loss_sum / count
 
-    def evaluate_pipelined(self) -> float:
+    def evaluate_pipelined(self, tokens: TokenStream, windows: np.ndarray) -> float:
         """evaluate() through the pipeline, in batches of training's shape (the stages know that shape); a short last
         batch is padded with windows whose targets are ignored."""
         self.model.eval()
         batch = self.micro_batch * self.accum_steps
         loss_sum, count = 0.0, 0
-        for start in range(0, len(self.val_windows), batch):
-            chunk = self.val_windows[start:start + batch]
-            x, y = stack_windows(self.val_tokens, chunk, self.cfg.data.seq_len)
+        for start in range(0, len(windows), batch):
+            chunk = windows[start:start + batch]
+            x, y = stack_windows(tokens, chunk, self.cfg.data.seq_len)
             if len(chunk) < batch:
                 pad = batch - len(chunk)
                 x = torch.cat([x, x[:1].expand(pad, -1)])
@@ -474,7 +515,9 @@ class TrainLoop:
         return loss_sum / count
 
     def report(self, val_loss: float, steps_run: int, seconds: float, checkpoint: Path | None) -> None:
-        base, base_ppl = unigram_baseline(self.meta)
+        # A mixture's baseline is its sources' unigram entropies weighted as its validation loss is.
+        base = sum(v.weight * v.unigram_entropy for v in self.validation)
+        base_ppl = math.exp(base)
         LOG.info(f"done: {steps_run} step(s) in {format_duration(seconds)}")
         gap = base - val_loss
         LOG.info(f"validation loss {val_loss:.4f} (ppl {perplexity(val_loss):.2f}) | unigram baseline "
