@@ -23,21 +23,47 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
-        "prepare-data", help="tokenize a text corpus into train/val token files",
-        description="Train (or reuse) a sentencepiece tokenizer and write DIR/tokenizer.model, DIR/train.bin, "
-                    "DIR/val.bin (uint16/uint32 token ids) and DIR/meta.json. Re-running with the same inputs "
-                    "and options does nothing.")
+        "prepare-data", help="tokenize a text corpus into sharded train/val token files",
+        description="Train (or reuse) a tokenizer and write DIR/tokenizer.model (or tokenizer.json), "
+                    "DIR/shards/<name>.{train,val}.bin (uint16/uint32 token ids) with .docs.npy document ends, and "
+                    "DIR/meta.json, tokenizing shards of the corpus in parallel. An interrupted run, re-run with "
+                    "the same command, redoes only unfinished shards; re-running a finished one does nothing. "
+                    "On a Slurm cluster, --slurm submits the shards as a job array and a final step.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help=".txt files (one document each), .jsonl/.parquet files (one document per row, field "
-                        "'text'), or directories searched recursively for them")
+                        "--text-key), or directories searched recursively for them")
     p.add_argument("--output", required=True, metavar="DIR", help="directory to write the prepared data into")
     p.add_argument("--vocab-size", type=_vocab_size, default=None, metavar="N",
                    help="vocabulary size of the tokenizer to train (default 8192; with --tokenizer: taken from it)")
-    p.add_argument("--tokenizer", default=None, metavar="MODEL",
-                   help="use this existing sentencepiece .model instead of training one")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="use this tokenizer (a sentencepiece .model, a tokenizer.json or a folder holding one) "
+                        "instead of training one")
     p.add_argument("--val-fraction", type=float, default=0.02, metavar="F",
-                   help="fraction of tokens held out for validation, sampled in blocks across the corpus "
-                        "(default 0.02)")
+                   help="fraction held out for validation: each document (long ones in pieces of up to 2048 "
+                        "tokens) goes to validation with probability F, decided by a hash of its text (default 0.02)")
+    p.add_argument("--text-key", default="text", metavar="KEY",
+                   help="the field/column holding a document in .jsonl/.parquet files (default text)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes tokenizing shards in parallel (default: every CPU core available)")
+    p.add_argument("--shard-size", type=_size, default="256MB", metavar="SIZE",
+                   help="input bytes per shard, the unit of parallel work and of resuming; consecutive files are "
+                        "grouped up to it, a larger file is a shard of its own (default 256MB)")
+    p.add_argument("--slurm", action="store_true",
+                   help="train the tokenizer here, then submit the shards as a Slurm job array "
+                        "(launch/slurm/prepare.sbatch) and a --finalize job that runs after it; prints the job ids")
+    p.add_argument("--slurm-tasks", type=int, default=None, metavar="N",
+                   help="with --slurm: array tasks (default: one per shard); task i prepares every N-th shard")
+    p.add_argument("--partition", default=None, metavar="P", help="with --slurm: the Slurm partition")
+    p.add_argument("--sbatch-args", default="", metavar="'ARGS'",
+                   help="with --slurm: more sbatch options for both jobs, e.g. '--account=A --time=4:00:00'")
+    p.add_argument("--slurm-logs", default="logs", metavar="DIR",
+                   help="with --slurm: directory for the jobs' output files (default ./logs)")
+    p.add_argument("--task-index", type=int, default=None, metavar="I",
+                   help="prepare only array task I's shards (every --num-tasks-th shard from the I-th); set by "
+                        "prepare.sbatch from SLURM_ARRAY_TASK_ID")
+    p.add_argument("--num-tasks", type=int, default=None, metavar="N", help="the number of array tasks")
+    p.add_argument("--finalize", action="store_true",
+                   help="check the shards the array tasks prepared and write meta.json (the last step)")
 
     p = sub.add_parser(
         "train", help="train a model from a YAML config (also under torchrun)",
@@ -132,8 +158,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "prepare-data":
             from trainer.data.prepare import prepare_data
 
+            import shlex
+
+            slurm = {"tasks": args.slurm_tasks, "partition": args.partition, "logs": args.slurm_logs,
+                     "sbatch_args": shlex.split(args.sbatch_args)} if args.slurm else None
+            if args.slurm_tasks is not None and args.slurm_tasks < 1:
+                raise UserError(f"--slurm-tasks must be at least 1, not {args.slurm_tasks}")
             prepare_data(args.input, args.output, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                         val_fraction=args.val_fraction)
+                         val_fraction=args.val_fraction, workers=args.workers, shard_size=args.shard_size,
+                         text_key=args.text_key, task_index=args.task_index, num_tasks=args.num_tasks,
+                         finalize=args.finalize, slurm=slurm)
         elif args.command == "train":
             from trainer.config import load_config
             from trainer.preemption import requeue_exit

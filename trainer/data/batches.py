@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from trainer.errors import UserError
-from trainer.data.format import data_dir_problem, read_meta
+from trainer.data.format import data_dir_problem, read_meta, split_files
 
 
 def load_data_meta(data_dir: str | Path) -> dict:
@@ -29,13 +29,19 @@ def load_data_meta(data_dir: str | Path) -> dict:
 
 
 def open_tokens(data_dir: str | Path, split: str, meta: dict) -> np.ndarray:
-    """The token memmap of `split`; its first and last million ids are checked against the vocabulary."""
-    tokens = np.memmap(Path(data_dir) / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
-    sample = max(int(tokens[:1 << 20].max()), int(tokens[-(1 << 20):].max()))
-    if sample >= meta["vocab_size"]:
-        raise UserError(f"{Path(data_dir) / f'{split}.bin'} holds token id {sample}, outside the vocabulary of "
-                        f"{meta['vocab_size']}; the file is damaged: re-run `normtron prepare-data`")
-    return tokens
+    """The token stream of `split`; each file's first and last million ids are checked against the vocabulary.
+    (A format-2 directory's shard files are concatenated in memory here: a stopgap until the reader indexes them.)"""
+    parts = []
+    for path in split_files(data_dir, meta, split):
+        if path.stat().st_size == 0:  # a shard may hold no validation documents
+            continue
+        tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
+        sample = max(int(tokens[:1 << 20].max()), int(tokens[-(1 << 20):].max()))
+        if sample >= meta["vocab_size"]:
+            raise UserError(f"{path} holds token id {sample}, outside the vocabulary of {meta['vocab_size']}; the "
+                            f"file is damaged: re-run `normtron prepare-data`")
+        parts.append(tokens)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def num_windows(tokens: np.ndarray, seq_len: int) -> int:

@@ -44,15 +44,15 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_documents(path: Path) -> Iterator[str]:
-    """Documents of one file: a .txt file is one document; .jsonl and .parquet hold one per row in `text`."""
+def read_documents(path: Path, text_key: str = TEXT_FIELD) -> Iterator[str]:
+    """Documents of one file: a .txt file is one document; .jsonl and .parquet hold one per row in `text_key`."""
     suffix = path.suffix.lower()
     if suffix == ".txt":
         yield _decode(path.read_bytes(), path)
     elif suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        yield from _read_jsonl(path, text_key)
     else:
-        yield from _read_parquet(path)
+        yield from _read_parquet(path, text_key)
 
 
 def _decode(data: bytes, path: Path, where: str = "") -> str:
@@ -63,7 +63,7 @@ def _decode(data: bytes, path: Path, where: str = "") -> str:
                         f"convert it, e.g. `iconv -f latin1 -t utf-8`") from None
 
 
-def _read_jsonl(path: Path) -> Iterator[str]:
+def _read_jsonl(path: Path, text_key: str) -> Iterator[str]:
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, 1):
             line = _decode(raw, path, f" line {line_no}").strip()
@@ -73,12 +73,12 @@ def _read_jsonl(path: Path) -> Iterator[str]:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise UserError(f"{path} line {line_no} is not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(TEXT_FIELD), str):
-                raise UserError(f"{path} line {line_no} has no string field '{TEXT_FIELD}'")
-            yield row[TEXT_FIELD]
+            if not isinstance(row, dict) or not isinstance(row.get(text_key), str):
+                raise UserError(f"{path} line {line_no} has no string field '{text_key}'")
+            yield row[text_key]
 
 
-def _read_parquet(path: Path) -> Iterator[str]:
+def _read_parquet(path: Path, text_key: str) -> Iterator[str]:
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
@@ -88,12 +88,12 @@ def _read_parquet(path: Path) -> Iterator[str]:
         table = pq.ParquetFile(path)
     except Exception as err:  # pyarrow raises several types for damaged files
         raise UserError(f"{path} is not a readable parquet file ({err})") from None
-    if TEXT_FIELD not in table.schema_arrow.names:
-        raise UserError(f"{path} has no '{TEXT_FIELD}' column (columns: {', '.join(table.schema_arrow.names)})")
-    column_type = table.schema_arrow.field(TEXT_FIELD).type
+    if text_key not in table.schema_arrow.names:
+        raise UserError(f"{path} has no '{text_key}' column (columns: {', '.join(table.schema_arrow.names)})")
+    column_type = table.schema_arrow.field(text_key).type
     if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-        raise UserError(f"{path}: column '{TEXT_FIELD}' holds {column_type}, not strings")
-    for batch in table.iter_batches(columns=[TEXT_FIELD], batch_size=1024):
+        raise UserError(f"{path}: column '{text_key}' holds {column_type}, not strings")
+    for batch in table.iter_batches(columns=[text_key], batch_size=1024):
         for text in batch.column(0).to_pylist():
             if text:
                 yield text
