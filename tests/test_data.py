@@ -11,7 +11,41 @@ import sentencepiece as spm
 from helpers import run_cli, tree_digest
 
 from trainer.data.batches import TrainBatches, eval_windows
+from trainer.data.format import split_files
 from trainer.data.tokenizer import token_dtype
+
+
+def read_split(data_dir, split):
+    """The split's token stream: its files (one in format 1, one per shard in format 2) concatenated."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    return np.concatenate([np.fromfile(p, dtype=meta["dtype"]) for p in split_files(data_dir, meta, split)])
+
+
+def split_segments(data_dir, split):
+    """The split's stored documents (or held-out pieces of long ones), from the .docs.npy end offsets."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    out = []
+    for path in split_files(data_dir, meta, split):
+        tokens = np.fromfile(path, dtype=meta["dtype"])
+        ends = np.load(path.with_name(path.name.replace(".bin", ".docs.npy"))) if meta.get("format") == 2 else []
+        out.extend(np.split(tokens, ends[:-1]) if len(ends) else [])
+    return [s.tolist() for s in out]
+
+
+def reassemble(train_segments, val_segments, expected_docs):
+    """Walk the expected documents in order, taking each next stored segment from train or val: every token must
+    be accounted for, in order, and every segment used."""
+    train, val = list(train_segments), list(val_segments)
+    for doc in expected_docs:
+        pos = 0
+        while pos < len(doc):
+            for source in (train, val):
+                if source and source[0] and doc[pos:pos + len(source[0])] == source[0]:
+                    pos += len(source.pop(0))
+                    break
+            else:
+                raise AssertionError(f"no stored segment continues a document at token {pos}")
+    assert not train and not val
 
 
 def test_shakespeare_prepared(shakespeare_data, shakespeare_dir):
@@ -19,9 +53,8 @@ def test_shakespeare_prepared(shakespeare_data, shakespeare_dir):
     assert meta["vocab_size"] == 512 and meta["dtype"] == "uint16"
     assert len(meta["sources"]) == len(list(shakespeare_dir.glob("*.txt"))) > 50
     assert all(len(s["sha256"]) == 64 for s in meta["sources"])
-    train = np.fromfile(shakespeare_data / "train.bin", dtype=np.uint16)
-    val = np.fromfile(shakespeare_data / "val.bin", dtype=np.uint16)
-    assert len(train) == meta["train_tokens"] > 1_000_000 and len(val) == meta["val_tokens"]
+    train, val = read_split(shakespeare_data, "train"), read_split(shakespeare_data, "val")
+    assert train.dtype == np.uint16 and len(train) == meta["train_tokens"] > 1_000_000 and len(val) == meta["val_tokens"]
     assert 0.015 < len(val) / (len(train) + len(val)) < 0.025
     assert train.max() < 512
     # The tokenizer decodes the stored ids back to the real text.
@@ -63,7 +96,7 @@ def write_formats(root):
 def test_txt_jsonl_parquet_give_the_same_tokens(tmp_path):
     docs = write_formats(tmp_path / "in")
     tok = None
-    streams = {}
+    streams = {}  # format -> (train segments, val segments)
     for name, inp in [("txt", tmp_path / "in" / "txt"), ("jsonl", tmp_path / "in" / "docs.jsonl"),
                       ("parquet", tmp_path / "in" / "docs.parquet")]:
         out = tmp_path / name
@@ -73,14 +106,11 @@ def test_txt_jsonl_parquet_give_the_same_tokens(tmp_path):
         tok = tok or out / "tokenizer.model"
         meta = json.loads((out / "meta.json").read_text())
         assert meta["documents"] == 3
-        streams[name] = np.concatenate([np.fromfile(out / "train.bin", dtype=np.uint16),
-                                        np.fromfile(out / "val.bin", dtype=np.uint16)])
-    assert np.array_equal(streams["txt"], streams["jsonl"]) and np.array_equal(streams["txt"], streams["parquet"])
-    # Every document is BOS ids EOS; train.bin starts with the first document (val takes blocks further on).
+        streams[name] = (split_segments(out, "train"), split_segments(out, "val"))
+    # In every format, every document is BOS ids EOS, in input order, each token in train or (held out) in val.
     sp = spm.SentencePieceProcessor(model_file=str(tok))
-    assert len(streams["txt"]) == sum(len(sp.encode(d)) + 2 for d in docs)
-    first = [sp.bos_id()] + sp.encode(docs[0])
-    assert list(streams["txt"][:100]) == first[:100]
+    for name in streams:
+        reassemble(*streams[name], [[sp.bos_id()] + sp.encode(d) + [sp.eos_id()] for d in docs])
 
 
 def test_dtype_follows_vocab_size():
@@ -134,11 +164,13 @@ def test_eval_windows_are_fixed_and_sharded():
 def test_damaged_output_is_rebuilt_not_skipped(shakespeare_data, shakespeare_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(shakespeare_data, copy)
-    with open(copy / "train.bin", "r+b") as f:
+    meta = json.loads((copy / "meta.json").read_text())
+    with open(split_files(copy, meta, "train")[0], "r+b") as f:
         f.truncate(1000)
     out = run_cli("prepare-data", "--input", str(shakespeare_dir), "--output", str(copy), "--vocab-size", "512")
     assert "up to date" not in out.stdout
-    assert (copy / "train.bin").read_bytes() == (shakespeare_data / "train.bin").read_bytes()
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(copy, split), read_split(shakespeare_data, split))
 
 
 def test_byte_order_marks_and_upper_case_suffixes(tmp_path):
@@ -150,5 +182,5 @@ def test_byte_order_marks_and_upper_case_suffixes(tmp_path):
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["documents"] == 2
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
-    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
+    train = read_split(tmp_path / "out", "train")
     assert "\ufeff" not in sp.decode(train.tolist())
