@@ -8,44 +8,11 @@ import shutil
 import numpy as np
 import pytest
 import sentencepiece as spm
-from helpers import run_cli, tree_digest
+from helpers import read_split, reassemble, run_cli, split_segments, tree_digest
 
 from trainer.data.batches import TrainBatches, eval_windows
 from trainer.data.format import split_files
 from trainer.data.tokenizer import token_dtype
-
-
-def read_split(data_dir, split):
-    """The split's token stream: its files (one in format 1, one per shard in format 2) concatenated."""
-    meta = json.loads((data_dir / "meta.json").read_text())
-    return np.concatenate([np.fromfile(p, dtype=meta["dtype"]) for p in split_files(data_dir, meta, split)])
-
-
-def split_segments(data_dir, split):
-    """The split's stored documents (or held-out pieces of long ones), from the .docs.npy end offsets."""
-    meta = json.loads((data_dir / "meta.json").read_text())
-    out = []
-    for path in split_files(data_dir, meta, split):
-        tokens = np.fromfile(path, dtype=meta["dtype"])
-        ends = np.load(path.with_name(path.name.replace(".bin", ".docs.npy"))) if meta.get("format") == 2 else []
-        out.extend(np.split(tokens, ends[:-1]) if len(ends) else [])
-    return [s.tolist() for s in out]
-
-
-def reassemble(train_segments, val_segments, expected_docs):
-    """Walk the expected documents in order, taking each next stored segment from train or val: every token must
-    be accounted for, in order, and every segment used."""
-    train, val = list(train_segments), list(val_segments)
-    for doc in expected_docs:
-        pos = 0
-        while pos < len(doc):
-            for source in (train, val):
-                if source and source[0] and doc[pos:pos + len(source[0])] == source[0]:
-                    pos += len(source.pop(0))
-                    break
-            else:
-                raise AssertionError(f"no stored segment continues a document at token {pos}")
-    assert not train and not val
 
 
 def test_shakespeare_prepared(shakespeare_data, shakespeare_dir):
