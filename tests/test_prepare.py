@@ -198,7 +198,7 @@ def test_slurm_array_equals_local_preparation(shakespeare_dir, tmp_path):
     corpus.mkdir()
     for path in sorted(shakespeare_dir.glob("*.txt"))[:10]:
         shutil.copy2(path, corpus / path.name)
-    common = ["prepare-data", "--input", str(corpus), "--vocab-size", "300", "--shard-size", "300KB"]
+    common = ["prepare-data", "--input", str(corpus), "--vocab-size", "400", "--shard-size", "300KB"]
     run_cli(*common, "--output", str(tmp_path / "local"))
     try:
         cluster = LocalSlurm(nodes=2, cpus=2)
@@ -220,5 +220,6 @@ def test_slurm_array_equals_local_preparation(shakespeare_dir, tmp_path):
         assert len(list((tmp_path / "logs").glob(f"normtron-prepare-{array}_*.out"))) == 3
     finally:
         cluster.__exit__(None, None, None)
+    assert not cluster.processes(), "a Slurm daemon or job outlived the cluster"
     assert shard_files(tmp_path / "slurm") == shard_files(tmp_path / "local")
     assert meta_without_time(tmp_path / "slurm") == meta_without_time(tmp_path / "local")
