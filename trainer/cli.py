@@ -13,8 +13,9 @@ from trainer.errors import UserError
 EXIT_USER_ERROR = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    from trainer.config import describe_keys
+def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
+    """The CLI; `config_keys=False` leaves the config-key list out of `train --help`, sparing the torch import
+    that listing needs (seconds) for the commands that do not train."""
 
     parser = argparse.ArgumentParser(
         prog="normtron",
@@ -72,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
                     "Writes <run.output_dir>/<run.name>/: config.yaml, metrics.jsonl, tensorboard/, train.log,\n"
                     "checkpoints/step_XXXXXXXX/. Re-running the same command resumes from the newest complete\n"
                     "checkpoint. Multi-process: torchrun --nproc-per-node N --no-python normtron train ...",
-        epilog="config keys (section.key = default [choices]):\n" + describe_keys())
+        epilog=_config_keys_help() if config_keys else None)
     p.add_argument("--check", action="store_true",
                    help="only check the config, data and run directory (as a launch would) and exit; useful "
                         "before torchrun/sbatch, whose output buries a one-line error")
@@ -138,6 +139,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_keys_help() -> str:
+    from trainer.config import describe_keys
+
+    return "config keys (section.key = default [choices]):\n" + describe_keys()
+
+
 def _size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     match = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", text.strip())
@@ -153,7 +160,8 @@ def _vocab_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    command = (sys.argv[1:] if argv is None else argv)[:1]
+    args = _parser(config_keys=command not in (["prepare-data"], ["download-corpus"])).parse_args(argv)
     try:
         if args.command == "prepare-data":
             from trainer.data.prepare import prepare_data
