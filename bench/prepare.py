@@ -4,9 +4,10 @@ corpus of real English text (Shakespeare's plays repeated, cut into ~3 KB JSON-l
     python bench/prepare.py                  # 300 MB corpus (and half of it, to show memory does not grow)
     python bench/prepare.py --mb 80 --workers 1 2
 
-For each run it reports wall time, MB/s of input end to end (and per worker), that per-worker rate as a share of
-the ceiling — sentencepiece's own encode of the same documents in one process, without reading, JSON, splitting or
-writing — and the peak resident memory (largest single process, and the whole process tree) and peak disk use of
+For each run it reports wall time, MB/s of document text end to end (and per worker), that per-worker rate as a
+share of the ceiling — sentencepiece's own encode of the same documents in one process, without reading, JSON,
+splitting or writing — the same per CPU second (which a shared, loaded machine distorts less), and the peak
+resident memory (largest single process, and the whole process tree) and peak disk use of
 the output directory next to its final size. A compressed (.jsonl.gz) copy of the corpus is prepared too when
 the installed normtron reads .gz files. datatrove's DocumentTokenizer and Megatron's tools/preprocess_data.py are
 not run: see the note the script prints.
@@ -66,17 +67,18 @@ def write_corpus(root: Path, docs: list[str], mb: float, compress: bool) -> tupl
     return sum(p.stat().st_size for p in root.iterdir()), text_bytes
 
 
-def raw_encode_mb_s(tokenizer: Path, corpus: Path) -> float:
-    """sentencepiece's encode of the corpus's documents in one process, one thread: the ceiling per worker."""
+def raw_encode_mb_s(tokenizer: Path, corpus: Path) -> tuple[float, float]:
+    """sentencepiece's encode of the corpus's documents in one process, one thread: the ceiling per worker, as
+    (MB/s of wall time, MB per CPU second)."""
     import sentencepiece as spm
 
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
     docs = [json.loads(line)["text"] for p in sorted(corpus.glob("*.jsonl")) for line in open(p)]
     n_bytes = sum(len(d.encode()) for d in docs)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(docs), 256):
         sp.encode(docs[i:i + 256], num_threads=1)
-    return n_bytes / 1e6 / (time.perf_counter() - start)
+    return n_bytes / 1e6 / (time.perf_counter() - start), n_bytes / 1e6 / (time.process_time() - cpu)
 
 
 class Sampler(threading.Thread):
@@ -134,6 +136,9 @@ def prepare(corpus: Path, out: Path, tokenizer: Path, workers: int) -> dict:
     cmd = [sys.executable, "-m", "trainer", "prepare-data", "--input", str(corpus), "--output", str(out),
            "--tokenizer", str(tokenizer), "--workers", str(workers), "--shard-size", f"{FILE_MB}MB"]
     out.mkdir(parents=True)
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -145,7 +150,9 @@ def prepare(corpus: Path, out: Path, tokenizer: Path, workers: int) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"prepare-data failed:\n{log}")
-    return {"seconds": seconds, "peak_rss": sampler.peak_rss, "peak_tree_rss": sampler.peak_tree_rss,
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process and its workers (waited for)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss": sampler.peak_rss, "peak_tree_rss": sampler.peak_tree_rss,
             "peak_disk": sampler.peak_disk, "final_disk": disk_bytes(out)}
 
 
@@ -178,10 +185,10 @@ def main() -> None:
             corpora[("jsonl", label)] = write_corpus(root / f"jsonl-{label}", docs, mb, compress=False)
         if reads_gzip():
             corpora[("jsonl.gz", "full")] = write_corpus(root / "jsonl.gz-full", docs, args.mb, compress=True)
-        ceiling = raw_encode_mb_s(tok_path, root / "jsonl-full")
+        ceiling, ceiling_cpu = raw_encode_mb_s(tok_path, root / "jsonl-full")
         print(f"machine: {os.cpu_count()} CPU(s), load average {os.getloadavg()[0]:.2f} at the start; "
               f"tokenizer: sentencepiece BPE, vocab {args.vocab_size}; ceiling (sentencepiece encode, 1 process, "
-              f"1 thread, same documents): {ceiling:.2f} MB/s\n")
+              f"1 thread, same documents): {ceiling:.2f} MB/s, {ceiling_cpu:.2f} MB per CPU second\n")
         rows = []
         runs = [(("jsonl", "full"), w) for w in args.workers] + [(("jsonl", "half"), min(args.workers))]
         runs += [(("jsonl.gz", "full"), w) for w in args.workers if ("jsonl.gz", "full") in corpora]
@@ -195,15 +202,19 @@ def main() -> None:
             base.setdefault((kind, label), rate)
             rows.append([f"{kind}, {in_bytes / 1e6:.0f} MB on disk ({text_mb:.0f} MB of text)",
                          str(workers), f"{result['seconds']:.1f}", f"{rate:.2f}", f"{rate / workers:.2f}",
-                         f"{100 * rate / workers / ceiling:.0f}%", f"{rate / base[(kind, label)]:.2f}x",
+                         f"{100 * rate / workers / ceiling:.0f}%",
+                         f"{text_mb / result['cpu_seconds']:.2f} ({100 * text_mb / result['cpu_seconds'] / ceiling_cpu:.0f}%)",
+                         f"{rate / base[(kind, label)]:.2f}x",
                          f"{result['peak_rss'] / 2**20:.0f} / {result['peak_tree_rss'] / 2**20:.0f}",
                          f"{result['peak_disk'] / 1e6:.0f} / {result['final_disk'] / 1e6:.0f}"])
-        header = ["corpus", "workers", "wall s", "MB/s", "MB/s per worker", "of ceiling", "vs 1 worker",
+        header = ["corpus", "workers", "wall s", "MB/s", "MB/s per worker", "of ceiling",
+                  "MB per CPU s (of ceiling)", "vs 1 worker",
                   "peak RSS MiB (process / tree)", "peak / final disk MB"]
         print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
         for row in rows:
             print("| " + " | ".join(row) + " |")
-        print(f"\nceiling: {ceiling:.2f} MB/s per process. Not compared: {OTHER_TOOLS}."
+        print(f"\nceiling: {ceiling:.2f} MB/s, {ceiling_cpu:.2f} MB per CPU second, per process. CPU seconds count "
+              f"every process of a run (start-up, reading, JSON, hashing, writing, the final checks). Not compared: {OTHER_TOOLS}."
               + ("" if reads_gzip() else " This normtron does not read .gz files yet: no compressed run."))
         print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     finally:

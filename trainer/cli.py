@@ -53,7 +53,8 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                    help="train the tokenizer here, then submit the shards as a Slurm job array "
                         "(launch/slurm/prepare.sbatch) and a --finalize job that runs after it; prints the job ids")
     p.add_argument("--slurm-tasks", type=int, default=None, metavar="N",
-                   help="with --slurm: array tasks (default: one per shard); task i prepares every N-th shard")
+                   help="with --slurm: array tasks (default: 100, at most one per shard); task i prepares every "
+                        "N-th shard from the i-th")
     p.add_argument("--partition", default=None, metavar="P", help="with --slurm: the Slurm partition")
     p.add_argument("--sbatch-args", default="", metavar="'ARGS'",
                    help="with --slurm: more sbatch options for both jobs, e.g. '--account=A --time=4:00:00'")

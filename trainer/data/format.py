@@ -4,7 +4,10 @@ and the checks that it is complete and consistent.
 Format 1 (every directory prepared before format 2 existed; still read):
     tokenizer.model, train.bin, val.bin (flat uint16/uint32 token ids, each document as BOS ids EOS), meta.json.
 Format 2 (sharded; see issue 14): meta.json lists `shards`; each shard's tokens are in shards/<name>.train.bin
-    and shards/<name>.val.bin, and the split's token stream is the concatenation of its shards in meta.json's order.
+    and shards/<name>.val.bin (a val file may be empty), and the split's token stream is the concatenation of its
+    shards in meta.json's order; shards/<name>.{train,val}.docs.npy hold the int64 end offset of each document
+    (or held-out piece of a long one) in that file. The tokenizer file is named by meta["tokenizer"]["file"]
+    (tokenizer.model or tokenizer.json); meta["shards"] records each shard's counts and sha256 per split.
 meta.json is always written last: it marks the directory complete.
 """
 

@@ -39,6 +39,7 @@ from trainer.errors import UserError
 DEFAULT_SHARD_BYTES = 256 * 10**6
 MAX_PIECE_TOKENS = 2048  # long documents are split train/val in pieces of at most this many tokens
 PROGRESS_SECONDS = 5.0
+DEFAULT_SLURM_TASKS = 100  # array tasks for --slurm (below Slurm's default MaxArraySize of 1001)
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -316,7 +317,7 @@ def submit_slurm(inputs, output: Path, tok_args: list[str], val_fraction, shard_
     """Submit the array (one task per --slurm-tasks, each every N-th shard) and the dependent --finalize job."""
     if shutil.which("sbatch") is None:
         raise UserError("--slurm needs Slurm's sbatch on PATH; run on a login node of the cluster")
-    n_tasks = min(slurm.get("tasks") or len(plan), len(plan))
+    n_tasks = min(slurm.get("tasks") or DEFAULT_SLURM_TASKS, len(plan))
     args = ["--input", *(str(Path(p).absolute()) for p in inputs), "--output", str(output),
             *tok_args, "--val-fraction", repr(val_fraction), "--shard-size", str(shard_size),
             "--text-key", text_key]
