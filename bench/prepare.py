@@ -32,9 +32,8 @@ sys.path.insert(0, str(REPO))
 
 DOC_CHARS = 3000
 FILE_MB = 16  # generated files: several shards' worth of work for the workers
-OTHER_TOOLS = ("datatrove (its DocumentTokenizer needs a Hugging Face tokenizer.json, so it would time a different "
-               "tokenizer implementation) and Megatron-LM's tools/preprocess_data.py (not in the megatron-core "
-               "wheel; it needs a Megatron-LM checkout and torch) are not run here")
+OTHER_TOOLS = ("Megatron-LM's tools/preprocess_data.py is not run: it is not in the megatron-core wheel and needs a "
+               "Megatron-LM checkout and torch")
 
 
 def shakespeare_documents() -> list[str]:
@@ -88,10 +87,14 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.directory, self.stop = pid, directory, threading.Event()
         self.peak_rss = self.peak_tree_rss = self.peak_disk = 0
+        self.cpu: dict[int, float] = {}  # pid -> CPU seconds last seen (for workers no one reaps, e.g. forkserver's)
 
     def run(self) -> None:
         while not self.stop.is_set():
-            rss = [_rss(p) for p in _tree(self.pid)]
+            tree = _tree(self.pid)
+            for p in tree:
+                self.cpu[p] = max(self.cpu.get(p, 0.0), _cpu_seconds(p))
+            rss = [_rss(p) for p in tree]
             self.peak_rss = max(self.peak_rss, *rss, 0)
             self.peak_tree_rss = max(self.peak_tree_rss, sum(rss))
             self.peak_disk = max(self.peak_disk, disk_bytes(self.directory))
@@ -109,6 +112,14 @@ def _tree(pid: int) -> list[int]:
         except OSError:
             pass
     return found
+
+
+def _cpu_seconds(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _rss(pid: int) -> int:
@@ -133,15 +144,20 @@ def disk_bytes(directory: Path) -> int:
 
 
 def prepare(corpus: Path, out: Path, tokenizer: Path, workers: int) -> dict:
-    cmd = [sys.executable, "-m", "trainer", "prepare-data", "--input", str(corpus), "--output", str(out),
-           "--tokenizer", str(tokenizer), "--workers", str(workers), "--shard-size", f"{FILE_MB}MB"]
-    out.mkdir(parents=True)
+    return run_measured([sys.executable, "-m", "trainer", "prepare-data", "--input", str(corpus), "--output",
+                         str(out), "--tokenizer", str(tokenizer), "--workers", str(workers), "--shard-size",
+                         f"{FILE_MB}MB"], out, {"PYTHONPATH": str(REPO)})
+
+
+def run_measured(cmd: list[str], out: Path, env: dict) -> dict:
+    """Run `cmd`, writing into `out`: wall and CPU seconds (every process of it), peak memory and disk."""
     import resource
 
+    out.mkdir(parents=True)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+                            env={**os.environ, **env})
     sampler = Sampler(proc.pid, out)
     sampler.start()
     log = proc.communicate()[0]
@@ -149,11 +165,70 @@ def prepare(corpus: Path, out: Path, tokenizer: Path, workers: int) -> dict:
     sampler.stop.set()
     sampler.join()
     if proc.returncode != 0:
-        raise SystemExit(f"prepare-data failed:\n{log}")
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed:\n{log[-3000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process and its workers (waited for)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss": sampler.peak_rss, "peak_tree_rss": sampler.peak_tree_rss,
-            "peak_disk": sampler.peak_disk, "final_disk": disk_bytes(out)}
+    cpu = max(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, sum(sampler.cpu.values()))
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss": sampler.peak_rss,
+            "peak_tree_rss": sampler.peak_tree_rss, "peak_disk": sampler.peak_disk, "final_disk": disk_bytes(out)}
+
+
+HEADER = ["run", "workers", "wall s", "MB/s", "MB/s per worker", "of ceiling", "MB per CPU s (of ceiling)",
+          "vs 1 worker", "peak RSS MiB (process / tree)", "peak / final disk MB"]
+
+
+def table_row(label: str, workers: int, result: dict, rate: float, ceiling: float, ceiling_cpu: float,
+              text_mb: float, one_worker_rate: str | None) -> list[str]:
+    per_cpu = text_mb / result["cpu_seconds"]
+    return [label, str(workers), f"{result['seconds']:.1f}", f"{rate:.2f}", f"{rate / workers:.2f}",
+            f"{100 * rate / workers / ceiling:.0f}%", f"{per_cpu:.2f} ({100 * per_cpu / ceiling_cpu:.0f}%)",
+            f"{rate / float(one_worker_rate or rate):.2f}x",
+            f"{result['peak_rss'] / 2**20:.0f} / {result['peak_tree_rss'] / 2**20:.0f}",
+            f"{result['peak_disk'] / 1e6:.0f} / {result['final_disk'] / 1e6:.0f}"]
+
+
+def datatrove_rows(root: Path, docs: list[str], corpus: Path, text_bytes: int, worker_counts: list[int]) -> list:
+    """datatrove's JsonlReader -> DocumentTokenizer on the same corpus, with a Hugging Face byte-level BPE of the same
+    vocabulary trained here on the same text (datatrove takes tokenizer.json only), next to that tokenizer's own
+    one-thread encode_batch: its ceiling. Returns table rows (empty when datatrove is not installed)."""
+    try:
+        from datatrove.executor import LocalPipelineExecutor
+        from datatrove.pipeline.readers import JsonlReader
+        from datatrove.pipeline.tokens import DocumentTokenizer
+    except ImportError:
+        print("datatrove is not installed (pip install datatrove; it does not need torch): not compared")
+        return []
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process, as each normtron worker
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=8192, special_tokens=["<|endoftext|>"]))
+    path = root / "hf-tokenizer.json"
+    tok.save(str(path))
+    texts = [json.loads(line)["text"] for p in sorted(corpus.glob("*.jsonl")) for line in open(p)]
+    start, cpu = time.perf_counter(), time.process_time()
+    for i in range(0, len(texts), 256):
+        tok.encode_batch(texts[i:i + 256])
+    ceiling = text_bytes / 1e6 / (time.perf_counter() - start)
+    ceiling_cpu = text_bytes / 1e6 / (time.process_time() - cpu)
+    print(f"datatrove ceiling (HF tokenizers byte-level BPE, vocab 8192, encode_batch, 1 thread): {ceiling:.2f} MB/s, "
+          f"{ceiling_cpu:.2f} MB per CPU second")
+    rows = []
+    for workers in worker_counts:
+        out = root / f"datatrove-{workers}"
+        script = (f"from datatrove.executor import LocalPipelineExecutor\n"
+                  f"from datatrove.pipeline.readers import JsonlReader\n"
+                  f"from datatrove.pipeline.tokens import DocumentTokenizer\n"
+                  f"LocalPipelineExecutor([JsonlReader({str(corpus)!r}, glob_pattern='*.jsonl'), "
+                  f"DocumentTokenizer({str(out / 'tokens')!r}, tokenizer_name_or_path={str(path)!r}, "
+                  f"eos_token='<|endoftext|>', shuffle_documents=False)], tasks={workers}, workers={workers}, "
+                  f"logging_dir={str(out / 'logs')!r}).run()\n")
+        result = run_measured([sys.executable, "-c", script], out, {"TOKENIZERS_PARALLELISM": "false"})
+        rate = text_bytes / 1e6 / result["seconds"]
+        rows.append(table_row(f"datatrove, same jsonl ({text_bytes / 1e6:.0f} MB of text)", workers, result, rate,
+                              ceiling, ceiling_cpu, text_bytes / 1e6, rows[0][3] if rows else None))
+        shutil.rmtree(out)
+    return rows
 
 
 def reads_gzip() -> bool:
@@ -192,25 +267,18 @@ def main() -> None:
         rows = []
         runs = [(("jsonl", "full"), w) for w in args.workers] + [(("jsonl", "half"), min(args.workers))]
         runs += [(("jsonl.gz", "full"), w) for w in args.workers if ("jsonl.gz", "full") in corpora]
-        base = {}
+        first = {}
         for (kind, label), workers in runs:
             in_bytes, text_bytes = corpora[(kind, label)]
             result = prepare(root / f"{kind}-{label}", root / f"out-{kind}-{label}-{workers}", tok_path, workers)
             shutil.rmtree(root / f"out-{kind}-{label}-{workers}")
-            text_mb = text_bytes / 1e6  # rates in MB of document text, as the ceiling's
-            rate = text_mb / result["seconds"]
-            base.setdefault((kind, label), rate)
-            rows.append([f"{kind}, {in_bytes / 1e6:.0f} MB on disk ({text_mb:.0f} MB of text)",
-                         str(workers), f"{result['seconds']:.1f}", f"{rate:.2f}", f"{rate / workers:.2f}",
-                         f"{100 * rate / workers / ceiling:.0f}%",
-                         f"{text_mb / result['cpu_seconds']:.2f} ({100 * text_mb / result['cpu_seconds'] / ceiling_cpu:.0f}%)",
-                         f"{rate / base[(kind, label)]:.2f}x",
-                         f"{result['peak_rss'] / 2**20:.0f} / {result['peak_tree_rss'] / 2**20:.0f}",
-                         f"{result['peak_disk'] / 1e6:.0f} / {result['final_disk'] / 1e6:.0f}"])
-        header = ["corpus", "workers", "wall s", "MB/s", "MB/s per worker", "of ceiling",
-                  "MB per CPU s (of ceiling)", "vs 1 worker",
-                  "peak RSS MiB (process / tree)", "peak / final disk MB"]
-        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+            rate = text_bytes / 1e6 / result["seconds"]  # MB of document text, as the ceiling's
+            rows.append(table_row(f"normtron, {kind} {in_bytes / 1e6:.0f} MB ({text_bytes / 1e6:.0f} MB of text)",
+                                  workers, result, rate, ceiling, ceiling_cpu, text_bytes / 1e6,
+                                  first.get((kind, label))))
+            first.setdefault((kind, label), rows[-1][3])
+        rows += datatrove_rows(root, docs, root / "jsonl-full", corpora[("jsonl", "full")][1], args.workers)
+        print("| " + " | ".join(HEADER) + " |\n|" + "---|" * len(HEADER))
         for row in rows:
             print("| " + " | ".join(row) + " |")
         print(f"\nceiling: {ceiling:.2f} MB/s, {ceiling_cpu:.2f} MB per CPU second, per process. CPU seconds count "

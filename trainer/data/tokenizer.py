@@ -56,11 +56,11 @@ class SentencePieceTokenizer:
 
     def encode_documents(self, docs: list[str], threads: int = 1) -> list[list[int]]:
         """Each document's ids, framed as BOS ids EOS."""
-        out = []
-        for doc in docs:
-            pieces = self.sp.encode(list(document_chunks(doc)), num_threads=threads)
-            out.append(self._frame([t for piece in pieces for t in piece]))
-        return out
+        chunks = [list(document_chunks(doc)) for doc in docs]
+        # One call for the whole batch: a call per document costs ~10% more (prepare-data's bench).
+        encoded = iter(self.sp.encode([c for doc_chunks in chunks for c in doc_chunks], num_threads=threads))
+        return [self._frame(next(encoded) if len(doc_chunks) == 1 else [t for _ in doc_chunks for t in next(encoded)])
+                for doc_chunks in chunks]
 
     def _frame(self, ids: list[int]) -> list[int]:
         return ([self.bos_id] if self.bos_id is not None else []) + ids + ([self.eos_id] if self.eos_id is not None else [])
