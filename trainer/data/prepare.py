@@ -43,6 +43,10 @@ DEFAULT_SLURM_TASKS = 100  # array tasks for --slurm (below Slurm's default MaxA
 REPO = Path(__file__).resolve().parents[2]
 
 
+class WorkerLost(UserError):
+    """A worker process was killed: the finished shards are kept for the re-run."""
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -91,8 +95,8 @@ def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None =
                 log(f"task {task_index}/{num_tasks}: {len(mine)} shard(s) done; the --finalize step writes meta.json")
                 return None
         meta = _finalize(output, work, plan, tok, trained, options, log)
-    except UserError:
-        if local:  # a bad input: leave the output directory as it was
+    except UserError as err:
+        if local and not isinstance(err, WorkerLost):  # a bad input: leave the output directory as it was
             shutil.rmtree(work, ignore_errors=True)
             if created is not None and not any(created.rglob("*")):
                 shutil.rmtree(created, ignore_errors=True)
@@ -205,6 +209,7 @@ def _prepare_shards(shards: list[Shard], job: ShardJob, workers: int, log) -> No
     chars, tokens = ctx.Value("q", 0), ctx.Value("q", 0)
     progress = Progress(todo, workers, chars, tokens, log)
     with ctx.Pool(workers, initializer=init_worker, initargs=(job, chars, tokens)) as pool:
+        pids = {p.pid for p in pool._pool}
         results = pool.imap_unordered(prepare_shard, todo)
         for _ in todo:
             while True:
@@ -213,6 +218,10 @@ def _prepare_shards(shards: list[Shard], job: ShardJob, workers: int, log) -> No
                     break
                 except mp.TimeoutError:
                     progress.maybe_log()
+                    if {p.pid for p in pool._pool} != pids:  # the pool replaced a worker: its shard is lost
+                        raise WorkerLost("a prepare-data worker process died (killed, or out of memory?); re-run "
+                                        "the same command to resume (fewer --workers or a smaller --shard-size "
+                                        "need less memory)")
             progress.shard_done(record)
     progress.maybe_log(final=True)
 
