@@ -98,7 +98,7 @@ def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None =
     except UserError as err:
         if local and not isinstance(err, WorkerLost):  # a bad input: leave the output directory as it was
             shutil.rmtree(work, ignore_errors=True)
-            if created is not None and not any(created.rglob("*")):
+            if created is not None and not any(p.is_file() for p in created.rglob("*")):
                 shutil.rmtree(created, ignore_errors=True)
         raise
     log(f"wrote {output}: vocab {meta['vocab_size']}, {len(meta['shards'])} shard(s), {meta['documents']:,} documents, "
