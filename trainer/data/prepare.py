@@ -206,7 +206,9 @@ def _prepare_shards(shards: list[Shard], job: ShardJob, workers: int, log) -> No
         return
     workers = min(workers, len(todo))
     ctx = mp.get_context("spawn")  # fresh workers: no inherited tokenizer threads or locks
-    chars, tokens = ctx.Value("q", 0), ctx.Value("q", 0)
+    # Lock-free progress counters (a lock held by a killed worker would hang everyone); a lost update only
+    # makes a progress line a little low.
+    chars, tokens = ctx.RawValue("q", 0), ctx.RawValue("q", 0)
     progress = Progress(todo, workers, chars, tokens, log)
     with ctx.Pool(workers, initializer=init_worker, initargs=(job, chars, tokens)) as pool:
         pids = {p.pid for p in pool._pool}

@@ -177,8 +177,6 @@ def _encode_and_split(docs: list[str], chars: int, tok, dtype: np.dtype, job: Sh
                 (val if to_val else train).add(ids[start:end])
                 start = end
     if _worker.get("chars") is not None:
-        with _worker["chars"].get_lock():
-            _worker["chars"].value += chars
-        with _worker["tokens"].get_lock():
-            _worker["tokens"].value += n_tokens
+        _worker["chars"].value += chars
+        _worker["tokens"].value += n_tokens
 
