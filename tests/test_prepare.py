@@ -81,6 +81,45 @@ def test_killed_preparation_resumes_with_identical_shards(reference, shakespeare
     assert "up to date" in run_cli(*prepare_args(shakespeare_data, shakespeare_dir, out)).stdout
 
 
+def test_a_killed_worker_stops_the_run_and_keeps_finished_shards(reference, shakespeare_data, shakespeare_dir,
+                                                                 tmp_path):
+    """SIGKILL one worker process (as the out-of-memory killer would): one error line, exit 2, the finished shards
+    kept; the re-run resumes and gives the reference's files."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", *prepare_args(shakespeare_data, shakespeare_dir, out),
+                             "--workers", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim, deadline = None, time.time() + 120
+    while victim is None and proc.poll() is None and time.time() < deadline:
+        if len(list(out.glob(".partial-*/records/*.json"))) >= 3:
+            victim = next((k for k in _children(proc.pid) if b"spawn_main" in _cmdline(k)), None)
+        time.sleep(0.02)
+    assert victim is not None, "the run ended before a worker could be killed"
+    os.kill(victim, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2, (stdout, stderr)
+    assert stderr.strip().splitlines() == [stderr.strip()] and "worker process died" in stderr
+    assert len(list(out.glob(".partial-*/records/*.json"))) >= 3 and not (out / "meta.json").exists()
+    assert "resuming" in run_cli(*prepare_args(shakespeare_data, shakespeare_dir, out), "--workers", "2").stdout
+    assert shard_files(out) == shard_files(reference)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def test_reference_is_consistent(reference, shakespeare_data):
     """Token counts, document ends and checksums of every shard agree with meta.json; val entropy in float64."""
     import hashlib
