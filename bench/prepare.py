@@ -282,7 +282,8 @@ def main() -> None:
         for row in rows:
             print("| " + " | ".join(row) + " |")
         print(f"\nceiling: {ceiling:.2f} MB/s, {ceiling_cpu:.2f} MB per CPU second, per process. CPU seconds count "
-              f"every process of a run (start-up, reading, JSON, hashing, writing, the final checks). Not compared: {OTHER_TOOLS}."
+              f"every process of a run (start-up, reading, JSON, hashing, writing, the final checks). "
+              f"Not compared: {OTHER_TOOLS}."
               + ("" if reads_gzip() else " This normtron does not read .gz files yet: no compressed run."))
         print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     finally:

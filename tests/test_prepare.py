@@ -214,7 +214,8 @@ def test_bad_input_in_a_later_shard_leaves_the_output_untouched(reference, shake
                      "--shard-size", "10KB", "--tokenizer", str(shakespeare_data / "tokenizer.model"), check=False)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("normtron: error: ") and "4.jsonl line 2 is not valid JSON" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("normtron: error: ")
+    assert "4.jsonl line 2 is not valid JSON" in lines[0]
     assert tree_digest(existing) == before and not list(existing.glob(".*"))
     for bad, message in ((["--finalize"], "shard(s) are not prepared yet"),
                          (["--task-index", "3", "--num-tasks", "2"], "--task-index=3 must lie in [0, --num-tasks=2)"),

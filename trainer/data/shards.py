@@ -145,7 +145,8 @@ def prepare_shard(shard: Shard) -> dict:
         if batch:
             _encode_and_split(batch, batch_chars, tok, dtype, job, train, val)
             documents += len(batch)
-        sources.append({"path": str(Path(file).resolve()), "bytes": os.stat(file).st_size, "sha256": file_sha256(Path(file))})
+        path = Path(file)
+        sources.append({"path": str(path.resolve()), "bytes": path.stat().st_size, "sha256": file_sha256(path)})
     train.finish()
     val.finish()
     record = {"name": shard.name, "documents": documents, "train_tokens": train.tokens, "val_tokens": val.tokens,
