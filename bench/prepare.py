@@ -232,10 +232,18 @@ def datatrove_rows(root: Path, docs: list[str], corpus: Path, text_bytes: int, w
 
 
 def reads_gzip() -> bool:
-    from trainer.data import corpus
+    """Whether this normtron's prepare-data reads .jsonl.gz (tried on a one-line file)."""
+    from trainer.data.corpus import find_corpus_files, read_documents
+    from trainer.errors import UserError
 
-    return any(".gz" in str(s) for s in getattr(corpus, "TEXT_SUFFIXES", ())) or \
-        "gz" in " ".join(getattr(corpus, "COMPRESSIONS", ()))
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = Path(tmp) / "probe.jsonl.gz"
+        with gzip.open(probe, "wt") as f:
+            f.write(json.dumps({"text": "probe"}) + "\n")
+        try:
+            return [list(read_documents(p)) for p in find_corpus_files([probe])] == [["probe"]]
+        except UserError:
+            return False
 
 
 def main() -> None:
