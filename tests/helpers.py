@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
+from trainer.data.format import split_files
+
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
 
@@ -86,3 +90,38 @@ def tree_digest(root: Path) -> dict[str, str]:
     """sha256 of every file below root, to prove a failed command left it untouched."""
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- Prepared data -----------------------------------------------------------------------------------------------
+
+def read_split(data_dir, split):
+    """The split's token stream: its files (one in format 1, one per shard in format 2) concatenated."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    return np.concatenate([np.fromfile(p, dtype=meta["dtype"]) for p in split_files(data_dir, meta, split)])
+
+
+def split_segments(data_dir, split):
+    """The split's stored documents (or held-out pieces of long ones), from the .docs.npy end offsets."""
+    meta = json.loads((data_dir / "meta.json").read_text())
+    out = []
+    for path in split_files(data_dir, meta, split):
+        tokens = np.fromfile(path, dtype=meta["dtype"])
+        ends = np.load(path.with_name(path.name.replace(".bin", ".docs.npy"))) if meta.get("format") == 2 else []
+        out.extend(np.split(tokens, ends[:-1]) if len(ends) else [])
+    return [s.tolist() for s in out]
+
+
+def reassemble(train_segments, val_segments, expected_docs):
+    """Walk the expected documents in order, taking each next stored segment from train or val: every token must
+    be accounted for, in order, and every segment used."""
+    train, val = list(train_segments), list(val_segments)
+    for doc in expected_docs:
+        pos = 0
+        while pos < len(doc):
+            for source in (train, val):
+                if source and source[0] and doc[pos:pos + len(source[0])] == source[0]:
+                    pos += len(source.pop(0))
+                    break
+            else:
+                raise AssertionError(f"no stored segment continues a document at token {pos}")
+    assert not train and not val

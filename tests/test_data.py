@@ -8,9 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import sentencepiece as spm
-from helpers import run_cli, tree_digest
+from helpers import read_split, reassemble, run_cli, split_segments, tree_digest
 
 from trainer.data.batches import TrainBatches, eval_windows
+from trainer.data.format import split_files
 from trainer.data.tokenizer import token_dtype
 
 
@@ -19,9 +20,9 @@ def test_shakespeare_prepared(shakespeare_data, shakespeare_dir):
     assert meta["vocab_size"] == 512 and meta["dtype"] == "uint16"
     assert len(meta["sources"]) == len(list(shakespeare_dir.glob("*.txt"))) > 50
     assert all(len(s["sha256"]) == 64 for s in meta["sources"])
-    train = np.fromfile(shakespeare_data / "train.bin", dtype=np.uint16)
-    val = np.fromfile(shakespeare_data / "val.bin", dtype=np.uint16)
-    assert len(train) == meta["train_tokens"] > 1_000_000 and len(val) == meta["val_tokens"]
+    train, val = read_split(shakespeare_data, "train"), read_split(shakespeare_data, "val")
+    assert train.dtype == np.uint16 and len(val) == meta["val_tokens"]
+    assert len(train) == meta["train_tokens"] > 1_000_000
     assert 0.015 < len(val) / (len(train) + len(val)) < 0.025
     assert train.max() < 512
     # The tokenizer decodes the stored ids back to the real text.
@@ -63,7 +64,7 @@ def write_formats(root):
 def test_txt_jsonl_parquet_give_the_same_tokens(tmp_path):
     docs = write_formats(tmp_path / "in")
     tok = None
-    streams = {}
+    streams = {}  # format -> (train segments, val segments)
     for name, inp in [("txt", tmp_path / "in" / "txt"), ("jsonl", tmp_path / "in" / "docs.jsonl"),
                       ("parquet", tmp_path / "in" / "docs.parquet")]:
         out = tmp_path / name
@@ -73,14 +74,11 @@ def test_txt_jsonl_parquet_give_the_same_tokens(tmp_path):
         tok = tok or out / "tokenizer.model"
         meta = json.loads((out / "meta.json").read_text())
         assert meta["documents"] == 3
-        streams[name] = np.concatenate([np.fromfile(out / "train.bin", dtype=np.uint16),
-                                        np.fromfile(out / "val.bin", dtype=np.uint16)])
-    assert np.array_equal(streams["txt"], streams["jsonl"]) and np.array_equal(streams["txt"], streams["parquet"])
-    # Every document is BOS ids EOS; train.bin starts with the first document (val takes blocks further on).
+        streams[name] = (split_segments(out, "train"), split_segments(out, "val"))
+    # In every format, every document is BOS ids EOS, in input order, each token in train or (held out) in val.
     sp = spm.SentencePieceProcessor(model_file=str(tok))
-    assert len(streams["txt"]) == sum(len(sp.encode(d)) + 2 for d in docs)
-    first = [sp.bos_id()] + sp.encode(docs[0])
-    assert list(streams["txt"][:100]) == first[:100]
+    for name in streams:
+        reassemble(*streams[name], [[sp.bos_id()] + sp.encode(d) + [sp.eos_id()] for d in docs])
 
 
 def test_dtype_follows_vocab_size():
@@ -134,11 +132,13 @@ def test_eval_windows_are_fixed_and_sharded():
 def test_damaged_output_is_rebuilt_not_skipped(shakespeare_data, shakespeare_dir, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(shakespeare_data, copy)
-    with open(copy / "train.bin", "r+b") as f:
+    meta = json.loads((copy / "meta.json").read_text())
+    with open(split_files(copy, meta, "train")[0], "r+b") as f:
         f.truncate(1000)
     out = run_cli("prepare-data", "--input", str(shakespeare_dir), "--output", str(copy), "--vocab-size", "512")
     assert "up to date" not in out.stdout
-    assert (copy / "train.bin").read_bytes() == (shakespeare_data / "train.bin").read_bytes()
+    for split in ("train", "val"):
+        assert np.array_equal(read_split(copy, split), read_split(shakespeare_data, split))
 
 
 def test_byte_order_marks_and_upper_case_suffixes(tmp_path):
@@ -150,5 +150,5 @@ def test_byte_order_marks_and_upper_case_suffixes(tmp_path):
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
     assert meta["documents"] == 2
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))
-    train = np.fromfile(tmp_path / "out" / "train.bin", dtype=np.uint16)
+    train = read_split(tmp_path / "out", "train")
     assert "\ufeff" not in sp.decode(train.tolist())

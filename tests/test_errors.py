@@ -8,6 +8,8 @@ import shutil
 import pytest
 from helpers import MICRO_MODEL, TINY, run_cli, tree_digest
 
+from trainer.data.format import split_files
+
 
 @pytest.fixture(scope="module")
 def existing(shakespeare_data, tmp_path_factory):
@@ -138,8 +140,14 @@ def test_output_dir_is_a_file(unchanged):
     assert_user_error(train(unchanged, f"run.output_dir={unchanged / 'a_file'}"), "is a file, not a directory")
 
 
+def _split_file(d, split):
+    """The (first non-empty) token file of `split`, in format 1 or 2."""
+    files = split_files(d, json.loads((d / "meta.json").read_text()), split)
+    return next(p for p in files if p.stat().st_size > 0)
+
+
 def _truncate_val(d):
-    with open(d / "val.bin", "r+b") as f:
+    with open(_split_file(d, "val"), "r+b") as f:
         f.truncate(100)
 
 
@@ -152,12 +160,12 @@ def _edit_meta(**changes):
 
 
 def _garbage_tokens(d):
-    size = (d / "train.bin").stat().st_size
-    (d / "train.bin").write_bytes(b"\xff" * size)
+    path = _split_file(d, "train")
+    path.write_bytes(b"\xff" * path.stat().st_size)
 
 
 @pytest.mark.parametrize("damage,message", [
-    (_truncate_val, "has a val.bin of 100 bytes where meta.json says"),
+    (_truncate_val, "val.bin of 100 bytes where meta.json says"),
     (_edit_meta(dtype="float16"), "invalid dtype or vocab_size"),
     (_edit_meta(vocab_size=100), "vocab_size of 100 but its tokenizer has 512 pieces"),
     (_edit_meta(val_unigram_entropy=None), "without val_unigram_entropy"),

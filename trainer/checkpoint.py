@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from parallel.distributed import DistInfo, barrier, broadcast_object
+from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.errors import UserError
 
 
@@ -47,7 +48,6 @@ def single_process_ok():
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 # The tokenizer a checkpoint carries: a sentencepiece model or a Hugging Face tokenizer.json (with, for the latter,
 # the tokenizer_config.json holding its BOS/EOS rule); the first present is the one.
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")
 
 
 def checkpoint_dir_name(step: int) -> str:

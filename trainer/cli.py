@@ -13,8 +13,9 @@ from trainer.errors import UserError
 EXIT_USER_ERROR = 2
 
 
-def _parser() -> argparse.ArgumentParser:
-    from trainer.config import describe_keys
+def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
+    """The CLI; `config_keys=False` leaves the config-key list out of `train --help`, sparing the torch import
+    that listing needs (seconds) for the commands that do not train."""
 
     parser = argparse.ArgumentParser(
         prog="normtron",
@@ -23,10 +24,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
-        "prepare-data", help="tokenize a text corpus into train/val token files",
-        description="Train (or reuse) a sentencepiece tokenizer and write DIR/tokenizer.model, DIR/train.bin, "
-                    "DIR/val.bin (uint16/uint32 token ids) and DIR/meta.json. Re-running with the same inputs "
-                    "and options does nothing.")
+        "prepare-data", help="tokenize a text corpus into sharded train/val token files",
+        description="Train (or reuse) a tokenizer and write DIR/tokenizer.model (or tokenizer.json), "
+                    "DIR/shards/<name>.{train,val}.bin (uint16/uint32 token ids) with .docs.npy document ends, and "
+                    "DIR/meta.json, tokenizing shards of the corpus in parallel. An interrupted run, re-run with "
+                    "the same command, redoes only unfinished shards; re-running a finished one does nothing. "
+                    "On a Slurm cluster, --slurm submits the shards as a job array and a final step.")
     p.add_argument("--input", nargs="+", required=True, metavar="PATH",
                    help=".txt files (one document each), .jsonl/.json JSON-lines files (one document per line, "
                         "field 'text'), each optionally compressed (.gz, .zst), .parquet files (one document per "
@@ -38,8 +41,32 @@ def _parser() -> argparse.ArgumentParser:
                    help="use this existing tokenizer instead of training one: a sentencepiece .model, a Hugging "
                         "Face tokenizer.json (e.g. Llama 3's), or a folder holding one")
     p.add_argument("--val-fraction", type=float, default=0.02, metavar="F",
-                   help="fraction of tokens held out for validation, sampled in blocks across the corpus "
-                        "(default 0.02)")
+                   help="fraction held out for validation: each document (long ones in pieces of up to 2048 "
+                        "tokens) goes to validation with probability F, decided by a hash of its text (default 0.02)")
+    p.add_argument("--text-key", default="text", metavar="KEY",
+                   help="the field/column holding a document in .jsonl/.parquet files (default text)")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="processes tokenizing shards in parallel (default: every CPU core available)")
+    p.add_argument("--shard-size", type=_size, default="256MB", metavar="SIZE",
+                   help="input bytes per shard, the unit of parallel work and of resuming; consecutive files are "
+                        "grouped up to it, a larger file is a shard of its own (default 256MB)")
+    p.add_argument("--slurm", action="store_true",
+                   help="train the tokenizer here, then submit the shards as a Slurm job array "
+                        "(launch/slurm/prepare.sbatch) and a --finalize job that runs after it; prints the job ids")
+    p.add_argument("--slurm-tasks", type=int, default=None, metavar="N",
+                   help="with --slurm: array tasks (default: 100, at most one per shard); task i prepares every "
+                        "N-th shard from the i-th")
+    p.add_argument("--partition", default=None, metavar="P", help="with --slurm: the Slurm partition")
+    p.add_argument("--sbatch-args", default="", metavar="'ARGS'",
+                   help="with --slurm: more sbatch options for both jobs, e.g. '--account=A --time=4:00:00'")
+    p.add_argument("--slurm-logs", default="logs", metavar="DIR",
+                   help="with --slurm: directory for the jobs' output files (default ./logs)")
+    p.add_argument("--task-index", type=int, default=None, metavar="I",
+                   help="prepare only array task I's shards (every --num-tasks-th shard from the I-th); set by "
+                        "prepare.sbatch from SLURM_ARRAY_TASK_ID")
+    p.add_argument("--num-tasks", type=int, default=None, metavar="N", help="the number of array tasks")
+    p.add_argument("--finalize", action="store_true",
+                   help="check the shards the array tasks prepared and write meta.json (the last step)")
 
     p = sub.add_parser(
         "train", help="train a model from a YAML config (also under torchrun)",
@@ -48,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
                     "Writes <run.output_dir>/<run.name>/: config.yaml, metrics.jsonl, tensorboard/, train.log,\n"
                     "checkpoints/step_XXXXXXXX/. Re-running the same command resumes from the newest complete\n"
                     "checkpoint. Multi-process: torchrun --nproc-per-node N --no-python normtron train ...",
-        epilog="config keys (section.key = default [choices]):\n" + describe_keys())
+        epilog=_config_keys_help() if config_keys else None)
     p.add_argument("--check", action="store_true",
                    help="only check the config, data and run directory (as a launch would) and exit; useful "
                         "before torchrun/sbatch, whose output buries a one-line error")
@@ -116,6 +143,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _config_keys_help() -> str:
+    from trainer.config import describe_keys
+
+    return "config keys (section.key = default [choices]):\n" + describe_keys()
+
+
 def _size(text: str) -> int:
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     match = re.fullmatch(r"(\d+)\s*([A-Za-z]*)", text.strip())
@@ -131,13 +164,22 @@ def _vocab_size(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    command = (sys.argv[1:] if argv is None else argv)[:1]
+    args = _parser(config_keys=command not in (["prepare-data"], ["download-corpus"])).parse_args(argv)
     try:
         if args.command == "prepare-data":
             from trainer.data.prepare import prepare_data
 
+            import shlex
+
+            slurm = {"tasks": args.slurm_tasks, "partition": args.partition, "logs": args.slurm_logs,
+                     "sbatch_args": shlex.split(args.sbatch_args)} if args.slurm else None
+            if args.slurm_tasks is not None and args.slurm_tasks < 1:
+                raise UserError(f"--slurm-tasks must be at least 1, not {args.slurm_tasks}")
             prepare_data(args.input, args.output, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
-                         val_fraction=args.val_fraction)
+                         val_fraction=args.val_fraction, workers=args.workers, shard_size=args.shard_size,
+                         text_key=args.text_key, task_index=args.task_index, num_tasks=args.num_tasks,
+                         finalize=args.finalize, slurm=slurm)
         elif args.command == "train":
             from trainer.config import load_config
             from trainer.preemption import requeue_exit

@@ -25,9 +25,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
 from models.config import ModelConfig
-from trainer.checkpoint import (TOKENIZER_FILES, checkpoint_format, complete_checkpoints, load_failure_reason,
-                                single_process_ok)
+from trainer.checkpoint import checkpoint_format, complete_checkpoints, load_failure_reason, single_process_ok
 from trainer.config import Config, config_from_dict, dump_config
+from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.errors import UserError
 from trainer.hf import mapping
 

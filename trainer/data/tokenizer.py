@@ -33,6 +33,7 @@ import numpy as np
 from trainer.errors import UserError
 
 DEFAULT_VOCAB_SIZE = 8192
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # the two kinds, in the order a folder is searched
 MAX_TOKENIZER_SENTENCES = 2_000_000  # sentencepiece samples this many lines at most
 ENCODE_CHUNK_CHARS = 1 << 20  # long documents are encoded in ~1 MB pieces split at line breaks
 
@@ -58,11 +59,11 @@ class SentencePieceTokenizer:
 
     def encode_documents(self, docs: list[str], threads: int = 1) -> list[list[int]]:
         """Each document's ids, framed as BOS ids EOS."""
-        out = []
-        for doc in docs:
-            pieces = self.sp.encode(list(document_chunks(doc)), num_threads=threads)
-            out.append(self._frame([t for piece in pieces for t in piece]))
-        return out
+        chunks = [list(document_chunks(doc)) for doc in docs]
+        # One call for the whole batch: a call per document costs ~10% more (prepare-data's bench).
+        encoded = iter(self.sp.encode([c for doc_chunks in chunks for c in doc_chunks], num_threads=threads))
+        return [self._frame(next(encoded) if len(doc_chunks) == 1 else [t for _ in doc_chunks for t in next(encoded)])
+                for doc_chunks in chunks]
 
     def _frame(self, ids: list[int]) -> list[int]:
         return ([self.bos_id] if self.bos_id is not None else []) + ids + ([self.eos_id] if self.eos_id is not None else [])
@@ -164,7 +165,7 @@ def tokenizer_file(path: str | Path) -> Path:
     keeps it), else its tokenizer.json."""
     path = Path(path)
     if path.is_dir():
-        found = next((path / name for name in ("tokenizer.model", "tokenizer.json") if (path / name).is_file()), None)
+        found = next((path / name for name in TOKENIZER_FILES if (path / name).is_file()), None)
         if found is None:
             raise UserError(f"tokenizer folder {path} holds neither tokenizer.model nor tokenizer.json; pass a "
                             f"sentencepiece .model, a tokenizer.json or a folder holding one")
