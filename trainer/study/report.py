@@ -147,6 +147,11 @@ def _grouped(study: Study, runs: list[dict]) -> dict[str, list[dict]]:
     return groups
 
 
+def _legend(ax, fontsize: int) -> None:
+    if ax.get_legend_handles_labels()[0]:  # nothing to label while no run has data yet
+        ax.legend(fontsize=fontsize)
+
+
 def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -178,7 +183,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
         ax.set_xlabel("step")
         ax.set_ylabel("train loss")
         ax.set_ylim(top=min(12, ax.get_ylim()[1]))
-    axes.flat[0].legend(fontsize=7)
+    _legend(axes.flat[0], 7)
     for ax in list(axes.flat)[len(combos):]:
         ax.axis("off")
     save(fig, "loss_curves.png")
@@ -197,7 +202,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
         ax.set_title(f"per-layer grad norm at {when}\n{ref_title}", fontsize=9)
         ax.set_xlabel("layer")
     axes[0].set_ylabel("grad norm of the block's parameters")
-    axes[0].legend(fontsize=7)
+    _legend(axes[0], 7)
     save(fig, "grad_norm_profile.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -212,7 +217,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
     ax.set_xlabel("block (depth)")
     ax.set_ylabel("residual-stream variance at block output")
     ax.set_title(f"{ref_title} (dotted: step 1, solid: last step)", fontsize=9)
-    ax.legend(fontsize=6)
+    _legend(ax, 6)
     save(fig, "residual_variance.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -224,7 +229,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
     ax.set_xlabel("step")
     ax.set_ylabel("max attention logit (max over layers)")
     ax.set_title(ref_title, fontsize=9)
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     save(fig, "max_attn_logit.png")
 
     if "training.lr" in study.grid:
@@ -249,7 +254,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
             ax.set_xlabel("peak learning rate")
             ax.set_ylabel("final val loss (mean over seeds; x = a diverged run)")
             ax.set_title(", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(rest, combo)) or "all", fontsize=9)
-        axes.flat[0].legend(fontsize=7)
+        _legend(axes.flat[0], 7)
         save(fig, "lr_sensitivity.png")
     return written
 

@@ -150,7 +150,8 @@ def _ended_without_finishing(study: Study, cell: Cell, record: dict, job: int, s
     """diverged (recorded; a rerun would diverge again), retry (resubmit), or failed (retries spent; recorded)."""
     outcome = _outcome(study, cell, record, None)
     if outcome == "failed":
-        record.update(status=None, message=f"job {job} ended {state}: {record['message']}")
+        record.update(status=None, message=f"job {job} ended {state}" + (f": {record['message']}" if record["message"]
+                                                                           else f" (log {record['log']})"))
         if len(record.get("jobs", [])) <= study.retries:
             return "retry"
         record["status"] = "failed"
@@ -181,13 +182,13 @@ def sync_slurm(study: Study, submit: bool = True, resume_cancelled: bool = False
         elif state in ("diverged", "failed", "cancelled"):
             pass
         elif job is None:
-            state = "pending"
+            state = "waiting"  # for a max_parallel slot
         elif states.get(job) in launchers.ACTIVE_STATES:
             state = states[job]
         else:
             state = _ended_without_finishing(study, cell, record, job, states.get(job, "UNKNOWN"))
             if state == "retry":
-                say(f"{cell.name}: job {job} failed ({record['message']}); resubmitting "
+                say(f"{cell.name}: {record['message']}; {'resubmitting' if submit else 'to be resubmitted'} "
                     f"(retry {len(record['jobs'])} of {study.retries})")
             elif state == "failed":
                 say(f"{cell.name}: job {job} failed after {len(record['jobs'])} attempt(s); log {record['log']}")
@@ -195,11 +196,12 @@ def sync_slurm(study: Study, submit: bool = True, resume_cancelled: bool = False
             write_record(study, cell, record)
         rows.append({"cell": cell, "job": job, "state": state, "record": record})
     if submit:
+        (study.output_dir / "logs").mkdir(parents=True, exist_ok=True)  # sbatch does not create it
         active = sum(r["state"] in launchers.ACTIVE_STATES for r in rows)
         for row in rows:
             if active >= study.max_parallel:
                 break
-            if row["state"] not in ("pending", "retry", *(("cancelled",) if resume_cancelled else ())):
+            if row["state"] not in ("waiting", "retry", *(("cancelled",) if resume_cancelled else ())):
                 continue
             cell, record = row["cell"], row["record"]
             record.update(status=None, submitting=True, job_name=launchers.job_name(study, cell))
@@ -228,6 +230,13 @@ def local_rows(study: Study) -> list[dict]:
             for c in study.cells]
 
 
+def _eta(row: dict, total: int) -> float | None:
+    """Seconds left at the run's latest throughput (tokens/s over its last logging interval)."""
+    if not row.get("tokens_per_sec") or not row.get("step"):
+        return None
+    return (total - row["step"]) * row["tokens_seen"] / row["step"] / row["tokens_per_sec"]
+
+
 def status_table(rows: list[dict]) -> str:
     """cell | job | state | step/total | loss | ETA, one line per cell, then the count per state."""
     lines = [("cell", "job", "state", "step", "loss", "ETA")]
@@ -239,7 +248,7 @@ def status_table(rows: list[dict]) -> str:
         running = row["state"] in launchers.ACTIVE_STATES or row["state"] == "running"
         lines.append((cell.name, job_text, row["state"], f"{last.get('step', 0)}/{cell.steps}",
                       f"{last['loss']:.4f}" if "loss" in last else "-",
-                      format_duration(last["eta_s"]) if running and "eta_s" in last else "-"))
+                      format_duration(eta) if running and (eta := _eta(last, cell.steps)) is not None else "-"))
     widths = [max(len(line[i]) for line in lines) for i in range(6)]
     text = ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in lines]
     counts: dict[str, int] = {}
