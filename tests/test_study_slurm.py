@@ -56,7 +56,7 @@ def write_study(path: Path, data: Path, **extra) -> Path:
     study = {"base": TINY, "output_dir": str(path.parent / "out"), "max_parallel": 2, "overrides": overrides,
              "grid": GRID, **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(study))
+    path.write_text(yaml.safe_dump(study, sort_keys=False))
     return path
 
 
@@ -88,9 +88,9 @@ def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(s
                         resources={"nproc_per_node": 2,
                                    "per_axis": {"run.seed": {1: {"nodes": 2, "nproc_per_node": 1}}}})
     out = study.parent / "out"
-    first = ("lr=0.003_seed=0")
+    first = "lr=0.003_seed=0"
 
-    # The driver submits two cells (max_parallel), is killed while they run, and one of them is preempted.
+    # The driver submits two cells (max_parallel); one of them is preempted, and the driver is killed meanwhile.
     driver = subprocess.Popen([sys.executable, "-m", "trainer", "study", str(study), "--watch", "--poll", "0.5"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
@@ -99,15 +99,15 @@ def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(s
             assert driver.poll() is None, driver.stdout.read()
             metrics = out / "runs" / first / "metrics.jsonl"
             return metrics.is_file() and metrics.read_text().count('"loss"') >= 10
-        slurm.wait_for(running_with_steps, 240, f"{first} to train 10 steps")
+        slurm.wait_for(running_with_steps, 240, f"{first} to train 10 steps", poll=0.05)
+        preempted = records(out)[first]["jobs"][0]
+        subprocess.run(["scancel", "--signal=USR1", str(preempted)], env=slurm.env, check=True, timeout=30)
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     submitted = records(out)
     assert sorted(submitted) == ["lr=0.003_seed=0", "lr=0.003_seed=1"] and all(
         len(r["jobs"]) == 1 for r in submitted.values())
-    preempted = submitted[first]["jobs"][0]
-    subprocess.run(["scancel", "--signal=USR1", str(preempted)], env=slurm.env, check=True, timeout=30)
 
     # --report-only while cells run: running ones with their step, missing ones marked.
     run_cli("study", str(study), "--report-only", env=env)
@@ -152,7 +152,7 @@ def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(s
     finals = [read_metrics(out / "runs" / f"lr=0.003_seed={s}")[1][-1]["val_loss"] for s in (0, 1)]
     row = next(line for line in (out / "report" / "report.md").read_text().splitlines()
                if line.startswith("| 0.003 |"))
-    assert f"| 2/2 | 0 of 2 seeds | " in row and f"| {math.exp(statistics.fmean(finals)):.4g} | 123 |" in row
+    assert "| 2/2 | 0 of 2 seeds | " in row and f"| {math.exp(statistics.fmean(finals)):.4g} | 123 |" in row
 
 
 def test_a_failing_cell_is_resubmitted_once_then_reported_with_its_log(slurm, shakespeare_data, tmp_path):
@@ -205,3 +205,21 @@ def test_slurm_study_without_sbatch_fails_with_one_line(shakespeare_data, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("normtron: error: launcher: slurm needs sbatch, squeue, scontrol, scancel on PATH")
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_cancel_stops_the_study_jobs_and_a_rerun_resubmits(slurm, shakespeare_data, tmp_path):
+    env = driver_env(slurm)
+    study = write_study(tmp_path / "study.yaml", shakespeare_data, launcher="slurm", grid={"run.seed": [0]},
+                        resources={"nproc_per_node": 2})
+    submitted = run_cli("study", str(study), env=env).stdout
+    assert "follow with:" in submitted
+    job = records(tmp_path / "out")["seed=0"]["jobs"][0]
+    assert "cancelled 1 job(s)" in run_cli("study", str(study), "--cancel", env=env).stdout
+    slurm.wait_for(lambda: slurm.job(job).get("JobState") == "CANCELLED", 60, f"job {job} to be cancelled")
+    row = run_cli("study", str(study), "--status", env=env).stdout.splitlines()[1].split()
+    assert row[:3] == ["seed=0", str(job), "cancelled"]
+    assert records(tmp_path / "out")["seed=0"]["status"] == "cancelled"
+    run_cli("study", str(study), env=env)  # a plain re-run resubmits the cancelled cell, as a new job
+    jobs = records(tmp_path / "out")["seed=0"]["jobs"]
+    assert jobs[0] == job and len(jobs) == 2
+    run_cli("study", str(study), "--cancel", env=env)
