@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     mode.add_argument("--watch", action="store_true",
                       help="slurm: submit, then keep polling (resubmitting failed jobs) until every cell has ended")
     mode.add_argument("--cancel", action="store_true", help="slurm: cancel the study's queued and running jobs")
+    mode.add_argument("--cost", action="store_true",
+                      help="print what the cells will cost in GPU-hours and exit (needs neither data nor a cluster)")
     p.add_argument("--max-parallel", type=int, default=None, metavar="N",
                    help="cells at a time (slurm: queued or running); default: the study's max_parallel, else one "
                         "per 2 CPU cores / per GPU (slurm: all)")
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.poll <= 0:
                 raise UserError(f"--poll must be a positive number of seconds, not {args.poll}")
             study_command(args.study, args.max_parallel, report_only=args.report_only, status=args.status,
-                          watch=args.watch, cancel=args.cancel, poll=args.poll)
+                          watch=args.watch, cancel=args.cancel, cost=args.cost, poll=args.poll)
         elif args.command == "download-corpus":
             from trainer.data.corpus import download_corpus
 

@@ -23,8 +23,12 @@ def _failed(study: Study, rows: list[dict]) -> None:
 
 
 def study_command(path: str, max_parallel: int | None = None, report_only: bool = False, status: bool = False,
-                  watch: bool = False, cancel: bool = False, poll: float = 30.0) -> None:
-    study = load_study(path, max_parallel)
+                  watch: bool = False, cancel: bool = False, cost: bool = False, poll: float = 30.0) -> None:
+    study = load_study(path, max_parallel, check_data=not cost)
+    if cost:
+        print(cost_summary(study) or f"{study.path}: no cell asks for GPUs (resources.gpus_per_node with launcher: "
+                                     f"slurm), so there is no GPU cost to estimate")
+        return
     slurm = study.launcher == "slurm"
     if report_only:
         print(f"report: {write_report(study) / 'report.md'}")
@@ -34,8 +38,8 @@ def study_command(path: str, max_parallel: int | None = None, report_only: bool 
                         f"in the foreground (stop it with Ctrl-C, re-run to resume)")
     if status:
         print(tracking.status_table(tracking.sync_slurm(study, submit=False) if slurm else tracking.local_rows(study)))
-        if cost := cost_summary(study):
-            print(cost)
+        if bill := cost_summary(study):
+            print(bill)
         return
     if cancel:
         print(f"cancelled {tracking.cancel_slurm(study)} job(s) of {study.path}; re-run the study to resubmit them")
@@ -48,8 +52,8 @@ def study_command(path: str, max_parallel: int | None = None, report_only: bool 
                             f"{study.output_dir / 'logs'}); re-run the study to retry them")
         return
     check_slurm(study)
-    if cost := cost_summary(study):
-        print(cost, flush=True)
+    if bill := cost_summary(study):
+        print(bill, flush=True)
     if watch:
         rows = tracking.watch_slurm(study, poll)
     else:
