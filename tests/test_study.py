@@ -132,6 +132,8 @@ def test_a_killed_study_resumes_its_interrupted_run(shakespeare_data, tmp_path):
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: pre}\n", "non-empty lists"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {run.name: [a]}\n", "set by the study"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nparallel: 2\n", "unknown key"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nresources: {time: 24:00:00}\n",
+     "resources.time must be a quoted string such as \"24:00:00\", not 86400"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nlauncher: mpirun\n",
      "unknown launcher 'mpirun'; use one of local, torchrun, slurm"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nresources: {per_axis: {model.dim: "

@@ -223,3 +223,23 @@ def test_cancel_stops_the_study_jobs_and_a_rerun_resubmits(slurm, shakespeare_da
     jobs = records(tmp_path / "out")["seed=0"]["jobs"]
     assert jobs[0] == job and len(jobs) == 2
     run_cli("study", str(study), "--cancel", env=env)
+
+
+def test_a_job_submitted_by_a_driver_killed_inside_sbatch_is_adopted_not_resubmitted(slurm, shakespeare_data,
+                                                                                       tmp_path):
+    """The driver records "submitting" before sbatch and the job id after it; killed in between, the job exists but
+    its id is not recorded. The next driver finds it by its job name and does not submit the cell again."""
+    from trainer.study.launchers import job_name
+    from trainer.study.spec import load_study
+
+    env = driver_env(slurm)
+    study = write_study(tmp_path / "study.yaml", shakespeare_data, launcher="slurm", grid={"run.seed": [0]},
+                        resources={"nproc_per_node": 2})
+    name = job_name(load_study(study), load_study(study).cells[0])
+    (tmp_path / "out" / "status").mkdir(parents=True)
+    (tmp_path / "out" / "status" / "seed=0.json").write_text(json.dumps({"submitting": True, "job_name": name}))
+    job = slurm.sbatch("--job-name", name, "--wrap", "sleep 120", cwd=tmp_path)
+    run_cli("study", str(study), env=env)
+    assert records(tmp_path / "out")["seed=0"]["jobs"] == [job]
+    assert [j for j, _ in study_jobs(slurm, name)] == [job]
+    run_cli("study", str(study), "--cancel", env=env)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from trainer.errors import UserError
 from trainer.study import tracking
 from trainer.study.cost import cost_summary
-from trainer.study.launchers import check_slurm
+from trainer.study.launchers import check_slurm, require_slurm
 from trainer.study.report import write_report
 from trainer.study.spec import Study, load_study
 
@@ -36,6 +36,8 @@ def study_command(path: str, max_parallel: int | None = None, report_only: bool 
     if (cancel or watch) and not slurm:
         raise UserError(f"--{'cancel' if cancel else 'watch'} is for launcher: slurm; a {study.launcher} study runs "
                         f"in the foreground (stop it with Ctrl-C, re-run to resume)")
+    if slurm:
+        require_slurm()
     if status:
         print(tracking.status_table(tracking.sync_slurm(study, submit=False) if slurm else tracking.local_rows(study)))
         if bill := cost_summary(study):

@@ -73,12 +73,16 @@ def _max_gpus_per_node(nodes: str) -> int:
     return max(counts, default=0)
 
 
-def check_slurm(study: Study) -> None:
-    """Before anything is submitted: sbatch is there, every cell's partition exists and can hold the cell."""
+def require_slurm() -> None:
     missing = [c for c in ("sbatch", "squeue", "scontrol", "scancel") if not shutil.which(c)]
     if missing:
         raise UserError(f"launcher: slurm needs {', '.join(missing)} on PATH (run on a Slurm login node), or use "
                         f"launcher: torchrun for this machine")
+
+
+def check_slurm(study: Study) -> None:
+    """Before anything is submitted: sbatch is there, every cell's partition exists and can hold the cell."""
+    require_slurm()
     partitions: dict[str | None, dict] = {}
     for cell in study.cells:
         r = cell.resources

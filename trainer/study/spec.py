@@ -165,12 +165,14 @@ def _resources(path: Path, where: str, data) -> dict:
             _positive_int(path, f"{where}.{key}", data[key])
     if "gpus_per_node" in data:
         _positive_int(path, f"{where}.gpus_per_node", data["gpus_per_node"], 0)
-    for key in ("time", "partition", "account"):
-        if data.get(key) is not None and not isinstance(data[key], (str, int)):
-            raise UserError(f"study file {path}: {where}.{key} must be a string, not {data[key]!r}")
+    for key in ("time", "partition", "account"):  # YAML reads an unquoted 24:00:00 as the number 86400
+        if data.get(key) is not None and not isinstance(data[key], str):
+            example = '"24:00:00"' if key == "time" else '"gpu"'
+            raise UserError(f"study file {path}: {where}.{key} must be a quoted string such as {example}, "
+                            f"not {data[key]!r}")
     if not isinstance(data.get("sbatch", []), list):
         raise UserError(f"study file {path}: {where}.sbatch must be a list of sbatch options, e.g. [--qos=high]")
-    return {k: (str(v) if k in ("time", "partition", "account") and v is not None else v) for k, v in data.items()}
+    return dict(data)
 
 
 def cell_resources(path: Path, resources: dict, grid: dict) -> callable:
