@@ -1,7 +1,7 @@
 """`normtron study` with launcher: slurm under a real Slurm cluster (two emulated nodes, tests/slurm_cluster.py),
 against the same grid run with launcher: torchrun on this node.
 
-One 4-cell study of 2-rank micro-model cells (three on one node x 2 ranks, one - by a per-axis override - on two
+One 4-cell study of 2-rank micro-model cells (two on one node x 2 ranks, two - by a per-axis override - on two
 nodes x 1 rank) goes through sbatch to a complete report while its driver is killed and re-run and one cell is
 preempted with `scancel --signal=USR1`; every number is compared with the torchrun grid's. A cell whose job fails
 is resubmitted once and then reported failed with its log; bad study files fail before anything is submitted.
@@ -49,6 +49,23 @@ def driver_env(slurm: LocalSlurm) -> dict[str, str]:
             "NORMTRON_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
 
 
+@pytest.fixture
+def normtron(slurm, monkeypatch, capsys):
+    """`normtron ARGS` in this process (no interpreter start-up), as a driver on the cluster; returns its stdout."""
+    for key, value in driver_env(slurm).items():
+        monkeypatch.setenv(key, value)
+
+    def run(*args: str) -> str:
+        from trainer.cli import main
+
+        capsys.readouterr()
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        return out
+    return run
+
+
 def write_study(path: Path, data: Path, **extra) -> Path:
     overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in MICRO_MODEL)}
     overrides.update({"data.dir": str(data), "training.steps": STEPS, "checkpoint.every": 25, "eval.every": STEPS,
@@ -82,11 +99,12 @@ def study_jobs(slurm: LocalSlurm, prefix: str) -> list[tuple[int, str]]:
     return [(int(i), n) for i, n in (line.split() for line in out.splitlines()) if n.startswith(prefix)]
 
 
-def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(slurm, shakespeare_data, tmp_path):
+def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(slurm, normtron, shakespeare_data,
+                                                                                tmp_path):
     env = driver_env(slurm)
     study = write_study(tmp_path / "slurm" / "study.yaml", shakespeare_data, launcher="slurm", published=PUBLISHED,
                         resources={"nproc_per_node": 2,
-                                   "per_axis": {"run.seed": {1: {"nodes": 2, "nproc_per_node": 1}}}})
+                                   "per_axis": {"training.lr": {1e-2: {"nodes": 2, "nproc_per_node": 1}}}})
     out = study.parent / "out"
     first = "lr=0.003_seed=0"
 
@@ -110,7 +128,7 @@ def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(s
         len(r["jobs"]) == 1 for r in submitted.values())
 
     # --report-only while cells run: running ones with their step, missing ones marked.
-    run_cli("study", str(study), "--report-only", env=env)
+    normtron("study", str(study), "--report-only")
     report = (out / "report" / "report.md").read_text()
     assert "## Runs not finished" in report and "| lr=0.01_seed=0 | missing (not started) | 0/150 |" in report
 
@@ -122,9 +140,12 @@ def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(s
     jobs = study_jobs(slurm, submitted[first]["job_name"].rsplit("-lr=", 1)[0])
     assert len(jobs) == 4 and len({name for _, name in jobs}) == 4, jobs  # one job per cell, ever
     assert slurm.job(preempted)["Restarts"] == "1"
+    for cell, record in final.items():  # the per-axis override: the lr=0.01 cells on both nodes
+        nodes = slurm.job(record["jobs"][0])["NumNodes"]
+        assert nodes == ("2" if cell.startswith("lr=0.01_") else "1"), (cell, nodes)
     log = (out / "logs" / f"{first}.log").read_text()
     assert "requeueing it" in log and "attempt 2" in log and "resumed from" in log
-    status = run_cli("study", str(study), "--status", env=env).stdout
+    status = normtron("study", str(study), "--status")
     print(status)  # the README shows this table
     assert status.splitlines()[0].split() == ["cell", "job", "state", "step", "loss", "ETA"]
     assert status.count("finished  150/150") == 4 and status.strip().endswith("4 finished")
@@ -207,39 +228,37 @@ def test_slurm_study_without_sbatch_fails_with_one_line(shakespeare_data, tmp_pa
     assert err.count("\n") == 1 and not (tmp_path / "out").exists()
 
 
-def test_cancel_stops_the_study_jobs_and_a_rerun_resubmits(slurm, shakespeare_data, tmp_path):
-    env = driver_env(slurm)
+def test_cancel_stops_the_study_jobs_and_a_rerun_resubmits(slurm, normtron, shakespeare_data, tmp_path):
     study = write_study(tmp_path / "study.yaml", shakespeare_data, launcher="slurm", grid={"run.seed": [0]},
                         resources={"nproc_per_node": 2})
-    submitted = run_cli("study", str(study), env=env).stdout
+    submitted = normtron("study", str(study))
     assert "follow with:" in submitted
     job = records(tmp_path / "out")["seed=0"]["jobs"][0]
-    assert "cancelled 1 job(s)" in run_cli("study", str(study), "--cancel", env=env).stdout
+    assert "cancelled 1 job(s)" in normtron("study", str(study), "--cancel")
     slurm.wait_for(lambda: slurm.job(job).get("JobState") == "CANCELLED", 60, f"job {job} to be cancelled")
-    row = run_cli("study", str(study), "--status", env=env).stdout.splitlines()[1].split()
+    row = normtron("study", str(study), "--status").splitlines()[1].split()
     assert row[:3] == ["seed=0", str(job), "cancelled"]
     assert records(tmp_path / "out")["seed=0"]["status"] == "cancelled"
-    run_cli("study", str(study), env=env)  # a plain re-run resubmits the cancelled cell, as a new job
+    normtron("study", str(study))  # a plain re-run resubmits the cancelled cell, as a new job
     jobs = records(tmp_path / "out")["seed=0"]["jobs"]
     assert jobs[0] == job and len(jobs) == 2
-    run_cli("study", str(study), "--cancel", env=env)
+    normtron("study", str(study), "--cancel")
 
 
-def test_a_job_submitted_by_a_driver_killed_inside_sbatch_is_adopted_not_resubmitted(slurm, shakespeare_data,
-                                                                                       tmp_path):
+def test_a_job_submitted_by_a_driver_killed_inside_sbatch_is_adopted_not_resubmitted(slurm, normtron,
+                                                                                       shakespeare_data, tmp_path):
     """The driver records "submitting" before sbatch and the job id after it; killed in between, the job exists but
     its id is not recorded. The next driver finds it by its job name and does not submit the cell again."""
     from trainer.study.launchers import job_name
     from trainer.study.spec import load_study
 
-    env = driver_env(slurm)
     study = write_study(tmp_path / "study.yaml", shakespeare_data, launcher="slurm", grid={"run.seed": [0]},
                         resources={"nproc_per_node": 2})
     name = job_name(load_study(study), load_study(study).cells[0])
     (tmp_path / "out" / "status").mkdir(parents=True)
     (tmp_path / "out" / "status" / "seed=0.json").write_text(json.dumps({"submitting": True, "job_name": name}))
     job = slurm.sbatch("--job-name", name, "--wrap", "sleep 120", cwd=tmp_path)
-    run_cli("study", str(study), env=env)
+    normtron("study", str(study))
     assert records(tmp_path / "out")["seed=0"]["jobs"] == [job]
     assert [j for j, _ in study_jobs(slurm, name)] == [job]
-    run_cli("study", str(study), "--cancel", env=env)
+    normtron("study", str(study), "--cancel")

@@ -119,8 +119,10 @@ def submit(study: Study, cell: Cell) -> int:
         if value:
             cmd += [flag, value]
     cmd += [*r.sbatch, str(SBATCH_SCRIPT), str(study.base), *cell.overrides]
+    # The job runs in this directory (relative paths in the study stay valid) with this checkout's code.
     env = {**os.environ, "NORMTRON_REPO": str(REPO), "NORMTRON_LOGS": str(logs),
-           "NORMTRON_NPROC_PER_NODE": str(r.procs_per_node)}
+           "NORMTRON_NPROC_PER_NODE": str(r.procs_per_node),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.setdefault("NORMTRON_PYTHON", sys.executable)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, env=env)
     if result.returncode != 0 or not result.stdout.strip().split(";")[0].isdigit():

@@ -12,6 +12,8 @@ the job by name instead of submitting again), "returncode", "step", "message", "
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -158,10 +160,28 @@ def _ended_without_finishing(study: Study, cell: Cell, record: dict, job: int, s
     return outcome
 
 
+@contextlib.contextmanager
+def _one_driver(study: Study, submit: bool):
+    """Two drivers submitting at once (a --watch and a re-run) take turns, so neither submits what the other did."""
+    if not submit:
+        yield
+        return
+    lock = study.output_dir / "status" / ".submit.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def sync_slurm(study: Study, submit: bool = True, resume_cancelled: bool = False, say=print) -> list[dict]:
     """One pass over the study's cells: states from Slurm, outcomes recorded, failed jobs resubmitted, pending cells
     (and cancelled ones, with resume_cancelled) submitted up to max_parallel queued or running. Returns one row per
     cell for the status table."""
+    with _one_driver(study, submit):
+        return _sync_slurm(study, submit, resume_cancelled, say)
+
+
+def _sync_slurm(study: Study, submit: bool, resume_cancelled: bool, say) -> list[dict]:
     records = {cell.name: read_record(study, cell) for cell in study.cells}
     for cell in study.cells:  # a driver killed inside sbatch: adopt the job it may have submitted
         record = records[cell.name]
