@@ -40,6 +40,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -175,7 +176,7 @@ def _resources(path: Path, where: str, data) -> dict:
     return dict(data)
 
 
-def cell_resources(path: Path, resources: dict, grid: dict) -> callable:
+def cell_resources(path: Path, resources: dict | None, grid: dict) -> Callable[[dict], Resources]:
     """The study's resources, and a function from a cell's grid values to its Resources (per-axis overrides
     applied in the order of the study file; sbatch options add up)."""
     resources = dict(resources or {})
@@ -289,6 +290,6 @@ def load_study(path: str | Path, max_parallel: int | None = None, check_data: bo
             cfg.model.vocab_size = metas[cfg.data.dir]["vocab_size"]
         cell.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len) if cfg.model.vocab_size else 0.0
     parallel = max_parallel if max_parallel is not None else data.get(
-        "max_parallel", default_parallel(launcher, nproc, len(study.cells)))
+        "max_parallel", default_parallel(launcher, nproc if launcher == "torchrun" else 1, len(study.cells)))
     study.max_parallel = _positive_int(path, "max_parallel", parallel)
     return study
