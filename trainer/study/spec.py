@@ -25,10 +25,10 @@
         model.dim: {2048: {nodes: 4}}
     cost: {gpu_peak_tflops: 989, mfu: 0.4}   # the cost estimate's assumptions (defaults: H100 bf16, 40% MFU)
     published:                      # a paper's numbers, shown next to the measured ones in the report
-      source: "Li et al. 2025, Table 1"
+      source: "the paper, table N"
       metric: perplexity            # perplexity (exp of the final val loss) | val_loss
-      axis: model.placement
-      values: {post: 35.18, pre: 34.77}
+      axis: model.placement         # the grid axis the numbers are given by
+      values: {pre: <number>, mix: <number>}
 """
 
 from __future__ import annotations
