@@ -177,25 +177,28 @@ def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(s
 
 
 def test_a_failing_cell_is_resubmitted_once_then_reported_with_its_log(slurm, shakespeare_data, tmp_path):
-    """The cell's run directory is a file, so its job fails (not a divergence): one resubmission, then failed."""
-    study = write_study(tmp_path / "study.yaml", shakespeare_data, launcher="slurm", grid={"run.seed": [0]},
-                        resources={"nproc_per_node": 2})
+    """One cell's run directory is a file, so its job fails (not a divergence): one resubmission, then failed. The
+    other cell diverges (a non-finite loss at LR 1e30): recorded as diverged, never resubmitted."""
+    study = write_study(tmp_path / "study.yaml", shakespeare_data, launcher="slurm",
+                        grid={"training.lr": [3e-3, 1e30]}, resources={"nproc_per_node": 2})
     out = tmp_path / "out"
     (out / "runs").mkdir(parents=True)
-    (out / "runs" / "seed=0").write_text("in the way")
+    (out / "runs" / "lr=0.003").write_text("in the way")
     result = run_cli("study", str(study), "--watch", "--poll", "0.5", env=driver_env(slurm), check=False)
-    log = out / "logs" / "seed=0.log"
+    log = out / "logs" / "lr=0.003.log"
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.count("\n") == 1 and "1 of 1 runs failed after 2 attempt(s)" in result.stderr
+    assert result.stderr.count("\n") == 1 and "1 of 2 runs failed after 2 attempt(s)" in result.stderr
     assert str(log.resolve()) in result.stderr
-    record = records(out)["seed=0"]
-    assert record["status"] == "failed" and len(record["jobs"]) == 2
-    for job in record["jobs"]:
+    failed, diverged = records(out)["lr=0.003"], records(out)["lr=1e+30"]
+    assert failed["status"] == "failed" and len(failed["jobs"]) == 2
+    for job in failed["jobs"]:
         assert slurm.job(job)["JobState"] == "FAILED"
         assert f"job {job} attempt 1" in log.read_text()
+    assert diverged["status"] == "diverged" and len(diverged["jobs"]) == 1 and diverged["step"] >= 1
     assert "resubmitting (retry 1 of 1)" in result.stdout
     report = (out / "report" / "report.md").read_text()
-    assert f"| seed=0 | failed (log `{log.resolve()}`) |" in report
+    assert f"| lr=0.003 | failed (log `{log.resolve()}`) |" in report
+    assert "| 1e+30 | 1/1 | 1 of 1 runs |" in report
 
 
 @pytest.mark.parametrize("resources, message", [
