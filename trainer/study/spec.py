@@ -139,7 +139,7 @@ def gpu_count() -> int:
 
 
 def default_parallel(launcher: str, nproc: int, cells: int) -> int:
-    """local/torchrun: as many cells as the GPUs (or half the CPU cores) hold; slurm: every cell (the cluster queues)."""
+    """local/torchrun: as many cells as the GPUs (or half the CPU cores) hold; slurm: every cell (Slurm queues)."""
     if launcher == "slurm":
         return cells
     if gpu_count():
