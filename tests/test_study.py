@@ -80,7 +80,9 @@ def test_study_runs_the_grid_writes_the_report_and_skips_finished_runs(shakespea
         if finals:
             assert float(cell["val_loss_mean"]) == pytest.approx(statistics.fmean(finals), rel=1e-12)
             assert float(cell["val_loss_std"]) == pytest.approx(statistics.stdev(finals), rel=1e-9)
-    assert "± " in (report / "report.md").read_text()
+    report_md = (report / "report.md").read_text()
+    assert "± " in report_md
+    assert "| post | 100 | 2/2 | 2 of 2 seeds |" in report_md  # divergence counted per cell across seeds
 
     # Re-running redoes nothing: finished and diverged runs are skipped, their files untouched.
     before = tree_digest(out / "runs")
@@ -130,6 +132,12 @@ def test_a_killed_study_resumes_its_interrupted_run(shakespeare_data, tmp_path):
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: pre}\n", "non-empty lists"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {run.name: [a]}\n", "set by the study"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nparallel: 2\n", "unknown key"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nresources: {time: 24:00:00}\n",
+     "resources.time must be a quoted string such as \"24:00:00\", not 86400"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nlauncher: mpirun\n",
+     "unknown launcher 'mpirun'; use one of local, torchrun, slurm"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nresources: {per_axis: {model.dim: "
+     "{64: {nodes: 2}}}}\n", "resources.per_axis.model.dim is not a grid axis"),
 ])
 def test_bad_study_files_fail_with_one_line(tmp_path, capsys, content, message):
     (tmp_path / "configs").mkdir()
@@ -176,3 +184,33 @@ def test_failed_runs_make_the_study_exit_with_an_error(shakespeare_data, tmp_pat
     assert result.returncode == 2 and "1 of 1 runs failed" in result.stderr and "Traceback" not in result.stderr
     assert (tmp_path / "out" / "report" / "report.md").is_file()
     assert json.loads((tmp_path / "out" / "status" / "placement=pre.json").read_text())["status"] == "failed"
+
+
+@pytest.mark.parametrize("name, cells, tokens", [("mixln-1b", 6, 5.0e9), ("periln-400m", 15, 30.0e9)])
+def test_cost_estimate_of_the_scale_configs(name, cells, tokens):
+    """--cost needs neither data nor a cluster. GPU-hours = tokens x FLOPs/token / (MFU x peak), with FLOPs/token
+    recounted here from the model's own weight matrices: 6 per matmul weight (forward + backward) plus attention
+    scores 12 x layers x dim x seq_len."""
+    import torch
+
+    from trainer.config import load_config
+    from trainer.study.spec import load_study
+    from trainer.train import build_model_on_meta
+
+    path = REPO / "configs" / "study" / f"{name}.yaml"
+    out = run_cli("study", str(path), "--cost").stdout
+    study = load_study(path, check_data=False)
+    assert len(study.cells) == cells and study.launcher == "slurm"
+    cfg = load_config(study.base, study.cells[0].overrides)
+    with torch.device("meta"):
+        model = build_model_on_meta(cfg)
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and not n.startswith("tok_embeddings"))
+    m, seq = cfg.model, cfg.data.seq_len
+    flops = 6 * matmul + 12 * m.n_layers * m.dim * seq
+    trained = cfg.training.steps * cfg.training.batch_size * seq
+    assert trained == pytest.approx(tokens, rel=2e-3)
+    hours = trained * flops / (0.4 * 989e12) / 3600
+    gpus = study.cells[0].resources.nodes * study.cells[0].resources.gpus_per_node
+    assert f"{cells} cell(s) x {gpus} GPUs" in out and f"{flops / 1e9:.3g} GFLOP/token" in out
+    assert f": {hours:,.0f} GPU-hours each ({hours / gpus:.1f} h wall)" in out
+    assert f"total: {cells * hours:,.0f} GPU-hours for {cells} cells" in out

@@ -88,13 +88,27 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "study", help="train a grid of runs (placement x lr x depth x seed ...) and write a report",
         description="Train every combination of the grid in STUDY.yaml, each in its own run directory under "
-                    "<output_dir>/runs, several at a time; finished runs are skipped and interrupted ones resume. "
-                    "Then write <output_dir>/report/: report.md, PNG plots, runs.csv, cells.csv, report.json. "
-                    "See configs/study/ for examples.")
-    p.add_argument("study", metavar="STUDY.yaml", help="study file: base, output_dir, grid, overrides, reference")
-    p.add_argument("--report-only", action="store_true", help="rebuild the report from the existing runs")
+                    "<output_dir>/runs: here (launcher: local or torchrun, several at a time; finished runs are "
+                    "skipped and interrupted ones resume) or as Slurm jobs (launcher: slurm: submits what is not yet "
+                    "submitted, records job ids in <output_dir>/status/ and returns; re-run, --watch or --status to "
+                    "follow). Then write <output_dir>/report/: report.md, PNG plots, runs.csv, cells.csv, "
+                    "report.json. See configs/study/ for examples.")
+    p.add_argument("study", metavar="STUDY.yaml",
+                   help="study file: base, output_dir, grid, overrides, reference, launcher, resources, published")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--report-only", action="store_true", help="rebuild the report from the runs on disk, any time")
+    mode.add_argument("--status", action="store_true",
+                      help="print the table of cells (job id, state, step/total, last loss, ETA) without submitting")
+    mode.add_argument("--watch", action="store_true",
+                      help="slurm: submit, then keep polling (resubmitting failed jobs) until every cell has ended")
+    mode.add_argument("--cancel", action="store_true", help="slurm: cancel the study's queued and running jobs")
+    mode.add_argument("--cost", action="store_true",
+                      help="print what the cells will cost in GPU-hours and exit (needs neither data nor a cluster)")
     p.add_argument("--max-parallel", type=int, default=None, metavar="N",
-                   help="runs at a time (default: the study's max_parallel, else one per 2 CPU cores / per GPU)")
+                   help="cells at a time (slurm: queued or running); default: the study's max_parallel, else one "
+                        "per 2 CPU cores / per GPU (slurm: all)")
+    p.add_argument("--poll", type=float, default=30.0, metavar="SECONDS",
+                   help="with --watch: seconds between looks at the queue (default 30)")
 
     p = sub.add_parser(
         "download-corpus", help="download a known public text corpus and print its directory",
@@ -196,17 +210,14 @@ def main(argv: list[str] | None = None) -> int:
                 if result.preempted:
                     return requeue_exit(result.step, result.checkpoint)
         elif args.command == "study":
-            from trainer.report import write_report
-            from trainer.study import load_study, run_study
+            from trainer.study.command import study_command
 
             if args.max_parallel is not None and args.max_parallel < 1:
                 raise UserError(f"--max-parallel must be at least 1, not {args.max_parallel}")
-            study = load_study(args.study, args.max_parallel)
-            failed = 0 if args.report_only else run_study(study)
-            print(f"report: {write_report(study) / 'report.md'}")
-            if failed:
-                raise UserError(f"{failed} of {len(study.cells)} runs failed (their logs are in "
-                                f"{study.output_dir / 'logs'}); re-run the study to retry them")
+            if args.poll <= 0:
+                raise UserError(f"--poll must be a positive number of seconds, not {args.poll}")
+            study_command(args.study, args.max_parallel, report_only=args.report_only, status=args.status,
+                          watch=args.watch, cancel=args.cancel, cost=args.cost, poll=args.poll)
         elif args.command == "download-corpus":
             from trainer.data.corpus import download_corpus
 

@@ -1,5 +1,7 @@
 """The report of a study, built only from what its runs wrote (metrics.jsonl, config.yaml, the study's status
-files), so `normtron study --report-only` rebuilds it at any time.
+files), so `normtron study --report-only` rebuilds it at any time, also while cells still run: finished cells are
+reported, running ones listed with their latest step, missing ones marked. Divergence is counted per cell across
+seeds ("diverged 2 of 5 seeds"), and a study's `published:` numbers are put next to the measured ones.
 
 <output_dir>/report/: report.md (tables), runs.csv (one row per run), cells.csv (seeds aggregated), report.json
 (everything, with the curves and per-layer profiles), and PNG plots: loss_curves, grad_norm_profile,
@@ -21,9 +23,11 @@ from pathlib import Path
 
 import yaml
 
-from trainer.study import SEED_KEY, Cell, Study, cell_status
+from trainer.study.spec import SEED_KEY, Cell, Study
+from trainer.study.tracking import cell_status, last_metrics, read_record
 
 PLACEMENT = "model.placement"
+ENDED = ("finished", "diverged")
 
 
 def read_run(study: Study, cell: Cell) -> dict:
@@ -47,12 +51,12 @@ def read_run(study: Study, cell: Cell) -> dict:
     blown = next((s for s, loss in train if not math.isfinite(loss) or loss > bound), None)
     diverged = status == "diverged" or (final_val is not None and not (math.isfinite(final_val) and final_val <= bound))
     if status == "diverged":
-        step_file = json.loads(study.status_file(cell).read_text()).get("step")
+        step_file = read_record(study, cell).get("step")
         blown = min(s for s in (blown, step_file) if s is not None) if (blown or step_file) else None
     return {"name": cell.name, **{k: v for k, v in cell.values.items()}, "status": status, "diverged": diverged,
             "steps_to_divergence": blown if diverged else None,
             "final_val_loss": final_val if not diverged else None,
-            "final_train_loss": train[-1][1] if train else None,
+            "final_train_loss": train[-1][1] if train else None, "step": train[-1][0] if train else 0,
             "train_curve": train, "val_curve": evals, "diagnostics": diags}
 
 
@@ -74,11 +78,35 @@ def aggregate(study: Study, runs: list[dict]) -> list[dict]:
         end_logits = [max(r["diagnostics"][-1]["max_attn_logit"]) for r in group
                       if r["diagnostics"] and "max_attn_logit" in r["diagnostics"][-1] and not r["diverged"]]
         mean, std = _mean_std(finals)
-        cells.append({**key, "runs": len(group), "done": sum(r["status"] != "pending" for r in group),
+        published = _published_value(study, key)
+        cells.append({**key, "runs": len(group), "done": sum(r["status"] in ENDED for r in group),
                       "diverged": sum(r["diverged"] for r in group), "val_loss_mean": mean, "val_loss_std": std,
                       "steps_to_divergence": statistics.fmean(div_steps) if div_steps else None,
-                      "max_attn_logit_end": statistics.fmean(end_logits) if end_logits else None})
+                      "max_attn_logit_end": statistics.fmean(end_logits) if end_logits else None,
+                      "measured": _measured(study, mean), "published": published})
     return cells
+
+
+def _published_value(study: Study, key: dict) -> float | None:
+    """The paper's number for a cell (by its value of the published axis), if the study file gives one."""
+    p = study.published
+    if not p or p["axis"] not in key:
+        return None
+    return p["values"].get(key[p["axis"]])
+
+
+def _measured(study: Study, val_loss_mean: float | None) -> float | None:
+    """The measured value in the published metric: perplexity = exp(mean final val loss), or the loss itself."""
+    if val_loss_mean is None or not study.published:
+        return None
+    return math.exp(val_loss_mean) if study.published["metric"] == "perplexity" else val_loss_mean
+
+
+def diverged_text(cell: dict, study: Study) -> str:
+    """"diverged 2 of 5 seeds" (the Peri-LN paper's way), with the runs that have not ended yet."""
+    unit = "seeds" if SEED_KEY in study.grid else "runs"
+    text = f"{cell['diverged']} of {cell['runs']} {unit}"
+    return text + (f" ({cell['runs'] - cell['done']} not ended)" if cell["done"] < cell["runs"] else "")
 
 
 def reference_runs(study: Study, runs: list[dict], free: tuple[str, ...]) -> list[dict]:
@@ -90,7 +118,7 @@ def reference_runs(study: Study, runs: list[dict], free: tuple[str, ...]) -> lis
             continue
         default = max(values) if axis == "model.n_layers" else values[0]
         fixed[axis] = study.reference.get(axis, default)
-    return [r for r in runs if all(r[a] == v for a, v in fixed.items()) and r["status"] != "pending"]
+    return [r for r in runs if all(r[a] == v for a, v in fixed.items()) and r["status"] != "missing"]
 
 
 def _series_key(study: Study, run: dict) -> str:
@@ -117,6 +145,11 @@ def _grouped(study: Study, runs: list[dict]) -> dict[str, list[dict]]:
     for run in runs:
         groups.setdefault(_series_key(study, run), []).append(run)
     return groups
+
+
+def _legend(ax, fontsize: int) -> None:
+    if ax.get_legend_handles_labels()[0]:  # nothing to label while no run has data yet
+        ax.legend(fontsize=fontsize)
 
 
 def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> list[str]:
@@ -150,7 +183,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
         ax.set_xlabel("step")
         ax.set_ylabel("train loss")
         ax.set_ylim(top=min(12, ax.get_ylim()[1]))
-    axes.flat[0].legend(fontsize=7)
+    _legend(axes.flat[0], 7)
     for ax in list(axes.flat)[len(combos):]:
         ax.axis("off")
     save(fig, "loss_curves.png")
@@ -169,7 +202,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
         ax.set_title(f"per-layer grad norm at {when}\n{ref_title}", fontsize=9)
         ax.set_xlabel("layer")
     axes[0].set_ylabel("grad norm of the block's parameters")
-    axes[0].legend(fontsize=7)
+    _legend(axes[0], 7)
     save(fig, "grad_norm_profile.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -184,7 +217,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
     ax.set_xlabel("block (depth)")
     ax.set_ylabel("residual-stream variance at block output")
     ax.set_title(f"{ref_title} (dotted: step 1, solid: last step)", fontsize=9)
-    ax.legend(fontsize=6)
+    _legend(ax, 6)
     save(fig, "residual_variance.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -196,7 +229,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
     ax.set_xlabel("step")
     ax.set_ylabel("max attention logit (max over layers)")
     ax.set_title(ref_title, fontsize=9)
-    ax.legend(fontsize=7)
+    _legend(ax, 7)
     save(fig, "max_attn_logit.png")
 
     if "training.lr" in study.grid:
@@ -221,7 +254,7 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
             ax.set_xlabel("peak learning rate")
             ax.set_ylabel("final val loss (mean over seeds; x = a diverged run)")
             ax.set_title(", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(rest, combo)) or "all", fontsize=9)
-        axes.flat[0].legend(fontsize=7)
+        _legend(axes.flat[0], 7)
         save(fig, "lr_sensitivity.png")
     return written
 
@@ -241,37 +274,54 @@ def write_report(study: Study) -> Path:
     runs = [read_run(study, cell) for cell in study.cells]
     cells = aggregate(study, runs)
     axes = [a for a in study.axes if a != SEED_KEY]
-    run_columns = ["name", *study.axes, "status", "diverged", "steps_to_divergence", "final_val_loss",
+    run_columns = ["name", *study.axes, "status", "step", "diverged", "steps_to_divergence", "final_val_loss",
                    "final_train_loss"]
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=run_columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(runs)
     cell_columns = [*axes, "runs", "done", "diverged", "val_loss_mean", "val_loss_std", "steps_to_divergence",
-                    "max_attn_logit_end"]
+                    "max_attn_logit_end", *(["measured", "published"] if study.published else [])]
     with open(out / "cells.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=cell_columns)
+        writer = csv.DictWriter(f, fieldnames=cell_columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(cells)
     (out / "report.json").write_text(json.dumps({"study": str(study.path), "grid": study.grid, "cells": cells,
                                                  "runs": runs}, indent=1, default=str))
     plots = make_plots(study, runs, cells, out)
 
+    published = study.published
+    metric = published.get("metric", "")
     lines = [f"# Study report: {study.path.name}", "",
              f"Base config `{study.base.name}`, overrides {study.overrides or 'none'}; grid: "
              + ", ".join(f"`{k}` ∈ {v}" for k, v in study.grid.items()) + ".", "",
-             (f"{sum(r['status'] != 'pending' for r in runs)}/{len(runs)} runs done, "
+             (f"{sum(r['status'] in ENDED for r in runs)}/{len(runs)} runs done, "
               f"{sum(r['diverged'] for r in runs)} diverged. Final validation loss: mean ± std over seeds of the "
               f"runs that did not diverge. A run diverged if it stopped on a non-finite loss or ended above "
               f"ln(vocab) (uniform guessing)."), "",
-             "| " + " | ".join(a.split(".")[-1] for a in axes) + " | runs | diverged | final val loss | "
-             "steps to divergence | max attn logit (end) |",
-             "|" + "---|" * (len(axes) + 5)]
+             "| " + " | ".join(a.split(".")[-1] for a in axes) + " | runs done | diverged | final val loss | "
+             + (f"measured {metric} | published {metric} | " if published else "")
+             + "steps to divergence | max attn logit (end) |",
+             "|" + "---|" * (len(axes) + 5 + 2 * bool(published))]
     for c in cells:
         loss = "–" if c["val_loss_mean"] is None else f"{c['val_loss_mean']:.4f} ± {c['val_loss_std']:.4f}"
+        side = f"{_fmt(c['measured'])} | {_fmt(c['published'])} | " if published else ""
         lines.append("| " + " | ".join(_fmt(c[a]) for a in axes) + f" | {c['done']}/{c['runs']} | "
-                     f"{c['diverged']} | {loss} | {_fmt(c['steps_to_divergence'])} | "
+                     f"{diverged_text(c, study)} | {loss} | {side}{_fmt(c['steps_to_divergence'])} | "
                      f"{_fmt(c['max_attn_logit_end'], 3)} |")
+    if published:
+        lines += ["", f"Published {metric}: {published.get('source') or 'as given in the study file'} "
+                      f"(by `{published['axis']}`)."]
+    unfinished = [r for r in runs if r["status"] not in ENDED]
+    if unfinished:
+        lines += ["", "## Runs not finished", "", "| run | status | step | last train loss |", "|---|---|---|---|"]
+        for run, cell in ((r, c) for r, c in zip(runs, study.cells) if r["status"] not in ENDED):
+            state = {"missing": "missing (not started)", "running": "running / interrupted"}.get(run["status"],
+                                                                                                run["status"])
+            if run["status"] == "failed":
+                state += f" (log `{read_record(study, cell).get('log', study.log_file(cell))}`)"
+            loss = last_metrics(cell).get("loss")
+            lines.append(f"| {run['name']} | {state} | {run['step']}/{cell.steps} | {_fmt(loss)} |")
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "Raw numbers: `runs.csv`, `cells.csv`, `report.json` (curves and per-layer diagnostics)."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
