@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 from helpers import MICRO_MODEL, run_cli
+from slurm_cluster import LocalSlurm, SlurmUnavailable
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +31,16 @@ def micro_args(shakespeare_data, tmp_path):
         return [f"data.dir={shakespeare_data}", f"run.output_dir={tmp_path / 'runs'}", f"run.name={name}",
                 *MICRO_MODEL, *extra]
     return make
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    """A real two-node Slurm cluster on this machine (tests/slurm_cluster.py), one per test module; CI must have it."""
+    try:
+        with LocalSlurm(nodes=2, cpus=2) as cluster:
+            yield cluster
+        assert not cluster.processes(), "a Slurm daemon or job outlived the cluster"
+    except SlurmUnavailable as err:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI must run the Slurm tests: {err}")
+        pytest.skip(f"no Slurm: {err}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from helpers import MICRO_MODEL, REPO, TINY, read_metrics, run_torchrun
-from slurm_cluster import LocalSlurm, SlurmUnavailable, free_ports
+from slurm_cluster import LocalSlurm, free_ports
 
 from trainer.preemption import EXIT_REQUEUE
 
@@ -157,16 +157,6 @@ def test_launcher_rejects_bad_input_with_one_line(args, message, tmp_path):
 
 # --- Slurm --------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def slurm():
-    try:
-        with LocalSlurm(nodes=2, cpus=2) as cluster:
-            yield cluster
-        assert not cluster.processes(), "a Slurm daemon or job outlived the cluster"
-    except SlurmUnavailable as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Slurm tests: {err}")
-        pytest.skip(f"no Slurm: {err}")
 
 
 def slurm_env(tmp_path: Path) -> dict[str, str]:

@@ -229,37 +229,24 @@ def test_bad_input_in_a_later_shard_leaves_the_output_untouched(reference, shake
 
 # --- Slurm ------------------------------------------------------------------------------------------------------------
 
-def test_slurm_array_equals_local_preparation(shakespeare_dir, tmp_path):
+def test_slurm_array_equals_local_preparation(shakespeare_dir, slurm, tmp_path):
     """`--slurm` on the real local cluster: the tokenizer trained by the submitting command, 3 array tasks over
     the shards on 2 nodes, then the finalize job; the result equals a local preparation byte for byte."""
-    from slurm_cluster import LocalSlurm, SlurmUnavailable
-
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for path in sorted(shakespeare_dir.glob("*.txt"))[:10]:
         shutil.copy2(path, corpus / path.name)
     common = ["prepare-data", "--input", str(corpus), "--vocab-size", "400", "--shard-size", "300KB"]
     run_cli(*common, "--output", str(tmp_path / "local"))
-    try:
-        cluster = LocalSlurm(nodes=2, cpus=2)
-        cluster.__enter__()
-    except SlurmUnavailable as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Slurm tests: {err}")
-        pytest.skip(f"no Slurm: {err}")
-    try:
-        env = {**cluster.env, "NORMTRON_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-        out = run_cli(*common, "--output", str(tmp_path / "slurm"), "--slurm", "--slurm-tasks", "3",
-                      "--workers", "1", "--slurm-logs", str(tmp_path / "logs"), env=env, cwd=tmp_path).stdout
-        array, final = map(int, re.search(r"array job (\d+) .* finalize job (\d+)", out).groups())
-        done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
-        info = cluster.wait_for(lambda: (j := cluster.job(final)).get("JobState") in done and j, 240,
-                                f"finalize job {final}")
-        logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.out")))
-        assert info["JobState"] == "COMPLETED", logs
-        assert len(list((tmp_path / "logs").glob(f"normtron-prepare-{array}_*.out"))) == 3
-    finally:
-        cluster.__exit__(None, None, None)
-    assert not cluster.processes(), "a Slurm daemon or job outlived the cluster"
+    env = {**slurm.env, "NORMTRON_PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    out = run_cli(*common, "--output", str(tmp_path / "slurm"), "--slurm", "--slurm-tasks", "3",
+                  "--workers", "1", "--slurm-logs", str(tmp_path / "logs"), env=env, cwd=tmp_path).stdout
+    array, final = map(int, re.search(r"array job (\d+) .* finalize job (\d+)", out).groups())
+    done = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+    info = slurm.wait_for(lambda: (j := slurm.job(final)).get("JobState") in done and j, 240,
+                          f"finalize job {final}")
+    logs = "\n".join(p.read_text() for p in sorted((tmp_path / "logs").glob("*.out")))
+    assert info["JobState"] == "COMPLETED", logs
+    assert len(list((tmp_path / "logs").glob(f"normtron-prepare-{array}_*.out"))) == 3
     assert shard_files(tmp_path / "slurm") == shard_files(tmp_path / "local")
     assert meta_without_time(tmp_path / "slurm") == meta_without_time(tmp_path / "local")

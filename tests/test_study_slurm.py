@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 from helpers import MICRO_MODEL, REPO, TINY, read_metrics, run_cli
-from slurm_cluster import LocalSlurm, SlurmUnavailable
+from slurm_cluster import LocalSlurm
 
 STEPS = 150
 GRID = {"training.lr": [3e-3, 1e-2], "run.seed": [0, 1]}
@@ -30,16 +30,6 @@ PUBLISHED = {"source": "made-up numbers for the test", "metric": "perplexity", "
              "values": {3e-3: 123.0}}
 
 
-@pytest.fixture(scope="module")
-def slurm():
-    try:
-        with LocalSlurm(nodes=2, cpus=2) as cluster:
-            yield cluster
-        assert not cluster.processes(), "a Slurm daemon or job outlived the cluster"
-    except SlurmUnavailable as err:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI must run the Slurm tests: {err}")
-        pytest.skip(f"no Slurm: {err}")
 
 
 def driver_env(slurm: LocalSlurm) -> dict[str, str]:
