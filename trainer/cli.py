@@ -47,9 +47,10 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                    help="the field/column holding a document in .jsonl/.parquet files (default text)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes tokenizing shards in parallel (default: every CPU core available)")
-    p.add_argument("--shard-size", type=_size, default="256MB", metavar="SIZE",
+    p.add_argument("--shard-size", type=_size, default=None, metavar="SIZE",
                    help="input bytes per shard, the unit of parallel work and of resuming; consecutive files are "
-                        "grouped up to it, a larger file is a shard of its own (default 256MB)")
+                        "grouped up to it, a larger file is a shard of its own (default: the corpus in about 64 shards of "
+                        "1MB to 256MB)")
     p.add_argument("--slurm", action="store_true",
                    help="train the tokenizer here, then submit the shards as a Slurm job array "
                         "(launch/slurm/prepare.sbatch) and a --finalize job that runs after it; prints the job ids")

@@ -37,7 +37,9 @@ from trainer.data.tokenizer import (DEFAULT_VOCAB_SIZE, TOKENIZER_FILES, load_to
                                     tokenizer_file, train_sentencepiece)
 from trainer.errors import UserError
 
-DEFAULT_SHARD_BYTES = 256 * 10**6
+MAX_AUTO_SHARD_BYTES = 256 * 10**6  # --shard-size by default: about AUTO_SHARDS shards, each within these bounds
+MIN_AUTO_SHARD_BYTES = 10**6
+AUTO_SHARDS = 64  # enough to keep the cores of a node (or the tasks of an array) busy on a small corpus
 MAX_PIECE_TOKENS = 2048  # long documents are split train/val in pieces of at most this many tokens
 PROGRESS_SECONDS = 5.0
 DEFAULT_SLURM_TASKS = 100  # array tasks for --slurm (below Slurm's default MaxArraySize of 1001)
@@ -54,7 +56,7 @@ def default_workers() -> int:
 
 def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None = None,
                  tokenizer: str | None = None, val_fraction: float = 0.02, workers: int | None = None,
-                 shard_size: int = DEFAULT_SHARD_BYTES, text_key: str = TEXT_FIELD, task_index: int | None = None,
+                 shard_size: int | None = None, text_key: str = TEXT_FIELD, task_index: int | None = None,
                  num_tasks: int | None = None, finalize: bool = False, slurm: dict | None = None,
                  log=print) -> dict | None:
     """Prepare `output` (all steps); or, on a cluster, one array task's shards / the final step / the submission.
@@ -62,6 +64,7 @@ def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None =
     output = Path(output).absolute()
     _check_arguments(output, vocab_size, tokenizer, val_fraction, workers, shard_size, task_index, num_tasks)
     files = find_corpus_files(inputs)
+    shard_size = shard_size or auto_shard_size(files)
     plan = plan_shards(files, shard_size)
     options = _options(files, plan, vocab_size, tokenizer, val_fraction, shard_size, text_key)
     existing = read_meta(output)
@@ -108,6 +111,13 @@ def prepare_data(inputs: list[str], output: str | Path, vocab_size: int | None =
     return meta
 
 
+def auto_shard_size(files: list[Path]) -> int:
+    """The default --shard-size: the corpus in about AUTO_SHARDS shards (from file sizes only, so every process
+    that plans the same corpus gets the same plan, whatever its --workers)."""
+    total = sum(path.stat().st_size for path in files)
+    return int(min(MAX_AUTO_SHARD_BYTES, max(MIN_AUTO_SHARD_BYTES, -(-total // AUTO_SHARDS))))
+
+
 def _check_arguments(output, vocab_size, tokenizer, val_fraction, workers, shard_size, task_index, num_tasks):
     if output.exists() and not output.is_dir():
         raise UserError(f"--output {output} is a file; pass a directory path")
@@ -120,7 +130,7 @@ def _check_arguments(output, vocab_size, tokenizer, val_fraction, workers, shard
                         f"or a folder holding one")
     if workers is not None and workers < 1:
         raise UserError(f"--workers={workers} must be at least 1")
-    if shard_size < 1:
+    if shard_size is not None and shard_size < 1:
         raise UserError(f"--shard-size={shard_size} must be positive")
     if (task_index is None) != (num_tasks is None):
         raise UserError("--task-index and --num-tasks go together (a Slurm array task sets both)")
