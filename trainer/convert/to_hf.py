@@ -20,7 +20,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHARD_SIZE = 5 * 2**30  # Hugging Face's default for save_pretrained
 
 
-
 def to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
           max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
     require_hf_libraries()
