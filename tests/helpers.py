@@ -133,9 +133,10 @@ def resume_copy(run_dir: Path, name: str, drop_step: int = 8) -> Path:
 
 
 def diagnostic_rows(run_dir: Path) -> list[dict]:
-    """The per-layer diagnostics rows of a run's metrics.jsonl."""
+    """The per-layer diagnostics rows of a run's metrics.jsonl (every one has the activation statistics; DeepSpeed's
+    have no gradient norms)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "layer_grad_norm" in r]
+    return [r for r in rows if "resid_rms" in r]
 
 
 def tree_digest(root: Path) -> dict[str, str]:
