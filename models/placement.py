@@ -11,17 +11,25 @@ where norms sit around F, as a `NormWiring`:
     init_gain b:       the value, output and MLP weights of the layer start at b times their usual init (DeepNorm)
 
 A placement maps (layer index, number of layers, model config) to the wiring of that layer, so per-layer schemes
-such as Mix-LN are one function. Adding a placement means adding one entry to `PLACEMENTS`.
+such as Mix-LN are one function. Adding a placement means adding one entry to `PLACEMENTS`. This module sits below
+models/config.py (whose `placement` choices are the names here): it reads the config only through the fields that
+`PlacementConfig` declares, and never imports it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable, Optional, Protocol
 
-if TYPE_CHECKING:
-    from models.transformer import ModelConfig
+
+class PlacementConfig(Protocol):
+    """The fields of `models.config.ModelConfig` that placements read."""
+
+    n_layers: int
+    placement: str
+    layer_placements: Optional[list[str]]
+    mix_alpha: float
 
 
 @dataclass(frozen=True)
@@ -45,23 +53,23 @@ def num_mix_post_layers(n_layers: int, alpha: float) -> int:
     return math.floor(round(alpha * n_layers, 9))
 
 
-def _mix(layer: int, n_layers: int, cfg: "ModelConfig") -> NormWiring:
+def _mix(layer: int, n_layers: int, cfg: PlacementConfig) -> NormWiring:
     return POST if layer < num_mix_post_layers(n_layers, cfg.mix_alpha) else PRE
 
 
-def _deepnorm(layer: int, n_layers: int, cfg: ModelConfig) -> NormWiring:
+def _deepnorm(layer: int, n_layers: int, cfg: PlacementConfig) -> NormWiring:
     """DeepNet (Wang et al., 2022), decoder-only constants for N layers: x_{l+1} = LN(alpha*x + F(x)) with
     alpha = (2N)^(1/4), and v/o/MLP weights initialized scaled by beta = (8N)^(-1/4). (Mix-LN's code hard-codes
     beta = 1/sqrt(8), which is (8N)^(-1/4) only at N = 32.)"""
     return NormWiring(post_norm=True, residual_scale=(2 * n_layers) ** 0.25, init_gain=(8 * n_layers) ** -0.25)
 
 
-def _lns(layer: int, n_layers: int, cfg: ModelConfig) -> NormWiring:
+def _lns(layer: int, n_layers: int, cfg: PlacementConfig) -> NormWiring:
     """LayerNorm Scaling (Sun et al., 2025): Pre-LN with each norm output scaled by 1/sqrt(l), l = layer + 1."""
     return NormWiring(input_norm=True, input_scale=1.0 / math.sqrt(layer + 1))
 
 
-PLACEMENTS: dict[str, Callable[[int, int, "ModelConfig"], NormWiring]] = {
+PLACEMENTS: dict[str, Callable[[int, int, PlacementConfig], NormWiring]] = {
     "pre": lambda layer, n_layers, cfg: PRE,
     "post": lambda layer, n_layers, cfg: POST,
     "peri": lambda layer, n_layers, cfg: PERI,
@@ -72,7 +80,7 @@ PLACEMENTS: dict[str, Callable[[int, int, "ModelConfig"], NormWiring]] = {
 }
 
 
-def layer_wiring(cfg: "ModelConfig", layer: int) -> NormWiring:
+def layer_wiring(cfg: PlacementConfig, layer: int) -> NormWiring:
     """The norm wiring of block `layer` (0-based): from `cfg.layer_placements` when given, else `cfg.placement`."""
     name = cfg.layer_placements[layer] if cfg.layer_placements else cfg.placement
     try:

@@ -1,15 +1,18 @@
-"""Shared test helpers: run the real CLI (single process or under torchrun) and read what a run wrote."""
+"""Shared test helpers: run the real CLI (single process or under torchrun), read what a run wrote (losses, state
+sizes, diagnostics), compare runs, and load converted models. Test modules import from here, never from each other."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from trainer.data.format import split_files
 
@@ -80,10 +83,60 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "loss" in r], [r for r in rows if "val_loss" in r]
 
 
-def diagnostic_rows(run_dir: Path) -> list[dict]:
-    """The per-layer diagnostics rows of a run's metrics.jsonl."""
+def step_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss, after checking that each step was logged once and in order (nothing redone)."""
+    train, _ = read_metrics(run_dir)
+    steps = [r["step"] for r in train]
+    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
+    return {r["step"]: r["loss"] for r in train}
+
+
+def eval_losses(run_dir: Path) -> dict[int, float]:
+    """step -> validation loss."""
+    _, evals = read_metrics(run_dir)
+    return {r["step"]: r["val_loss"] for r in evals}
+
+
+def loss_curve(run_dir: Path) -> list[float]:
+    """The training losses of steps 1, 2, ..., N, every step present."""
+    losses = step_losses(run_dir)
+    assert list(losses) == list(range(1, len(losses) + 1)), f"steps missing: {list(losses)}"
+    return list(losses.values())
+
+
+def assert_same_losses(run_dir: Path, reference_dir: Path, rel: float = 1e-5, steps=None) -> None:
+    """The run's training losses equal the reference run's, within `rel`: at `steps`, or else at every step, with
+    the same steps logged and the same validation losses."""
+    got, want = step_losses(run_dir), step_losses(reference_dir)
+    for step in steps or want:
+        assert got[step] == pytest.approx(want[step], rel=rel), (step, got[step], want[step])
+    if steps is None:
+        assert set(got) == set(want)
+        got_val, want_val = eval_losses(run_dir), eval_losses(reference_dir)
+        for step in want_val:
+            assert got_val[step] == pytest.approx(want_val[step], rel=rel), (step, got_val[step], want_val[step])
+
+
+def state_counts(run_dir: Path) -> tuple[list[int], list[int]]:
+    """Parameter and optimizer-state elements per rank, as the run recorded them after its first step."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "layer_grad_norm" in r]
+    row = next(r for r in rows if "param_elements" in r)
+    return row["param_elements"], row["optimizer_elements"]
+
+
+def resume_copy(run_dir: Path, name: str, drop_step: int = 8) -> Path:
+    """A copy of a finished run without its last checkpoint, so that re-running resumes at the one before."""
+    copy = run_dir.with_name(name)
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / f"step_{drop_step:08d}")
+    return copy
+
+
+def diagnostic_rows(run_dir: Path) -> list[dict]:
+    """The per-layer diagnostics rows of a run's metrics.jsonl (every one has the activation statistics; DeepSpeed's
+    have no gradient norms)."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "resid_rms" in r]
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -125,3 +178,41 @@ def reassemble(train_segments, val_segments, expected_docs):
             else:
                 raise AssertionError(f"no stored segment continues a document at token {pos}")
     assert not train and not val
+
+
+# --- Converted models ------------------------------------------------------------------------------------------
+
+def native_model(checkpoint: Path):
+    """Our model with the checkpoint's weights, loaded by DCP directly (not by the converter)."""
+    import torch.distributed.checkpoint as dcp
+
+    from models import Transformer
+    from trainer.checkpoint import single_process_ok
+    from trainer.convert.checkpoints import checkpoint_config
+
+    cfg = checkpoint_config(checkpoint).model
+    model = Transformer(cfg)
+    model.init_weights(seed=123)
+    state = {"model": model.state_dict()}
+    with single_process_ok():
+        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def all_tensors(folder: Path) -> dict:
+    """Every tensor of a Hugging Face folder's safetensors files, by name."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def comparable_config(folder: Path) -> dict:
+    """A Hugging Face folder's config as transformers reads it, minus the fields that name the writer."""
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(folder).to_dict()
+    return {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
-from helpers import REPO
+from helpers import REPO, TINY, run_cli, run_torchrun
 
-from trainer.config import (all_keys, config_from_dict, config_to_dict, deepspeed_config, dump_config, load_config,
+from trainer.config import (Config, all_keys, config_from_dict, config_to_dict, deepspeed_config, load_config,
                             micro_batching, pipeline_stages, validate)
 from trainer.errors import UserError
 
@@ -33,12 +35,78 @@ def test_per_layer_placements_as_yaml_list_or_comma_string(tmp_path):
         load_config(path, ["model.layer_placements=post,mix,pre"])
 
 
-def test_every_field_is_overridable_and_round_trips():
-    cfg = load_config(None)
-    data = config_to_dict(cfg)
-    assert len(all_keys()) == sum(len(v) for v in data.values())
-    again = config_from_dict(yaml.safe_load(dump_config(cfg)))
-    assert config_to_dict(again) == data
+# A model valid for every layout below (6 layers for 4 pipeline stages, heads and vocabulary divisible by tp=2);
+# every model.* value differs from its default. Each run adds the keys its layout needs, and together they
+# override every key once with a non-default value, in the CLI syntax a user types.
+ROUND_TRIP_MODEL = {
+    "model.dim": 64, "model.n_layers": 6, "model.n_heads": 8, "model.n_kv_heads": 2, "model.vocab_size": 520,
+    "model.ffn_hidden_dim": 128, "model.ffn_multiple_of": 64, "model.norm": "layernorm", "model.norm_eps": 1e-6,
+    "model.norm_bias": False, "model.kernels": "torch", "model.placement": "mix", "model.mix_alpha": 0.5,
+    "model.layer_placements": ["post", "pre", "peri", "pre", "pre", "peri"], "model.qk_norm": True, "model.embed_norm": True,
+    "model.rope_theta": 500000.0, "model.max_seq_len": 64, "model.init_std": 0.03, "model.depth_scaled_init": False,
+}
+ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output_dir and the model)
+    "tp_pp": (4, {
+        "run.seed": 3, "data.dir": "{data}", "data.seq_len": 32, "data.tokenizer": "{data}/tokenizer.model",
+        "data.val_fraction": 0.05,
+        "training.steps": 1, "training.batch_size": 8, "training.micro_batch_size": 2, "training.lr": 0.002,
+        "training.min_lr_ratio": 0.2, "training.schedule": "wsd", "training.warmup_steps": 0,
+        "training.decay_fraction": 0.5, "training.weight_decay": 0.05, "training.beta1": 0.8, "training.beta2": 0.9,
+        "training.adam_eps": 1e-7, "training.grad_clip": 0.5, "training.fp8_recipe": "rowwise",
+        "training.fp8_emulate": True,
+        "checkpoint.every": 1, "checkpoint.keep_last": 1, "eval.every": 1, "eval.steps": 1,
+        "logging.every": 1, "logging.tensorboard": False, "logging.peak_tflops": 100.0, "diagnostics.every": 1,
+        "stability.nonfinite": "skip", "stability.spike_window": 5, "stability.spike_zscore": 3.0,
+        "stability.z_loss": 1e-4,
+        "parallel.backend": "fsdp", "parallel.tp": 2, "parallel.pp": 2, "parallel.dp_shard": 1,
+        "parallel.sequence_parallel": False, "parallel.loss_parallel": False, "parallel.pp_schedule": "Interleaved1F1B",
+        "parallel.pp_stages_per_rank": 2, "parallel.pp_layers": [2, 1, 1, 2], "parallel.activation_checkpoint": "full",
+        "parallel.reshard_after_forward": False}),
+    "zero3_offload": (2, {
+        "data.sources": [{"dir": "{data}", "weight": 2.0, "name": "shakespeare"}], "data.seq_len": 32,
+        "training.steps": 1, "training.batch_size": 8, "eval.steps": 1, "model.tie_embeddings": True,
+        "parallel.backend": "deepspeed", "parallel.zero_stage": 3, "parallel.offload_params": True,
+        "parallel.offload_optimizer": True, "deepspeed.wall_clock_breakdown": True}),
+    "hsdp_compiled_from_tp_pp": (2, {
+        "data.dir": "{data}", "data.seq_len": 32, "training.steps": 1, "training.batch_size": 8, "eval.steps": 1,
+        "training.precision": "bf16", "checkpoint.init_from": "{runs}/tp_pp/checkpoints/step_00000001",
+        "parallel.backend": "fsdp", "parallel.dp_replicate": 2, "parallel.dp_shard": 1, "parallel.compile": True}),
+}
+
+
+def test_every_field_is_overridable_and_round_trips(shakespeare_data, tmp_path):
+    """Every config key, set on the command line to a value other than its default, is what the run directory's
+    config.yaml says after a real 1-step run (three layouts, since no single one accepts every key)."""
+    defaults, runs = config_to_dict(Config()), {}
+    for name, (nproc, overrides) in ROUND_TRIP_RUNS.items():
+        wanted = {"run.name": name, "run.output_dir": str(tmp_path), **ROUND_TRIP_MODEL, **overrides}
+        runs[name] = nproc, {k: _fill(v, data=shakespeare_data, runs=tmp_path) for k, v in wanted.items()}
+    covered = {key for _, wanted in runs.values() for key in wanted}
+    assert set(all_keys()) <= covered, f"keys no run overrides: {sorted(set(all_keys()) - covered)}"
+    for _, wanted in runs.values():
+        for key, value in wanted.items():
+            section, field = key.split(".", 1)
+            assert defaults[section].get(field) != value, f"{key}={value!r} is its default: not a test of it"
+
+    for name, (nproc, wanted) in runs.items():
+        args = ["train", TINY, *(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in wanted.items())]
+        run_cli(*args) if nproc == 1 else run_torchrun(nproc, *args)
+        saved = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        for key, value in wanted.items():
+            section, field = key.split(".", 1)
+            assert saved[section][field] == value, (name, key, saved[section][field], value)
+        assert config_to_dict(config_from_dict(saved)) == saved  # and the file reads back as the same config
+
+
+def _fill(value, **paths):
+    """`value` with {data} and {runs} replaced by the test's paths, inside lists and mappings too."""
+    if isinstance(value, str):
+        return value.format(**paths)
+    if isinstance(value, list):
+        return [_fill(v, **paths) for v in value]
+    if isinstance(value, dict):
+        return {k: _fill(v, **paths) for k, v in value.items()}
+    return value
 
 
 @pytest.mark.parametrize("override,message", [

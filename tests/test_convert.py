@@ -12,15 +12,13 @@ from pathlib import Path
 import pytest
 import sentencepiece as spm
 import torch
-import torch.distributed.checkpoint as dcp
 import transformers
-from helpers import TINY, run_cli, run_torchrun
+from helpers import TINY, native_model, run_cli, run_torchrun
 from safetensors.torch import load_file
 
 from models import Transformer
-from trainer.checkpoint import single_process_ok
 from trainer.config import load_config
-from trainer.convert import checkpoint_config, to_hf
+from trainer.convert.to_hf import to_hf
 from trainer.train import train
 
 FEW_STEPS = ["training.steps=3", "checkpoint.every=3", "eval.every=3", "eval.steps=1", "training.warmup_steps=1"]
@@ -30,18 +28,6 @@ def train_micro(micro_args, name: str, *overrides: str) -> Path:
     """Train a micro model a few steps in this process; returns its final checkpoint directory."""
     result = train(load_config(TINY, micro_args(name, *FEW_STEPS, *overrides)))
     return result.checkpoint
-
-
-def native_model(checkpoint: Path) -> Transformer:
-    """Our model with the checkpoint's weights, loaded by DCP directly (not by the converter)."""
-    cfg = checkpoint_config(checkpoint).model
-    model = Transformer(cfg)
-    model.init_weights(seed=123)
-    state = {"model": model.state_dict()}
-    with single_process_ok():
-        dcp.load(state, checkpoint_id=checkpoint, no_dist=True)
-    model.load_state_dict(state["model"])
-    return model.eval()
 
 
 def greedy(model: Transformer, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:

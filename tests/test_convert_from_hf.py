@@ -11,8 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from helpers import read_metrics, run_cli, tree_digest
-from safetensors.torch import load_file
+from helpers import all_tensors, comparable_config, read_metrics, run_cli, tree_digest
 
 from trainer.cli import main
 from trainer.data.batches import TrainBatches, load_data_meta, open_tokens
@@ -36,18 +35,6 @@ def save_llama(out: Path, tokenizer: Path, tied: bool = False, dtype=torch.float
     shutil.copy2(tokenizer, out / "tokenizer.model")
     (out / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
     return out
-
-
-def all_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        tensors.update(load_file(file))
-    return tensors
-
-
-def comparable_config(folder: Path) -> dict:
-    config = transformers.AutoConfig.from_pretrained(folder).to_dict()
-    return {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
 
 
 @pytest.mark.parametrize("tied,dtype,shard", [(False, torch.float32, None), (True, torch.bfloat16, "60KB")])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, run_cli, run_torchrun
+from helpers import TINY, diagnostic_rows, run_cli, run_torchrun
 
 from models import ModelConfig, Transformer
 from models.transformer import apply_rope
@@ -135,11 +135,6 @@ def test_z_loss_matches_float64():
     assert float(z_loss(logits)) == pytest.approx(want, rel=1e-5)
 
 
-def _diag_rows(run_dir):
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r for r in rows if "resid_rms" in r}
-
-
 ACTIVATION_KEYS = ("resid_rms", "resid_var", "max_act", "max_attn_logit")
 GRADIENT_KEYS = ("layer_grad_norm", "attn_grad_norm", "mlp_grad_norm", "update_ratio")
 
@@ -154,7 +149,8 @@ def test_two_rank_diagnostics_match_single_process(micro_args, tmp_path, backend
               "deepspeed": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}[backend]
     run_cli("train", TINY, *micro_args("single", *common))
     run_torchrun(2, "train", TINY, *micro_args("sharded", *common, *layout))
-    single, sharded = _diag_rows(tmp_path / "runs" / "single"), _diag_rows(tmp_path / "runs" / "sharded")
+    single, sharded = ({r["step"]: r for r in diagnostic_rows(tmp_path / "runs" / name)}
+                       for name in ("single", "sharded"))
     assert sorted(single) == sorted(sharded) == [1, 2]
     for step in (1, 2):
         keys = ACTIVATION_KEYS if backend == "deepspeed" else ACTIVATION_KEYS + GRADIENT_KEYS

@@ -14,9 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import read_metrics, run_cli
-from test_convert import native_model
-from test_convert_from_hf import all_tensors, comparable_config
+from helpers import all_tensors, comparable_config, native_model, read_metrics, run_cli
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from trainer.cli import main

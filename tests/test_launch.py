@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import MICRO_MODEL, REPO, TINY, read_metrics, run_torchrun
+from helpers import MICRO_MODEL, REPO, TINY, assert_same_losses, run_torchrun, step_losses
 from slurm_cluster import LocalSlurm, free_ports
 
 from trainer.preemption import EXIT_REQUEUE
@@ -36,24 +36,11 @@ def runs(shakespeare_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(runs) -> dict[int, float]:
-    """step -> loss of the uninterrupted run: plain torchrun, one agent, world size 2."""
+def reference(runs) -> Path:
+    """The uninterrupted run: plain torchrun, one agent, world size 2, every step logged exactly once."""
     run_torchrun(2, "train", TINY, *runs("reference"))
-    return step_losses(runs.root / "runs" / "reference")
-
-
-def step_losses(run_dir: Path) -> dict[int, float]:
-    rows, _ = read_metrics(run_dir)
-    steps = [r["step"] for r in rows]
-    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"  # nothing redone
-    return {r["step"]: r["loss"] for r in rows}
-
-
-def assert_same_losses(run_dir: Path, reference: dict[int, float]) -> None:
-    losses = step_losses(run_dir)
-    assert list(losses) == list(range(1, STEPS + 1))  # every step exactly once
-    for step, loss in reference.items():
-        assert losses[step] == pytest.approx(loss, rel=1e-5), step
+    assert list(step_losses(runs.root / "runs" / "reference")) == list(range(1, STEPS + 1))
+    return runs.root / "runs" / "reference"
 
 
 def launch(*args: str, env: dict | None = None) -> subprocess.Popen:

@@ -9,8 +9,7 @@ import shutil
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import TrainedRuns, diagnostic_rows, read_metrics
-from test_zero import assert_same_losses, state_counts
+from helpers import TrainedRuns, assert_same_losses, diagnostic_rows, read_metrics, state_counts
 
 from models import ModelConfig, Transformer
 

@@ -10,7 +10,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import TINY, TrainedRuns, read_metrics, run_cli
+from helpers import TINY, TrainedRuns, loss_curve, run_cli
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
@@ -31,12 +31,6 @@ def runs(shakespeare_data, tmp_path_factory):
     return lambda name, nproc, *overrides: (trained(name, nproc, *overrides), trained.output(name))
 
 
-def losses(run_dir) -> list[float]:
-    train, _ = read_metrics(run_dir)
-    assert [r["step"] for r in train] == list(range(1, len(train) + 1))
-    return [r["loss"] for r in train]
-
-
 def smoothed(values: list[float], window: int = 25) -> float:
     """The mean of the last `window` per-step losses (each step is only 256 tokens, so single steps are noisy)."""
     return sum(values[-window:]) / window
@@ -44,7 +38,7 @@ def smoothed(values: list[float], window: int = 25) -> float:
 
 def assert_trains_like(run_dir, reference_dir, rel=0.02):
     """Same data, seed and schedule as the reference: no divergence, final smoothed loss within `rel`."""
-    got, want = losses(run_dir), losses(reference_dir)
+    got, want = loss_curve(run_dir), loss_curve(reference_dir)
     assert len(got) == len(want) == STEPS
     assert all(math.isfinite(v) for v in got)
     # Learned (the untrained loss is ~ln(512) = 6.2) and never blew up after warmup.
@@ -139,7 +133,7 @@ def test_fp8_tracks_bf16(runs, recipe):
     bf16_dir, _ = runs("bf16", 1, "training.precision=bf16")
     assert f"precision fp8 {recipe}: 14 of 15 linears in fp8, high precision: output" in stdout
     assert_trains_like(run_dir, bf16_dir)
-    assert losses(run_dir)[STEPS // 2:] != losses(bf16_dir)[STEPS // 2:]
+    assert loss_curve(run_dir)[STEPS // 2:] != loss_curve(bf16_dir)[STEPS // 2:]
     assert checkpoint_dtypes(run_dir) == {torch.float32}
 
 
@@ -163,9 +157,9 @@ def test_resume_switches_precision(runs):
         _, stdout = runs(run_dir.name, 1, f"training.steps={STEPS + 10}", *overrides)
         assert f"resumed from {run_dir / 'checkpoints' / f'step_{STEPS:08d}'} at step {STEPS}" in stdout
         assert f"precision {'fp8' if overrides else 'fp32'}" in stdout
-        after = losses(run_dir)[STEPS:]
+        after = loss_curve(run_dir)[STEPS:]
         assert len(after) == 10 and all(math.isfinite(v) for v in after)
-        assert smoothed(after, 10) == pytest.approx(smoothed(losses(source_dir)), rel=0.05)
+        assert smoothed(after, 10) == pytest.approx(smoothed(loss_curve(source_dir)), rel=0.05)
 
 
 @pytest.mark.parametrize("overrides, fragment", [

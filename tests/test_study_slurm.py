@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import MICRO_MODEL, REPO, TINY, read_metrics, run_cli
+from helpers import MICRO_MODEL, REPO, TINY, read_metrics, run_cli, step_losses
 from slurm_cluster import LocalSlurm
 
 STEPS = 150
@@ -73,13 +73,6 @@ def read_csv(path: Path) -> list[dict]:
 
 def records(out: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in (out / "status").glob("*.json")}
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    train, _ = read_metrics(run_dir)
-    steps = [r["step"] for r in train]
-    assert steps == sorted(set(steps)), f"steps logged twice or out of order: {steps}"
-    return {r["step"]: r["loss"] for r in train}
 
 
 def study_jobs(slurm: LocalSlurm, prefix: str) -> list[tuple[int, str]]:
@@ -145,7 +138,7 @@ def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(s
     run_cli("study", str(reference), env={"NORMTRON_PYTHON": sys.executable})
     ref_out = reference.parent / "out"
     for cell in final:
-        got, want = losses(out / "runs" / cell), losses(ref_out / "runs" / cell)
+        got, want = step_losses(out / "runs" / cell), step_losses(ref_out / "runs" / cell)
         assert list(got) == list(range(1, STEPS + 1)), cell  # every step once, also in the preempted cell
         for step, loss in want.items():
             assert got[step] == pytest.approx(loss, rel=1e-5), (cell, step)

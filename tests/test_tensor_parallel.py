@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TrainedRuns, diagnostic_rows
-from test_zero import assert_same_losses, resume_copy, state_counts
+from helpers import TrainedRuns, assert_same_losses, diagnostic_rows, resume_copy, state_counts
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import ModelConfig, Transformer

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import REPO, TINY, read_metrics, run_cli, run_torchrun
+from helpers import REPO, TINY, assert_same_losses, eval_losses, read_metrics, run_cli, run_torchrun, step_losses
 
 from trainer.config import TrainingConfig, config_from_dict
 from trainer.optim import lr_factor
@@ -21,15 +21,10 @@ from trainer.optim import lr_factor
 TIMING_KEYS = {"tokens_per_sec", "elapsed_s", "mfu"}
 
 
-def losses(run_dir):
-    rows, evals = read_metrics(run_dir)
-    return {r["step"]: r["loss"] for r in rows}, {r["step"]: r["val_loss"] for r in evals}
-
-
 def test_loss_falls_well_below_start_and_below_unigram(micro_args, shakespeare_data, tmp_path):
     out = run_cli("train", TINY, *micro_args("learn", "training.steps=150", "eval.every=150", "checkpoint.every=150",
                                             "training.batch_size=16", "eval.steps=8"))
-    train, val = losses(tmp_path / "runs" / "learn")
+    train, val = step_losses(tmp_path / "runs" / "learn"), eval_losses(tmp_path / "runs" / "learn")
     first = train[1]
     assert first == pytest.approx(math.log(512), abs=0.3)  # a fresh model predicts ~uniformly
     last = sum(train[s] for s in range(141, 151)) / 10
@@ -96,10 +91,7 @@ def test_gradient_accumulation_matches_one_big_batch(micro_args, tmp_path):
     common = ("training.steps=5", "checkpoint.every=5", "eval.every=5")
     run_cli("train", TINY, *micro_args("big", *common))
     run_cli("train", TINY, *micro_args("accum", *common, "training.micro_batch_size=2"))
-    big, _ = losses(tmp_path / "runs" / "big")
-    accum, _ = losses(tmp_path / "runs" / "accum")
-    for step in big:
-        assert accum[step] == pytest.approx(big[step], rel=1e-5)
+    assert_same_losses(tmp_path / "runs" / "accum", tmp_path / "runs" / "big")
 
 
 def test_two_rank_ddp_matches_single_process(micro_args, tmp_path):
@@ -108,28 +100,20 @@ def test_two_rank_ddp_matches_single_process(micro_args, tmp_path):
     run_cli("train", TINY, *micro_args("single", *common))
     result = run_torchrun(2, "train", TINY, *micro_args("ddp", *common, "training.micro_batch_size=2"))
     assert "2 rank(s)" in result.stdout
-    single, single_val = losses(tmp_path / "runs" / "single")
-    ddp, ddp_val = losses(tmp_path / "runs" / "ddp")
-    assert set(single) == set(ddp)
-    for step in single:
-        assert ddp[step] == pytest.approx(single[step], rel=1e-5)
-    for step in single_val:
-        assert ddp_val[step] == pytest.approx(single_val[step], rel=1e-5)
+    assert_same_losses(tmp_path / "runs" / "ddp", tmp_path / "runs" / "single")  # every step and evaluation
     # ... and the 2-rank checkpoint resumes in a single process.
     shutil.copytree(tmp_path / "runs" / "ddp", tmp_path / "runs" / "ddp_then_single")
     shutil.rmtree(tmp_path / "runs" / "ddp_then_single" / "checkpoints" / "step_00000006")
     run_cli("train", TINY, *micro_args("ddp_then_single", *common))
-    resumed, _ = losses(tmp_path / "runs" / "ddp_then_single")
-    for step in (4, 5, 6):
-        assert resumed[step] == pytest.approx(single[step], rel=1e-5)
+    assert_same_losses(tmp_path / "runs" / "ddp_then_single", tmp_path / "runs" / "single", steps=(4, 5, 6))
 
 
 def test_bf16_autocast_trains_with_fp32_master_weights(micro_args, tmp_path):
     common = ("training.steps=10", "checkpoint.every=10", "eval.every=10")
     run_cli("train", TINY, *micro_args("fp32", *common))
     run_cli("train", TINY, *micro_args("bf16", *common, "training.precision=bf16"))
-    fp32, _ = losses(tmp_path / "runs" / "fp32")
-    bf16, _ = losses(tmp_path / "runs" / "bf16")
+    fp32 = step_losses(tmp_path / "runs" / "fp32")
+    bf16 = step_losses(tmp_path / "runs" / "bf16")
     # bf16 keeps 8 mantissa bits (relative rounding 2^-9 ~ 0.2%) in every matmul input; over 10 steps of a 2-layer
     # model the loss stays within 2% of fp32, while a broken cast or master-weight path would be far off.
     for step in fp32:

@@ -3,13 +3,11 @@ every step's loss must match; checkpoints resume across world sizes; each rank h
 
 from __future__ import annotations
 
-import json
-import shutil
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import MICRO_MODEL, TINY, TrainedRuns, read_metrics, run_cli
+from helpers import MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, resume_copy, run_cli, state_counts
 
 from models import Transformer
 from trainer.config import load_config
@@ -21,29 +19,6 @@ STEPS = ("training.steps=8", "checkpoint.every=4", "eval.every=4", "checkpoint.k
 def runs(shakespeare_data, tmp_path_factory):
     """Run directories under one module-wide root, each trained once on first use: runs(name, nproc, *overrides)."""
     return TrainedRuns(shakespeare_data, tmp_path_factory.mktemp("zero"), *STEPS)
-
-
-def step_losses(run_dir):
-    train, evals = read_metrics(run_dir)
-    return {r["step"]: r["loss"] for r in train}, {r["step"]: r["val_loss"] for r in evals}
-
-
-def state_counts(run_dir):
-    """Parameter and optimizer-state elements per rank, as the run recorded them after its first step."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    row = next(r for r in rows if "param_elements" in r)
-    return row["param_elements"], row["optimizer_elements"]
-
-
-def assert_same_losses(run_dir, reference_dir, rel=1e-5, steps=None):
-    got, got_val = step_losses(run_dir)
-    want, want_val = step_losses(reference_dir)
-    for step in steps or want:
-        assert got[step] == pytest.approx(want[step], rel=rel), (step, got[step], want[step])
-    if steps is None:
-        assert set(got) == set(want)
-        for step in want_val:
-            assert got_val[step] == pytest.approx(want_val[step], rel=rel), (step, got_val[step], want_val[step])
 
 
 # (name, ranks, overrides, fraction of all parameters / optimizer state that one rank holds)
@@ -102,14 +77,6 @@ def test_bf16_sharded_training_stays_close_to_fp32_with_fp32_master_weights(runs
     metadata = FileSystemReader(str(runs("fsdp_bf16", 2) / "checkpoints" / "step_00000008")).read_metadata()
     model_tensors = {k: v for k, v in metadata.state_dict_metadata.items() if k.startswith("model.")}
     assert model_tensors and all(v.properties.dtype == torch.float32 for v in model_tensors.values())
-
-
-def resume_copy(run_dir, name, drop_step=8):
-    """A copy of a finished run without its last checkpoint, so that re-running resumes at step 4."""
-    copy = run_dir.with_name(name)
-    shutil.copytree(run_dir, copy)
-    shutil.rmtree(copy / "checkpoints" / f"step_{drop_step:08d}")
-    return copy
 
 
 def test_fsdp_checkpoint_resumes_at_other_world_sizes(runs):

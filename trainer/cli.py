@@ -224,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(download_corpus(args.name, Path(args.cache_dir)))
         elif args.command == "convert":
-            from trainer.convert import consolidate, from_hf, to_hf
+            from trainer.convert.consolidate import consolidate
+            from trainer.convert.from_hf import from_hf
+            from trainer.convert.to_hf import to_hf
 
             if args.direction == "to-hf":
                 to_hf(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size)

@@ -21,7 +21,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from models.config import ModelConfig
 from models.transformer import Transformer, rope_table
-from trainer.hf.remote_config import NormtronConfig
+from trainer.convert.hf.remote_config import NormtronConfig
 
 
 def model_config_from(config: NormtronConfig) -> ModelConfig:

@@ -15,7 +15,7 @@ import models.config
 import models.norms
 import models.placement
 import models.transformer
-from trainer.hf import remote_config, remote_model
+from trainer.convert.hf import remote_config, remote_model
 
 CONFIG_FILE, MODELING_FILE = "configuration_normtron.py", "modeling_normtron.py"
 _INLINED = (models.norms, models.placement, models.config, models.transformer, remote_model)
