@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from models import Transformer, flops_per_token
 from parallel.distributed import init_distributed, shutdown_distributed
 from parallel.float8 import FP8_RECIPES, float8_problem
-from trainer.config import load_config
+from trainer.config import load_config, parallel_dims
 from trainer.engine import build_engine, compute_context
+from trainer.loss import cross_entropy
 from trainer.metrics import device_peak_flops
-from trainer.train import cross_entropy
 
 PRECISIONS = ["bf16", *(f"fp8-{recipe}" for recipe in FP8_RECIPES)]
 CPU_MODEL = ["model.dim=256", "model.n_layers=2", "model.n_heads=4", "model.ffn_hidden_dim=1024",
@@ -68,7 +68,7 @@ def measure(args, precision: str, device: torch.device) -> dict:
     dist_info = init_distributed(needs_process_group=args.backend == "fsdp")
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    engine = build_engine(cfg, model, dist_info)
+    engine = build_engine(cfg, model, dist_info, parallel_dims(cfg, dist_info.world_size))
     autocast = compute_context(cfg, device)
     tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]

@@ -90,7 +90,7 @@ def worker(backend: str, out: Path) -> None:
 
     from models import count_parameters
     from parallel.distributed import all_reduce_sum, barrier, init_distributed
-    from trainer.config import load_config
+    from trainer.config import load_config, parallel_dims
     from trainer.engine import build_engine, compute_context
     from trainer.train import build_model_on_meta
 
@@ -103,7 +103,7 @@ def worker(backend: str, out: Path) -> None:
     baseline = live_tensor_bytes(model)  # meta model: nothing allocated yet
     gc.collect()
     rss_base = peak_rss_bytes()
-    engine = build_engine(cfg, model, dist_info)
+    engine = build_engine(cfg, model, dist_info, parallel_dims(cfg, dist_info.world_size))
     gc.collect()
     reset_peak_rss()  # the peak of training, not of materializing before sharding
     states = 0
