@@ -8,8 +8,9 @@ save/load, whichever backend runs it. The loop only ever calls that interface.
     deepspeed  ZeroEngine: DeepSpeed's engine with ZeRO stage 0-3 around the same model and optimizer; DeepSpeed
                checkpoints
 
-`build_engine` is the trainer's half of the composition: parallel/parallelize.py's `parallelize()` wraps the model
-on the meta device, `init_model` materializes and initializes it once, then the engine adds the optimizer.
+The trainer's half of the composition, called in this order from trainer/train.py: `build_mesh`,
+`parallelize_model` (parallel/parallelize.py's `parallelize()`, on the meta device), `init_model` (materialize and
+initialize once), `build_engine` (optimizer, schedule, step).
 """
 
 from __future__ import annotations
@@ -293,15 +294,22 @@ def materialize(model: nn.Module, device: torch.device, seed: int, buffer_device
     model.init_weights(seed=seed, buffer_device=buffer_device or device)
 
 
-def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, dims: ParallelDims,
-                 init_from: Path | None = None) -> Engine:
-    """Parallelize the meta-device model as `parallel.*` says (parallel/parallelize.py), materialize and initialize
-    it once (from the weights of the checkpoint `init_from`, if given), and pair it with its optimizer."""
+def build_mesh(cfg: Config, dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
+    """The DeviceMesh of the fsdp backend (pp, dp_replicate, dp_shard, tp); DDP and DeepSpeed use the world group."""
+    return dims.build_mesh(device) if cfg.parallel.backend == "fsdp" else None
+
+
+def parallelize_model(cfg: Config, model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None) -> ParallelModel:
+    """parallel/parallelize.py's `parallelize()` with what it needs of training.* and stability.*."""
+    t = cfg.training
+    return parallelize(model, dims, mesh, cfg.parallel, Precision(t.precision, t.fp8_recipe, t.fp8_emulate),
+                       loss_parallel=uses_loss_parallel(cfg))
+
+
+def build_engine(cfg: Config, parallel: ParallelModel, dims: ParallelDims, mesh: DeviceMesh | None,
+                 dist_info: DistInfo) -> Engine:
+    """The engine over the parallelized, initialized model: its optimizer and schedule, and its step."""
     p, t, device = cfg.parallel, cfg.training, dist_info.device
-    mesh = dims.build_mesh(device) if p.backend == "fsdp" else None
-    parallel = parallelize(model, dims, mesh, p, Precision(t.precision, t.fp8_recipe, t.fp8_emulate),
-                           loss_parallel=uses_loss_parallel(cfg))
-    init_model(parallel, cfg, device, init_from)
     micro_batch, accum_steps = micro_batching(t, dims.dp_size, parallel.n_stages)
     if p.backend == "deepspeed":  # DeepSpeed wraps the initialized model, with the optimizer, in its engine
         optimizer = build_optimizer(parallel.model, t)
@@ -334,7 +342,7 @@ def init_model(parallel: ParallelModel, cfg: Config, device: torch.device, init_
         for part in parallel.parts:
             materialize(part, init_device, cfg.run.seed, buffer_device=device)
     if init_from is not None:
-        load_model_weights(init_from, merged_view(parallel.parts) if len(parallel.parts) > 1 else parallel.model)
+        load_model_weights(init_from, merged_view(parallel.parts) if parallel.n_stages > 1 else parallel.model)
 
 
 def uses_loss_parallel(cfg: Config) -> bool:

@@ -1,16 +1,16 @@
-"""`normtron train`, read top to bottom in `_train()`; each step is one function:
+"""`normtron train`, read top to bottom in `_train()`; each step is one function, called in this order:
 
-    config         check_inputs: validate() the config (resolving the rank layout, ParallelDims, once), open the
-                   data sources, check the run directory; nothing is written before these pass
-    mesh           build_engine -> ParallelDims.build_mesh: the DeviceMesh (pp, dp_replicate, dp_shard, tp)
-    meta model     build_model_on_meta: the Transformer's structure, no memory
-    parallelize    build_engine -> parallelize / apply_ddp / build_pipeline_engine: FP8, tp, activation
-                   checkpointing, compile, then FSDP2 / DDP / DeepSpeed (and the pipeline stages)
-    init           build_engine -> materialize: allocate (only the local shards) and initialize from run.seed, or
-                   load checkpoint.init_from; then the engine's optimizer and schedule
-    data           TrainState: the batches' position (and the schedule, RNG) that a resume restores
-    loop           TrainLoop.run (trainer/loop.py): steps through the engine, logs, evaluates
-    checkpoint     Checkpointer.load before the loop (resume), Checkpointer.save inside it
+    config       check_inputs: validate() the config (resolving the rank layout, ParallelDims, once), open and
+                 check the data sources and the run directory; nothing is written before these pass
+    mesh         build_mesh: the DeviceMesh (pp, dp_replicate, dp_shard, tp) of the fsdp backend
+    meta model   build_model_on_meta: the Transformer's structure, no memory
+    parallelize  parallelize_model -> parallel.parallelize: FP8, pipeline stages, tp, activation checkpointing,
+                 compile, FSDP2 or DDP, all on the meta device
+    init         init_model: materialize (only the local shards) and initialize from run.seed, or load
+                 checkpoint.init_from; then build_engine adds the optimizer and schedule (DeepSpeed wraps here)
+    data         TrainState: the batches' position, with the schedule and RNG, that a resume restores
+    loop         TrainLoop.run (trainer/loop.py): steps through the engine, logs, evaluates
+    checkpoint   Checkpointer.load before the loop (resume), Checkpointer.save from inside it
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoin
 from trainer.config import Config, config_to_dict, dump_config, pipeline_stages, validate, validate_tensor_parallel
 from trainer.data.batches import eval_windows
 from trainer.data.mixture import Source, make_batches, open_sources
-from trainer.engine import build_engine, uses_loss_parallel
+from trainer.engine import build_engine, build_mesh, init_model, parallelize_model, uses_loss_parallel
 from trainer.errors import UserError
 from trainer.loop import RunInputs, TrainLoop, TrainResult, TrainState, ValidationSet
 from trainer.metrics import LOG, setup_logging
@@ -61,16 +61,19 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     run_dir = cfg.run_dir
     setup_logging(dist_info.is_main)
 
+    mesh = build_mesh(cfg, dims, dist_info.device)
     model = build_model_on_meta(cfg)
     model_summary = describe_model(cfg, model)
     if cfg.deepspeed and cfg.parallel.backend != "deepspeed":
         LOG.warning(f"the deepspeed: section is ignored with parallel.backend={cfg.parallel.backend}")
+    parallel = parallelize_model(cfg, model, dims, mesh)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, dist_info)
     checkpointer.remove_partial()
     latest = checkpointer.latest()
     # A new run may start from another checkpoint's weights; a run with checkpoints of its own resumes from them.
     init_from = Path(cfg.checkpoint.init_from) if cfg.checkpoint.init_from and latest is None else None
-    engine = build_engine(cfg, model, dist_info, dims, init_from)
+    init_model(parallel, cfg, dist_info.device, init_from)
+    engine = build_engine(cfg, parallel, dims, mesh, dist_info)
     state = TrainState(engine.scheduler, inputs.batches)
     if latest is not None:
         checkpointer.load(latest, engine, state)
