@@ -6,8 +6,8 @@ speed-up over bf16.
     python bench/precision.py --no-compile            # eager (FP8's casts then cost more than they save)
     python bench/precision.py                         # CPU: a tiny model; checks the script, predicts nothing
 
-Each precision builds the model exactly as `normtron train` does (`build_engine`: FP8 conversion on meta, then FSDP2
-on one rank with bf16 compute and fp32 master weights, or DDP's autocast with --backend ddp), compiles each
+Each precision builds the model exactly as `normtron train` does (`parallelize_model`: FP8 conversion on meta, then
+FSDP2 on one rank with bf16 compute and fp32 master weights, or DDP's autocast with --backend ddp), compiles each
 transformer block (as torchtitan measures FP8; --no-compile to skip), and times optimizer steps on random tokens
 after warm-up steps. MFU counts the model's training FLOPs (models.flops_per_token) against the device's bf16 dense
 peak, so FP8 can exceed what bf16 could reach. torchtitan reports +28% tokens/s for FP8 (tensorwise) over bf16 on
@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from models import Transformer, flops_per_token
 from parallel.distributed import init_distributed, shutdown_distributed
 from parallel.float8 import FP8_RECIPES, float8_problem
-from trainer.config import load_config
-from trainer.engine import build_engine, compute_context
+from trainer.config import load_config, parallel_dims
+from trainer.engine import build_engine, build_mesh, compute_context, init_model, parallelize_model
+from trainer.loss import cross_entropy
 from trainer.metrics import device_peak_flops
-from trainer.train import cross_entropy
 
 PRECISIONS = ["bf16", *(f"fp8-{recipe}" for recipe in FP8_RECIPES)]
 CPU_MODEL = ["model.dim=256", "model.n_layers=2", "model.n_heads=4", "model.ffn_hidden_dim=1024",
@@ -68,7 +68,11 @@ def measure(args, precision: str, device: torch.device) -> dict:
     dist_info = init_distributed(needs_process_group=args.backend == "fsdp")
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    engine = build_engine(cfg, model, dist_info)
+    dims = parallel_dims(cfg, dist_info.world_size)
+    mesh = build_mesh(cfg, dims, dist_info.device)
+    parallel = parallelize_model(cfg, model, dims, mesh)
+    init_model(parallel, cfg, dist_info.device, None)
+    engine = build_engine(cfg, parallel, dims, mesh, dist_info)
     autocast = compute_context(cfg, device)
     tokens = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), device=device)
     x, y = tokens[:, :-1], tokens[:, 1:]

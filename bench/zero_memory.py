@@ -90,8 +90,8 @@ def worker(backend: str, out: Path) -> None:
 
     from models import count_parameters
     from parallel.distributed import all_reduce_sum, barrier, init_distributed
-    from trainer.config import load_config
-    from trainer.engine import build_engine, compute_context
+    from trainer.config import load_config, parallel_dims
+    from trainer.engine import build_engine, build_mesh, compute_context, init_model, parallelize_model
     from trainer.train import build_model_on_meta
 
     world = int(os.environ["WORLD_SIZE"])
@@ -103,7 +103,11 @@ def worker(backend: str, out: Path) -> None:
     baseline = live_tensor_bytes(model)  # meta model: nothing allocated yet
     gc.collect()
     rss_base = peak_rss_bytes()
-    engine = build_engine(cfg, model, dist_info)
+    dims = parallel_dims(cfg, dist_info.world_size)
+    mesh = build_mesh(cfg, dims, dist_info.device)
+    parallel = parallelize_model(cfg, model, dims, mesh)
+    init_model(parallel, cfg, dist_info.device, None)
+    engine = build_engine(cfg, parallel, dims, mesh, dist_info)
     gc.collect()
     reset_peak_rss()  # the peak of training, not of materializing before sharding
     states = 0

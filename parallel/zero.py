@@ -88,7 +88,8 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 class DeepSpeedEngine:
-    """The trainer's engine interface (see trainer/engine.py) over a `deepspeed.DeepSpeedEngine`."""
+    """DeepSpeed's half of the trainer's `Engine` over a `deepspeed.DeepSpeedEngine`: micro-batch, backward, step,
+    save/load (trainer/engine.py's ZeroEngine adds the step's micro-batches and evaluation)."""
 
     checkpoint_format = "deepspeed"
 

@@ -261,3 +261,16 @@ def test_shipped_configs_load_and_validate(name):
     cfg = load_config(REPO / "configs" / f"{name}.yaml")
     validate(cfg, world_size=1)
     assert cfg.run.name
+
+
+@pytest.mark.parametrize("overrides,loss_parallel", [
+    ([], True),
+    (["stability.z_loss=1e-4"], False),  # the z-loss needs the whole logits
+    (["parallel.pp=2", "parallel.dp_shard=1", "model.tie_embeddings=false"], False),  # the schedule's loss too
+    (["parallel.loss_parallel=false"], False),
+])
+def test_the_parallel_summary_says_loss_parallel_exactly_when_it_is_used(overrides, loss_parallel):
+    from trainer.train import describe_parallel
+    cfg = load_config(None, ["parallel.backend=fsdp", "parallel.tp=2", "model.n_layers=2", *overrides])
+    dims = validate(cfg, world_size=4)
+    assert ("loss parallel" in describe_parallel(cfg, dims)) == loss_parallel

@@ -16,7 +16,8 @@ from helpers import TINY, diagnostic_rows, run_cli, run_torchrun
 from models import ModelConfig, Transformer
 from models.transformer import apply_rope
 from trainer.diagnostics import Diagnostics
-from trainer.stability import SpikeDetector, z_loss
+from trainer.loss import z_loss
+from trainer.stability import SpikeDetector
 
 
 def tiny_model(**kw) -> Transformer:

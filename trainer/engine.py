@@ -1,51 +1,132 @@
-"""The training engine: the parallelized model with its optimizer and schedule, behind one small interface the
-loop and the checkpointer use — micro_batch/backward/step, save/load — whichever backend runs it.
+"""The training engine: the parallelized model with its optimizer and schedule, behind one interface (`Engine`)
+that owns each step — forward and backward over the step's micro-batches, the optimizer step — plus evaluation and
+save/load, whichever backend runs it. The loop only ever calls that interface.
 
-    ddp        materialize the whole model, wrap it in DistributedDataParallel; DCP checkpoints
-    fsdp       FSDP2 shards on the meta device, then materializes only the shards; DCP checkpoints (reshardable)
-               with parallel.pp > 1: PipelineEngine, this rank's pipeline stages, each parallelized the same way
-    deepspeed  DeepSpeed's engine with ZeRO stage 0-3 around the same model and optimizer; DeepSpeed checkpoints
+    ddp        TorchEngine over the model replicated with DDP; DCP checkpoints
+    fsdp       TorchEngine over the FSDP2-sharded model (only the shards are materialized); DCP checkpoints
+               (reshardable); with parallel.pp > 1: PipelineEngine, this rank's pipeline stages
+    deepspeed  ZeroEngine: DeepSpeed's engine with ZeRO stage 0-3 around the same model and optimizer; DeepSpeed
+               checkpoints
+
+The trainer's half of the composition, called in this order from trainer/train.py: `build_mesh`,
+`parallelize_model` (parallel/parallelize.py's `parallelize()`, on the meta device), `init_model` (materialize and
+initialize once), `build_engine` (optimizer, schedule, step).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.distributed.checkpoint.stateful import Stateful
 
 from parallel.distributed import DistInfo
-from parallel.float8 import apply_float8, precompute_float8_scales, uses_float8_all_gather
+from parallel.float8 import precompute_float8_scales, uses_float8_all_gather
 from parallel.mesh import ParallelDims
-from parallel.parallelize import (apply_activation_checkpointing, apply_compile, apply_ddp, apply_fsdp,
-                                  clip_grad_norm, gradient_sync)
-from parallel.tensor_parallel import apply_tp
-from parallel.pipeline import (ZERO_BUBBLE_SCHEDULES, build_schedule, clip_grad_norm_pipelined, layers_per_stage,
-                               merged_view, pipeline_part, stage_indices, stages_per_rank)
+from parallel.parallelize import ParallelModel, Precision, clip_grad_norm, gradient_sync, parallelize
+from parallel.pipeline import build_schedule, clip_grad_norm_pipelined, merged_view
+from parallel.zero import DeepSpeedEngine
 from trainer.checkpoint import load_dcp, load_model_weights, save_dcp
 from trainer.config import Config, deepspeed_config, micro_batching
-from trainer.metrics import LOG
+from trainer.data.batches import TokenStream, stack_windows
+from trainer.loss import cross_entropy, micro_batch_objective
 from trainer.optim import build_lr_scheduler, build_optimizer
-from trainer.stability import z_loss
 
 
-class TorchEngine:
+class Engine(Protocol):
+    """What the loop and the checkpointer use of a training engine, for plain, sharded and pipelined models alike."""
+    model: nn.Module  # forward, train() and eval(); a view of the local stages under a pipeline
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    checkpoint_format: str  # "dcp" | "deepspeed"
+    pipeline_group: dist.ProcessGroup | None  # the stages' group under a pipeline (diagnostics complete over it)
+
+    @property
+    def lr(self) -> float: ...
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                         probe: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+        """Forward and backward of this rank's batch in its micro-batches (gradients accumulate); returns the mean
+        token cross entropy as a device tensor. `probe` (the diagnostics' activation probe) is entered around the
+        first micro-batch's forward."""
+
+    def step(self, max_norm: float, skip_nonfinite: bool = False) -> torch.Tensor:
+        """Clip, update, advance the schedule, zero the gradients; returns the pre-clipping global gradient norm."""
+
+    def evaluate(self, tokens: TokenStream, windows: np.ndarray) -> tuple[float, int]:
+        """(summed token cross entropy, tokens) of this rank's validation windows, without training."""
+
+    def local_state_elements(self) -> tuple[int, int]: ...
+
+    def save_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
+
+    def load_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
+
+
+class WholeModelSteps:
+    """forward_backward and evaluate for a model that runs whole on each rank (one process, DDP, FSDP2, DeepSpeed):
+    the rank's batch in micro-batches of `micro_batch_size`, over the backend's `micro_batch`/`backward`."""
+
+    pipeline_group = None
+
+    def setup_steps(self, cfg: Config, device: torch.device, micro_batch_size: int, accum_steps: int,
+                    loss_context: Callable = contextlib.nullcontext) -> None:
+        self.device, self.micro_batch_size, self.accum_steps = device, micro_batch_size, accum_steps
+        self.seq_len, self.z_coefficient = cfg.data.seq_len, cfg.stability.z_loss
+        self.autocast = compute_context(cfg, device)
+        self.loss_context = loss_context  # loss parallel under tp: the logits are vocabulary-sharded DTensors
+
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                         probe: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+        loss_sum = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size))):
+            last = i == self.accum_steps - 1
+            with self.micro_batch(last), self.loss_context():
+                with self.autocast, probe if probe is not None and i == 0 else contextlib.nullcontext():
+                    logits = self.model(x.to(self.device, non_blocking=True))
+                loss, objective = micro_batch_objective(logits, y.to(self.device, non_blocking=True),
+                                                        self.accum_steps, self.z_coefficient)
+                self.backward(objective, last)
+            loss_sum += local_tensor(loss.detach())  # a replicated DTensor under loss parallel
+        return loss_sum
+
+    @torch.no_grad()
+    def evaluate(self, tokens: TokenStream, windows: np.ndarray) -> tuple[float, int]:
+        self.model.eval()
+        loss_sum, count = 0.0, 0
+        for chunk in np.array_split(windows, max(1, math.ceil(len(windows) / self.micro_batch_size))):
+            if len(chunk) == 0:
+                continue
+            x, y = stack_windows(tokens, chunk, self.seq_len)
+            # Compiled blocks run eagerly here: a second (no-grad) graph per block would add compile time for a
+            # few batches (and hits a DTensor bug in torch 2.13's inference graphs under tensor parallelism).
+            with self.autocast, torch.compiler.set_stance("force_eager"):
+                logits = self.model(x.to(self.device))
+            with self.loss_context():
+                loss_sum += local_tensor(cross_entropy(logits, y.to(self.device), reduction="sum")).item()
+            count += y.numel()
+        self.model.train()
+        return loss_sum, count
+
+
+class TorchEngine(WholeModelSteps):
     """A single process, DDP or FSDP2: torch optimizer, torch clipping, DCP checkpoints."""
 
     checkpoint_format = "dcp"
 
     def __init__(self, model: nn.Module, cfg: Config, after_step=None):
         self.model = model
-        # Loss and backward run under loss_parallel() when the logits are vocabulary-sharded DTensors.
-        self.loss_context = loss_parallel if cfg.parallel.backend == "fsdp" and uses_loss_parallel(cfg) else \
-            contextlib.nullcontext
         self.optimizer = build_optimizer(model, cfg.training)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
         self.after_step = after_step  # called with the model after each optimizer update (FP8 weight scales)
@@ -88,6 +169,10 @@ class TorchEngine:
         load_dcp(path, self.model, self.optimizer, train_state)
 
 
+class ZeroEngine(WholeModelSteps, DeepSpeedEngine):
+    """DeepSpeed's engine (parallel/zero.py) with the trainer's micro-batch steps and evaluation."""
+
+
 class PipelineEngine(TorchEngine):
     """The fsdp backend with parallel.pp > 1: this rank's pipeline stages (each one parallelized like a whole
     model), one optimizer over them under the whole model's names, and the schedule that runs a step's
@@ -97,12 +182,13 @@ class PipelineEngine(TorchEngine):
     any other layout, so they resume under FSDP2, DDP or one process and back."""
 
     def __init__(self, parts: list[nn.Module], stages: list[int], n_stages: int, cfg: Config, pp_mesh: DeviceMesh,
-                 device: torch.device, n_microbatches: int, loss: Callable, z_loss: Callable, after_step=None):
+                 device: torch.device, n_microbatches: int, after_step=None):
         super().__init__(merged_view(parts), cfg, after_step)
         self.parts, self.device, self.group = parts, device, pp_mesh.get_group()
+        self.pipeline_group = self.group
         self.has_first, self.has_last = 0 in stages, n_stages - 1 in stages
         self.n_microbatches, self.z_coefficient = n_microbatches, cfg.stability.z_loss
-        self.cross_entropy, self.z_loss = loss, z_loss
+        self.seq_len = cfg.data.seq_len
         self.evaluating, self.recorded = False, []
         # torch 2.13's ZBVZeroBubble cannot run forward only (its eval still schedules input-gradient steps): it
         # evaluates with a backward whose gradients are dropped.
@@ -119,25 +205,45 @@ class PipelineEngine(TorchEngine):
         self.optimizer.zero_grad(set_to_none=True)
 
     def micro_batch_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Called by the schedule on the last stage for each micro-batch: its share of the step's objective, as the
-        loop computes it without a pipeline (mean token cross entropy / micro-batches, plus the z-loss term);
-        in evaluation the summed cross entropy. The cross entropy alone is recorded for the logged loss."""
+        """Called by the schedule on the last stage for each micro-batch: its share of the step's objective, as
+        without a pipeline (trainer/loss.py); in evaluation the summed cross entropy. The cross entropy alone is
+        recorded for the logged loss."""
         if self.evaluating:
-            loss = self.cross_entropy(logits, targets, reduction="sum")
+            loss = cross_entropy(logits, targets, reduction="sum")
             self.recorded.append(loss)
             return loss
-        loss = self.cross_entropy(logits, targets) / self.n_microbatches
+        loss, objective = micro_batch_objective(logits, targets, self.n_microbatches, self.z_coefficient)
         self.recorded.append(loss.detach())
-        if self.z_coefficient:
-            return loss + self.z_coefficient * self.z_loss(logits) / self.n_microbatches
-        return loss
+        return objective
 
-    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Forward and backward of the rank's batch through the pipeline; returns the mean token loss."""
+    def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
+                         probe: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
+        """Forward and backward of the rank's batch through the pipeline; returns the mean token loss. The probe
+        records the activations of each stage's first micro-batch."""
         self.evaluating = False
-        return self._run(self.schedule.step, inputs, targets)
+        with probe if probe is not None else contextlib.nullcontext():
+            return self._run(self.schedule.step, inputs, targets)
 
-    def evaluate(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    @torch.no_grad()
+    def evaluate(self, tokens: TokenStream, windows: np.ndarray) -> tuple[float, int]:
+        """Through the pipeline in batches of training's shape (the stages know that shape); a short last batch is
+        padded with windows whose targets are ignored."""
+        self.model.eval()
+        batch = self.micro_batch_size * self.accum_steps
+        loss_sum, count = 0.0, 0
+        for start in range(0, len(windows), batch):
+            chunk = windows[start:start + batch]
+            x, y = stack_windows(tokens, chunk, self.seq_len)
+            if len(chunk) < batch:
+                pad = batch - len(chunk)
+                x = torch.cat([x, x[:1].expand(pad, -1)])
+                y = torch.cat([y, torch.full_like(y[:1], -100).expand(pad, -1)])  # cross_entropy's ignore_index
+            loss_sum += self.evaluate_batch(x, y).item()
+            count += len(chunk) * self.seq_len
+        self.model.train()
+        return loss_sum, count
+
+    def evaluate_batch(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Summed token cross entropy of a batch of training's shape (targets -100 are not counted)."""
         self.evaluating = True
         try:
@@ -166,30 +272,6 @@ class PipelineEngine(TorchEngine):
         return clip_grad_norm_pipelined(list(self.model.parameters()), max_norm, self.group)
 
 
-def build_pipeline_engine(cfg: Config, model: nn.Module, mesh: DeviceMesh, dims: ParallelDims,
-                          device: torch.device, after_step=None) -> PipelineEngine:
-    """Split the meta-device model into this rank's stages, parallelize each, and build the schedule."""
-    from trainer.train import cross_entropy  # the loop's own loss (imported here: the loop imports this module)
-
-    p = cfg.parallel
-    n_local = stages_per_rank(p.pp_schedule, p.pp_stages_per_rank)
-    n_stages = p.pp * n_local
-    counts = layers_per_stage(cfg.model.n_layers, n_stages, p.pp_layers)
-    stages = stage_indices(mesh["pp"].get_local_rank(), p.pp, n_local, p.pp_schedule)
-    if p.pp_schedule in ZERO_BUBBLE_SCHEDULES and p.reshard_after_forward:
-        # With FSDP2 resharding between a micro-batch's input-gradient and weight-gradient steps, torch 2.13
-        # computes wrong weight gradients (measured against one process): keep the stage's parameters gathered.
-        LOG.info(f"parallel.pp_schedule={p.pp_schedule}: parameters stay gathered from forward to backward "
-                 f"(reshard_after_forward=false), which its split backward needs under FSDP2")
-        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(p, reshard_after_forward=False))
-    parts = [parallelize(pipeline_part(model, stage, counts), cfg, mesh, device) for stage in stages]
-    micro_batch, n_microbatches = micro_batching(cfg.training, dims.dp_size, n_stages)
-    engine = PipelineEngine(parts, stages, n_stages, cfg, mesh["pp"], device, n_microbatches, cross_entropy, z_loss,
-                            after_step)
-    engine.infer_shapes(micro_batch * n_microbatches, cfg.data.seq_len)
-    return engine
-
-
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
@@ -212,56 +294,55 @@ def materialize(model: nn.Module, device: torch.device, seed: int, buffer_device
     model.init_weights(seed=seed, buffer_device=buffer_device or device)
 
 
-def build_engine(cfg: Config, model: nn.Module, dist_info: DistInfo, init_from: Path | None = None):
-    """Parallelize the meta-device model as `parallel.*` says, materialize it (from the weights of the checkpoint
-    `init_from`, if given), and pair it with its optimizer."""
+def build_mesh(cfg: Config, dims: ParallelDims, device: torch.device) -> DeviceMesh | None:
+    """The DeviceMesh of the fsdp backend (pp, dp_replicate, dp_shard, tp); DDP and DeepSpeed use the world group."""
+    return dims.build_mesh(device) if cfg.parallel.backend == "fsdp" else None
+
+
+def parallelize_model(cfg: Config, model: nn.Module, dims: ParallelDims, mesh: DeviceMesh | None) -> ParallelModel:
+    """parallel/parallelize.py's `parallelize()` with what it needs of training.* and stability.*."""
+    t = cfg.training
+    return parallelize(model, dims, mesh, cfg.parallel, Precision(t.precision, t.fp8_recipe, t.fp8_emulate),
+                       loss_parallel=uses_loss_parallel(cfg))
+
+
+def build_engine(cfg: Config, parallel: ParallelModel, dims: ParallelDims, mesh: DeviceMesh | None,
+                 dist_info: DistInfo) -> Engine:
+    """The engine over the parallelized, initialized model: its optimizer and schedule, and its step."""
     p, t, device = cfg.parallel, cfg.training, dist_info.device
-    dims = ParallelDims.resolve(p.pp, p.dp_replicate, p.dp_shard, p.tp, dist_info.world_size)
-    fp8_all_gather = uses_float8_all_gather(t.precision, t.fp8_recipe, p.backend, dims.dp_shard)
-    if t.precision == "fp8":  # swaps linears on meta, before any wrapper (as torchtitan's model converters)
-        apply_float8(model, t.fp8_recipe, emulate=t.fp8_emulate, fsdp_float8_all_gather=fp8_all_gather)
-    if p.backend != "fsdp":  # (the fsdp backend does these inside parallelize(), after tensor parallelism)
-        apply_activation_checkpointing(model, p.activation_checkpoint)
-        if p.compile:
-            apply_compile(model)
-    if p.backend == "ddp":
-        model = apply_ddp(model, dist_info, lambda m: materialize(m, device, cfg.run.seed))
-        if init_from is not None:
-            load_model_weights(init_from, model)
-        return TorchEngine(model, cfg)
-    if p.backend == "fsdp":
-        mesh = dims.build_mesh(device)
-        after_step = precompute_float8_scales if fp8_all_gather else None
-        if dims.pp > 1:
-            engine = build_pipeline_engine(cfg, model, mesh, dims, device, after_step)
-        else:
-            engine = TorchEngine(parallelize(model, cfg, mesh, device), cfg, after_step)
-        if init_from is not None:
-            load_model_weights(init_from, engine.model)
+    micro_batch, accum_steps = micro_batching(t, dims.dp_size, parallel.n_stages)
+    if p.backend == "deepspeed":  # DeepSpeed wraps the initialized model, with the optimizer, in its engine
+        optimizer = build_optimizer(parallel.model, t)
+        engine = ZeroEngine(parallel.model, optimizer, build_lr_scheduler(optimizer, t),
+                            deepspeed_config(cfg, dist_info.world_size), dist_info.backend)
+        engine.setup_steps(cfg, device, micro_batch, accum_steps)
         return engine
-    from parallel.zero import DeepSpeedEngine
-    materialize(model, device, cfg.run.seed)
-    if init_from is not None:  # before DeepSpeed copies the weights into its fp32 master partitions
-        load_model_weights(init_from, model)
-    optimizer = build_optimizer(model, t)
-    return DeepSpeedEngine(model, optimizer, build_lr_scheduler(optimizer, t),
-                           deepspeed_config(cfg, dist_info.world_size), dist_info.backend)
+    after_step = precompute_float8_scales if uses_float8_all_gather(t.precision, t.fp8_recipe, p.backend,
+                                                                    dims.dp_shard) else None
+    if dims.pp > 1:
+        engine = PipelineEngine(parallel.parts, parallel.stages, parallel.n_stages, cfg, mesh["pp"], device,
+                                accum_steps, after_step)
+        engine.setup_steps(cfg, device, micro_batch, accum_steps)
+        engine.infer_shapes(micro_batch * accum_steps, cfg.data.seq_len)
+        return engine
+    engine = TorchEngine(parallel.model, cfg, after_step)
+    engine.setup_steps(cfg, device, micro_batch, accum_steps,
+                       loss_parallel if uses_loss_parallel(cfg) else contextlib.nullcontext)
+    return engine
 
 
-def parallelize(model: nn.Module, cfg: Config, mesh: DeviceMesh, device: torch.device) -> nn.Module:
-    """The fsdp backend's treatment of one model (or one pipeline stage's part of it), in torchtitan's order:
-    tensor parallelism, activation checkpointing, compile, FSDP2; then only the local shards are materialized."""
-    p = cfg.parallel
-    if p.tp > 1:
-        apply_tp(model, mesh["tp"], p.sequence_parallel, uses_loss_parallel(cfg))
-    apply_activation_checkpointing(model, p.activation_checkpoint)
-    if p.compile:
-        apply_compile(model)
+def init_model(parallel: ParallelModel, cfg: Config, device: torch.device, init_from: Path | None) -> None:
+    """Materialize every part of the parallelized model (only the local shards under FSDP2) and initialize it from
+    run.seed, then load the weights of `init_from` if given (before DeepSpeed copies them into its fp32 master
+    partitions)."""
     # CPU offload keeps the sharded parameters in host memory; FSDP moves what compute needs to the device.
-    init_device = torch.device("cpu") if p.offload_params else device
-    return apply_fsdp(model, mesh, lambda m: materialize(m, init_device, cfg.run.seed, buffer_device=device),
-                      param_dtype=torch.bfloat16 if cfg.training.precision in ("bf16", "fp8") else None,
-                      reshard_after_forward=p.reshard_after_forward, offload_params=p.offload_params)
+    init_device = torch.device("cpu") if parallel.cfg.backend == "fsdp" and parallel.cfg.offload_params else device
+    # Generated values are whole tensors; implicit replication lets each sharded parameter keep its own slice.
+    with implicit_replication():
+        for part in parallel.parts:
+            materialize(part, init_device, cfg.run.seed, buffer_device=device)
+    if init_from is not None:
+        load_model_weights(init_from, merged_view(parallel.parts) if parallel.n_stages > 1 else parallel.model)
 
 
 def uses_loss_parallel(cfg: Config) -> bool:

@@ -1,4 +1,5 @@
-"""Training stability guards the loop calls once per step: loss-spike detection, the non-finite action, z-loss.
+"""Training stability guards the loop calls once per step: loss-spike detection, the non-finite action; and what the
+z-loss (in trainer/loss.py) is for.
 
     spike         z = (loss - mean) / std over the last `stability.spike_window` finite, non-spike losses;
                   z > `stability.spike_zscore` is a spike: warned about and recorded (training goes on)
@@ -20,15 +21,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
-import torch
-
 from trainer.errors import UserError
 from trainer.metrics import LOG, MetricsLogger
-
-
-def z_loss(logits: torch.Tensor) -> torch.Tensor:
-    """mean over tokens of logsumexp(logits)^2, in fp32."""
-    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
 class SpikeDetector:

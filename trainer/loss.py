@@ -1,0 +1,33 @@
+"""The training objective, in one place for the loop, the pipeline schedule and bench/: token cross entropy (the
+logged loss), the optional z-loss term, and perplexity for reports."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Token-level cross entropy, always in fp32 (targets -100 are not counted)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction)
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """mean over tokens of logsumexp(logits)^2, in fp32."""
+    return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
+
+
+def micro_batch_objective(logits: torch.Tensor, targets: torch.Tensor, n_microbatches: int,
+                          z_coefficient: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, objective) of one of a step's `n_microbatches` micro-batches: the loss is its share of the step's mean
+    token cross entropy (what is logged); the objective adds the z-loss term (what is trained on)."""
+    loss = cross_entropy(logits, targets) / n_microbatches
+    if not z_coefficient:
+        return loss, loss
+    return loss, loss + z_coefficient * z_loss(logits) / n_microbatches
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(loss, 50.0))  # capped: a diverged loss should print, not overflow
