@@ -14,7 +14,6 @@ meta.json is always written last: it marks the directory complete.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +87,3 @@ def data_dir_problem(data_dir: Path, meta: dict | None) -> str | None:
     except (KeyError, TypeError, AttributeError):
         return "has an incomplete meta.json"
     return None
-
-
-# --- Encoding and split ----------------------------------------------------------------------------------------------
-
-def unigram_baseline(meta: dict) -> tuple[float, float]:
-    """(entropy in nats, perplexity) of the validation tokens' own frequency distribution."""
-    h = meta["val_unigram_entropy"]
-    return h, math.exp(h)
