@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Optional
 
 from kernels import KERNEL_CHOICES
 from models.norms import NORM_TYPES
-from models.placement import PLACEMENTS
+from models.placement import PLACEMENTS, uses_hypersphere
 
 
 def config_field(default: Any, help: str, choices: Optional[tuple] = None, ge: float | None = None,
@@ -57,7 +57,8 @@ class ModelConfig:
     placement: str = config_field("pre", "where norms sit in each block: pre x+F(N(x)), post N(x+F(x)), "
                                   "peri x+N(F(N(x))), mix (first floor(mix_alpha*L) layers post, rest pre), "
                                   "deepnorm LN(a*x+F(x)) a=(2L)^(1/4) with v/o/MLP init x(8L)^(-1/4), "
-                                  "lns x+F(N(x)/sqrt(l)), reordered x+N(F(x)) (OLMo 2)",
+                                  "lns x+F(N(x)/sqrt(l)), reordered x+N(F(x)) (OLMo 2), "
+                                  "ngpt x<-L2(x+a(L2(F(x))-x)) on the hypersphere (nGPT; no norm layers)",
                                   tuple(PLACEMENTS))
     mix_alpha: float = config_field(0.25, "fraction of Post-LN layers at the bottom for placement=mix (Mix-LN)",
                                     ge=0, le=1)
@@ -103,3 +104,8 @@ class ModelConfig:
         if self.layer_placements is not None and len(self.layer_placements) != self.n_layers:
             raise ValueError(f"model.layer_placements lists {len(self.layer_placements)} placements for "
                              f"model.n_layers={self.n_layers} layers; give exactly one per layer")
+        if uses_hypersphere(self):  # raises for ngpt mixed with other placements
+            for key in ("qk_norm", "embed_norm"):
+                if getattr(self, key):
+                    raise ValueError(f"model.{key}=true does not apply to placement ngpt, which normalizes queries, "
+                                     f"keys and embeddings itself; set model.{key}=false")

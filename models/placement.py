@@ -9,6 +9,7 @@ where norms sit around F, as a `NormWiring`:
     residual_scale a:  a*x + F(x)       (the skip path scaled before the add)
     input_scale s:     x + F(s*N(x))    (the input norm's output scaled: LayerNorm Scaling)
     init_gain b:       the value, output and MLP weights of the layer start at b times their usual init (DeepNorm)
+    hypersphere:       x <- L2(x + alpha*(L2(F(x)) - x)) with learnable alpha (nGPT); the other fields are unused
 
 A placement maps (layer index, number of layers, model config) to the wiring of that layer, so per-layer schemes
 such as Mix-LN are one function. Adding a placement means adding one entry to `PLACEMENTS`. This module sits below
@@ -40,12 +41,15 @@ class NormWiring:
     residual_scale: float = 1.0  # the skip path is multiplied by this before the add (DeepNorm's alpha)
     input_scale: float = 1.0     # the input norm's output is multiplied by this (LayerNorm Scaling's 1/sqrt(l))
     init_gain: float = 1.0       # v/o/MLP init std multiplier, replacing depth-scaled init (DeepNorm's beta)
+    # nGPT: the whole model lives on the unit hypersphere (models/hypersphere.py); a model-wide choice, never mixed.
+    hypersphere: bool = False
 
 
 PRE = NormWiring(input_norm=True)
 POST = NormWiring(post_norm=True)
 PERI = NormWiring(input_norm=True, output_norm=True)
 REORDERED = NormWiring(output_norm=True)
+NGPT = NormWiring(hypersphere=True)
 
 
 def num_mix_post_layers(n_layers: int, alpha: float) -> int:
@@ -77,6 +81,7 @@ PLACEMENTS: dict[str, Callable[[int, int, PlacementConfig], NormWiring]] = {
     "deepnorm": _deepnorm,
     "lns": _lns,
     "reordered": lambda layer, n_layers, cfg: REORDERED,  # OLMo 2: x + N(F(x)), no input norm
+    "ngpt": lambda layer, n_layers, cfg: NGPT,  # Loshchilov et al. (2024), models/hypersphere.py
 }
 
 
@@ -88,3 +93,13 @@ def layer_wiring(cfg: PlacementConfig, layer: int) -> NormWiring:
     except KeyError:
         raise ValueError(f"unknown placement {name!r}; choose one of {', '.join(PLACEMENTS)}") from None
     return placement(layer, cfg.n_layers, cfg)
+
+
+def uses_hypersphere(cfg: PlacementConfig) -> bool:
+    """Whether the model is an nGPT; raises ValueError when `layer_placements` mixes ngpt with other placements
+    (nGPT's normalized residual stream and renormalized weights hold for the whole model or not at all)."""
+    names = cfg.layer_placements or [cfg.placement]
+    if "ngpt" in names and set(names) != {"ngpt"}:
+        raise ValueError(f"model.layer_placements={','.join(names)} mixes ngpt with other placements; nGPT keeps "
+                         f"every hidden state and weight on the hypersphere, so use ngpt for all layers or none")
+    return names[0] == "ngpt"

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.config import ModelConfig
+from models.hypersphere import L2Norm, ScaledVector, l2_normalize, normalize_hypersphere_
 from models.norms import NoNorm, at_least_fp32, build_norm
-from models.placement import NormWiring, layer_wiring
+from models.placement import NormWiring, layer_wiring, uses_hypersphere
 
 # --- Rotary position embedding (the "rotate half" layout used by Hugging Face Llama checkpoints) ---------------
 
@@ -61,6 +62,15 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
         self.k_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
+        self.hypersphere_dims: dict[str, int] = {}
+        self.qk_scale, self.softmax_scale = None, None  # SDPA's default 1/sqrt(head_dim)
+        if uses_hypersphere(cfg):
+            # nGPT Sec. 2.3.2: q, k normalized per head (after RoPE, as the reference code) and scaled by s_qk
+            # (init 1, scale 1/sqrt(d_model)); the softmax scale becomes sqrt(d_k), since q.k is a cosine.
+            # Weights are unit vectors along d_model: the rows of q/k/v (inputs), the columns of o (outputs).
+            self.hypersphere_dims = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 0}
+            self.qk_scale = ScaledVector(cfg.n_heads * cfg.head_dim, 1.0, cfg.dim ** -0.5, column_indexed=True)
+            self.softmax_scale = math.sqrt(cfg.head_dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -74,7 +84,10 @@ class Attention(nn.Module):
         repeats = q.shape[2] // k.shape[2]
         if repeats > 1:
             k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        if self.qk_scale is not None:  # per query head (a shared key head is scaled by each query head's s_qk)
+            q, k = (self.qk_scale(l2_normalize(t).flatten(2)).view_as(t) for t in (q, k))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             scale=self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -86,8 +99,20 @@ class FeedForward(nn.Module):
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
+        self.hypersphere_dims: dict[str, int] = {}
+        self.up_scale = self.gate_scale = None
+        if uses_hypersphere(cfg):
+            # nGPT Sec. 2.4.2: u <- u s_u, v <- v s_v sqrt(d_model) (v is SiLU's input: gate here), both init 1 and
+            # scale 1; weights unit along d_model (rows of gate/up, columns of down).
+            self.hypersphere_dims = {"gate_proj": 1, "up_proj": 1, "down_proj": 0}
+            self.up_scale = ScaledVector(cfg.hidden_dim, 1.0, 1.0, column_indexed=True)
+            self.gate_scale = ScaledVector(cfg.hidden_dim, 1.0, 1.0, column_indexed=True)
+            self.gate_gain = math.sqrt(cfg.dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.up_scale is not None:
+            gate = self.gate_scale(self.gate_proj(x)) * self.gate_gain
+            return self.down_proj(F.silu(gate) * self.up_scale(self.up_proj(x)))
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
@@ -112,9 +137,19 @@ class SublayerNorms(nn.Module):
         self.input = norm_layer(cfg, cfg.dim, present=wiring.input_norm)
         self.output = norm_layer(cfg, cfg.dim, present=wiring.output_norm)
         self.post = norm_layer(cfg, cfg.dim, present=wiring.post_norm)
+        self.eigen_lr = None
+        if wiring.hypersphere:
+            # nGPT Sec. 2.2.2: h <- Norm(h + alpha (Norm(F(h)) - h)), the "eigen learning rate" alpha per feature,
+            # init 0.05, scale 1/sqrt(d_model) (Sec. 2.5); |alpha| as in NVIDIA's reference code.
+            self.output, self.post = L2Norm(), L2Norm()
+            self.eigen_lr = ScaledVector(cfg.dim, 0.05, cfg.dim ** -0.5, absolute=True)
 
     def forward(self, x: torch.Tensor, sublayer: Callable[[torch.Tensor], torch.Tensor],
                 residual: torch.Tensor | None = None, defer_add: bool = False):
+        if self.eigen_lr is not None:  # the hypersphere update: the add cannot wait
+            x = x if residual is None else x + residual
+            y = self.post(x + self.eigen_lr(self.output(sublayer(x)) - x))
+            return (y, None) if defer_add else y
         normed, x = self.input.add_forward(x, residual)
         normed = normed if self.input_scale == 1.0 else self.input_scale * normed
         out = self.output(sublayer(normed))
@@ -147,8 +182,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """tokens (batch, seq) -> logits (batch, seq, vocab).
 
-    A pipeline stage may set `tok_embeddings` (with `embed_norm`), `norm` or `output` to None and delete entries of
-    `layers`; the forward then takes / returns hidden states instead of tokens / logits.
+    A pipeline stage may set `tok_embeddings` (with `embed_norm`), `norm` or `output` (with `logit_scale`) to None
+    and delete entries of `layers`; the forward then takes / returns hidden states instead of tokens / logits.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -159,8 +194,13 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.embed_norm = norm_layer(cfg, cfg.dim, present=cfg.embed_norm)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
-        self.norm = norm_layer(cfg, cfg.dim)
+        hypersphere = uses_hypersphere(cfg)
+        self.norm = norm_layer(cfg, cfg.dim, present=not hypersphere)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # nGPT Sec. 2.1: embeddings unit along d_model, logits z = E_output h scaled by s_z (init 1, scale
+        # 1/sqrt(d_model)); a pipeline stage without the head drops it with the head.
+        self.hypersphere_dims = {"tok_embeddings": 1, "output": 1} if hypersphere else {}
+        self.logit_scale = ScaledVector(cfg.vocab_size, 1.0, cfg.dim ** -0.5) if hypersphere else None
         # Derived from the config, so not saved in checkpoints; recomputed by init_weights() after meta init.
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.tie_weights()
@@ -186,7 +226,10 @@ class Transformer(nn.Module):
             h = self.norm.add_forward(h, residual)[0]
         elif residual is not None:  # a pipeline stage without the final norm hands on the plain sum
             h = h + residual
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        logits = self.output(h)
+        return self.logit_scale(logits) if self.logit_scale is not None else logits
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, buffer_device: torch.device | None = None) -> None:
@@ -217,6 +260,7 @@ class Transformer(nn.Module):
                 module.weight.copy_(values.normal_(mean=0.0, std=std, generator=generator))
             elif hasattr(module, "reset_parameters") and module is not self:
                 module.reset_parameters()
+        normalize_hypersphere_(self)  # nGPT starts on the hypersphere (a no-op for other placements)
 
     def _init_std(self, name: str, out_std: float) -> float:
         """The init std of weight `name`: GPT-2 depth scaling for output projections, or DeepNorm's beta for

@@ -63,7 +63,7 @@ def pipeline_part(model: nn.Module, stage: int, layer_counts: list[int]) -> nn.M
     if stage > 0:
         part.tok_embeddings = part.embed_norm = None
     if stage < len(layer_counts) - 1:
-        part.norm = part.output = None
+        part.norm = part.output = part.logit_scale = None
     return part
 
 
@@ -72,6 +72,8 @@ def merged_view(parts: list[nn.Module]) -> nn.Module:
     one optimizer, state dict and parameter census cover them."""
     view = nn.Module()
     view.layers = nn.ModuleDict()
+    # The whole model's declarations about its direct children (nGPT's hypersphere weights) hold for the view too.
+    view.hypersphere_dims = {k: v for part in parts for k, v in getattr(part, "hypersphere_dims", {}).items()}
     for part in parts:
         for name, child in part.named_children():
             if name == "layers":

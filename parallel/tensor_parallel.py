@@ -9,6 +9,8 @@ the norm:
     Peri-LN output norms      on the row-parallel output, after its reduce(-scatter), before the add
     Post-LN / Mix-LN norms    on the sum, after the add
     QK-norm                   per head, on each rank's local heads (the heads are sharded, the head_dim is whole)
+    nGPT's scaling vectors    s_qk, s_u, s_v sharded with the heads / hidden units they scale (on local tensors);
+                              the eigen learning rates and s_z replicated, on the stream / logits DTensors
 
 Replicated norm weights that saw only a slice of the tokens get partial gradients; DTensor sums them over tp.
 q/k/v and gate/up are column-parallel (heads and hidden units split), o and down row-parallel. The embedding is
@@ -19,10 +21,11 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_module
+from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
+from models.hypersphere import ScaledVector
 from models.norms import Norm
 
 
@@ -76,3 +79,10 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
             norm.kernels = "torch"  # the Triton kernels take plain tensors; DTensor shards the PyTorch ops
             if not name.endswith(("q_norm", "k_norm")):
                 distribute_module(norm, tp_mesh)  # replicate the weights; the stream is a DTensor already
+        elif isinstance(norm, ScaledVector):
+            distribute_module(norm, tp_mesh, _shard_vector if norm.column_indexed else None)
+
+
+def _shard_vector(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
+    """A column-indexed ScaledVector split like the projection outputs it scales (ColwiseParallel's Shard(0))."""
+    module.weight = nn.Parameter(distribute_tensor(module.weight, mesh, [Shard(0)]))

@@ -19,6 +19,7 @@ PLACEMENTS = {
     "peri": ["model.placement=peri", "model.norm=layernorm", "model.norm_bias=true", "model.qk_norm=true",
              "model.embed_norm=true"],
     "mix": ["model.placement=mix", "model.n_layers=4", "model.mix_alpha=0.5"],  # layers 0-1 post, 2-3 pre
+    "ngpt": ["model.placement=ngpt", "training.weight_decay=0.1"],  # decay is ignored by nGPT's weights
 }
 
 
@@ -35,6 +36,7 @@ LAYOUTS = [
                                             "parallel.loss_parallel=false", "parallel.compile=true"]),
     ("tp2_sp_peri", "peri", 2, [*TP]),
     ("tp2_sp_mix_selective_ac", "mix", 2, [*TP, "parallel.activation_checkpoint=selective"]),
+    ("tp2_sp_ngpt", "ngpt", 2, [*TP]),  # sharded s_qk / s_u / s_v, renormalization of colwise and rowwise shards
     ("tp2_fsdp2_mix_full_ac_accum", "mix", 4, [*TP, "parallel.activation_checkpoint=full",
                                                "training.micro_batch_size=2"]),
 ]

@@ -16,6 +16,7 @@ initialize once), `build_engine` (optimizer, schedule, step).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,8 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.distributed.checkpoint.stateful import Stateful
 
+from models.hypersphere import normalize_hypersphere_
+from models.placement import uses_hypersphere
 from parallel.distributed import DistInfo
 from parallel.float8 import precompute_float8_scales, uses_float8_all_gather
 from parallel.mesh import ParallelDims
@@ -306,6 +309,13 @@ def parallelize_model(cfg: Config, model: nn.Module, dims: ParallelDims, mesh: D
                        loss_parallel=uses_loss_parallel(cfg))
 
 
+def renormalize_then(then: Callable[[nn.Module], None] | None, model: nn.Module) -> None:
+    """After an optimizer step: nGPT's weights back onto the unit hypersphere (on this rank's shards), then `then`."""
+    normalize_hypersphere_(model)
+    if then is not None:
+        then(model)
+
+
 def build_engine(cfg: Config, parallel: ParallelModel, dims: ParallelDims, mesh: DeviceMesh | None,
                  dist_info: DistInfo) -> Engine:
     """The engine over the parallelized, initialized model: its optimizer and schedule, and its step."""
@@ -319,6 +329,8 @@ def build_engine(cfg: Config, parallel: ParallelModel, dims: ParallelDims, mesh:
         return engine
     after_step = precompute_float8_scales if uses_float8_all_gather(t.precision, t.fp8_recipe, p.backend,
                                                                     dims.dp_shard) else None
+    if uses_hypersphere(cfg.model):  # nGPT: weights back onto the hypersphere first, then their FP8 scales
+        after_step = functools.partial(renormalize_then, after_step)
     if dims.pp > 1:
         engine = PipelineEngine(parallel.parts, parallel.stages, parallel.n_stages, cfg, mesh["pp"], device,
                                 accum_steps, after_step)

@@ -8,16 +8,19 @@ from functools import partial
 import torch
 from torch import nn
 
+from models.hypersphere import hypersphere_weights
 from trainer.config import TrainingConfig
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """Weight decay on 2-D weights except embeddings; none on norms, biases or embeddings."""
-    embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    """Weight decay on 2-D weights except embeddings; none on norms, biases or embeddings, nor on nGPT's weights,
+    which are renormalized after every step instead (nGPT Sec. 2.6: no weight decay)."""
+    no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    no_decay_ids |= {id(weight) for weight, _ in hypersphere_weights(model)}
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or id(param) in embedding_ids else decay).append(param)
+            (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
     groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay"}]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     apply_hyperparameters(optimizer, cfg)
