@@ -66,6 +66,7 @@ CASES = {  # id: (overrides, expected architecture)
     "deepnorm-layernorm": (["model.placement=deepnorm", "model.norm=layernorm"], "NormtronForCausalLM"),
     "lns-reordered-layers-qknorm": (["model.layer_placements=lns,reordered", "model.qk_norm=true"],
                                     "NormtronForCausalLM"),
+    "ngpt-tied": (["model.placement=ngpt", "model.tie_embeddings=true"], "NormtronForCausalLM"),
 }
 
 

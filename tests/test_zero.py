@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, resume_copy, run_cli, state_counts
+from helpers import (MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, resume_copy, run_cli, state_counts,
+                     step_losses)
 
 from models import Transformer
 from trainer.config import load_config
@@ -56,12 +57,30 @@ def test_sharded_training_matches_single_process(runs, name, nproc, overrides, p
     ["model.placement=post"],
     ["model.placement=peri", "model.norm=layernorm", "model.norm_bias=true", "model.qk_norm=true"],
     ["model.placement=mix", "model.n_layers=4", "model.mix_alpha=0.5"],
-], ids=["post", "peri_layernorm_qknorm", "mix"])
+    ["model.placement=ngpt", "checkpoint.every=3"],  # o/down columns normalized across the Shard(0) split
+], ids=["post", "peri_layernorm_qknorm", "mix", "ngpt"])
 def test_every_placement_under_fsdp(runs, placement):
     label = placement[0].split("=")[1]
     steps = ("training.steps=6", "checkpoint.every=6", "eval.every=6")
     reference = runs(f"single_{label}", 1, *placement, common=steps)
     assert_same_losses(runs(f"fsdp_{label}", 2, "parallel.backend=fsdp", *placement, common=steps), reference)
+
+
+
+def test_ngpt_resumes_bitwise_and_across_layouts(runs):
+    """nGPT's renormalized weights and eigen learning rates come back from a checkpoint exactly: the single-process
+    run resumed at step 3 repeats steps 4-6 bit for bit; the FSDP2 run's step-3 checkpoint resumes in one process."""
+    steps = ("training.steps=6", "checkpoint.every=6", "eval.every=6")  # as test_every_placement_under_fsdp's
+    reference = runs("single_ngpt", 1, "model.placement=ngpt", "checkpoint.every=3", common=steps)
+    runs("fsdp_ngpt", 2, "parallel.backend=fsdp", "model.placement=ngpt", "checkpoint.every=3", common=steps)
+    resume_copy(reference, "single_ngpt_resumed", drop_step=6)
+    resume_copy(runs.root / "fsdp_ngpt", "fsdp_ngpt_then_single", drop_step=6)
+    resumed = runs("single_ngpt_resumed", 1, "model.placement=ngpt", "checkpoint.every=3", common=steps)
+    want = step_losses(reference)
+    assert {s: step_losses(resumed)[s] for s in (4, 5, 6)} == {s: want[s] for s in (4, 5, 6)}
+    moved = runs("fsdp_ngpt_then_single", 1, "model.placement=ngpt", "checkpoint.every=3", common=steps)
+    assert_same_losses(moved, reference, steps=range(4, 7))
+    assert want[6] < want[1]  # it learns (slowly at this lr: cosine logits start near uniform)
 
 
 def test_bf16_sharded_training_stays_close_to_fp32_with_fp32_master_weights(runs):

@@ -22,6 +22,7 @@ def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
         if param.requires_grad:
             (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
     groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay"}]
+    groups = [group for group in groups if group["params"]]  # nGPT has nothing to decay; DCP rejects empty groups
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     apply_hyperparameters(optimizer, cfg)
     return optimizer
