@@ -220,6 +220,17 @@ def test_impossible_parallel_layouts(unchanged, overrides, message):
     assert_user_error(run_cli(*args, check=False), message)
 
 
+@pytest.mark.parametrize("overrides,message", [
+    (["model.layer_placements=ngpt,pre"], "mixes ngpt with other placements; nGPT keeps every hidden state"),
+    (["model.placement=ngpt", "model.qk_norm=true"], "model.qk_norm=true does not apply to placement ngpt"),
+    (["model.placement=ngpt", "parallel.backend=deepspeed"], "ngpt is not available with parallel.backend=deepspeed"),
+])
+def test_ngpt_combinations_it_cannot_run(unchanged, overrides, message):
+    args = ["train", "--check", TINY, f"data.dir={unchanged / 'data'}", f"run.output_dir={unchanged / 'runs'}",
+            *MICRO_MODEL, *overrides]
+    assert_user_error(run_cli(*args, check=False), message)
+
+
 def test_deepspeed_checkpoint_that_is_not_one(unchanged, tmp_path):
     """`convert consolidate` refuses what it cannot read, and never writes a half output."""
     ckpt = unchanged / "runs" / "done" / "checkpoints" / "step_00000002"

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import (MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, resume_copy, run_cli, state_counts,
-                     step_losses)
+from helpers import (MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, diagnostic_rows, resume_copy, run_cli,
+                     state_counts, step_losses)
 
 from models import Transformer
 from trainer.config import load_config
@@ -81,6 +81,14 @@ def test_ngpt_resumes_bitwise_and_across_layouts(runs):
     moved = runs("fsdp_ngpt_then_single", 1, "model.placement=ngpt", "checkpoint.every=3", common=steps)
     assert_same_losses(moved, reference, steps=range(4, 7))
     assert want[6] < want[1]  # it learns (slowly at this lr: cosine logits start near uniform)
+    # Diagnostics: the eigen learning rates start at 0.05 and move; FSDP2 reduces its shards to the same means
+    single, sharded = diagnostic_rows(reference), diagnostic_rows(runs.root / "fsdp_ngpt")
+    assert [r["step"] for r in single] == [r["step"] for r in sharded] == [1, 6]
+    for key in ("attn_eigen_lr", "mlp_eigen_lr"):
+        assert single[0][key] == pytest.approx([0.05, 0.05], abs=2e-3) and single[-1][key] != single[0][key]
+        for got, want_row in zip(sharded, single):
+            assert got[key] == pytest.approx(want_row[key], rel=1e-5)
+        assert single[-1]["resid_rms"] == pytest.approx([64 ** -0.5] * 2, rel=1e-5)  # unit vectors in dim 64
 
 
 def test_bf16_sharded_training_stays_close_to_fp32_with_fp32_master_weights(runs):

@@ -9,7 +9,10 @@ last step, so a study can compare the profile at init with the one at the end).
     max_act, max_act_ratio                           max |h| at each block's output, and its ratio to the median
                                                      |h| (of the first sequence): massive activations
     max_attn_logit                                   max over sequences, heads and causal (q, k) pairs of
-                                                     q.k/sqrt(d)
+                                                     q.k/sqrt(d) (nGPT: of q, k before its normalization)
+    attn_eigen_lr, mlp_eigen_lr                      nGPT only: the mean eigen learning rate |alpha| of each
+                                                     block's attention and MLP update, after the step (its
+                                                     resid_rms is 1 by construction)
 
 Activations come from forward hooks registered for the first micro-batch of a diagnostic step and removed after
 it, so other steps run the model untouched. Attention logits are hidden inside SDPA, so the hooks keep the
@@ -203,8 +206,28 @@ class Diagnostics:
             n = len(self.before)
             self.row["update_ratio"] = [d / w if w > 0 else float("nan") for d, w in zip(sums[:n], sums[n:])]
             self.before = []
+        self.row.update(self.eigen_learning_rates())
         row, self.row = self.row, {}
         return row
+
+    def eigen_learning_rates(self) -> dict[str, list[float]]:
+        """nGPT's per-layer mean |alpha_A| and |alpha_M| (empty for other placements)."""
+        means = torch.zeros(2, self.n_layers, device=self.device)
+        found = False
+        for name, module in self.model.named_modules():
+            parts = plain_name(name).split(".")  # layers.{i}.attention_norms.eigen_lr / layers.{i}.ffn_norms.eigen_lr
+            if len(parts) == 4 and parts[0] == "layers" and parts[3] == "eigen_lr" and module is not None:
+                value = module.value()
+                value = value.full_tensor() if isinstance(value, DTensor) else value  # FSDP2 / TP shards
+                means[int(parts[2] == "ffn_norms"), int(parts[1])] = value.float().mean()
+                found = True
+        if self.pp_group is not None:  # each layer lives on one stage: the others add zeros
+            dist.all_reduce(means, group=self.pp_group)
+            found = bool(means.any())
+        if not found:
+            return {}
+        attn, mlp = means.tolist()
+        return {"attn_eigen_lr": attn, "mlp_eigen_lr": mlp}
 
     def sum_of_squares(self, groups: list[list[torch.Tensor]]) -> torch.Tensor:
         sums = sum_of_squares(groups, self.device)
