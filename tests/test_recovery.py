@@ -90,12 +90,13 @@ def test_rollback_equals_a_run_started_from_the_checkpoint_with_the_batches_skip
 
 def test_rollback_under_two_rank_fsdp2(micro_args, tmp_path):
     """The same faults under 2-rank FSDP2: the reload goes through the sharded DCP load; after the second rollback
-    the losses equal a 2-rank resume from the reloaded checkpoint with the 2 batches skipped (1e-5)."""
-    runs, layout = tmp_path / "runs", ("parallel.backend=fsdp",)
-    run_torchrun(2, "train", TINY, *micro_args("faulty", *ROLLBACK, *FAULTS, *layout))
+    the losses equal (1e-5) a resume from the reloaded checkpoint with the 2 batches skipped, in one process (the
+    same global batches: FSDP2 matches a single process to rounding)."""
+    runs = tmp_path / "runs"
+    run_torchrun(2, "train", TINY, *micro_args("faulty", *ROLLBACK, *FAULTS, "parallel.backend=fsdp"))
     check_rollbacks(runs / "faulty")
     skipped_copy(runs / "faulty" / "checkpoints" / "step_00000006", runs / "from6", 2, tmp_path)
-    run_torchrun(2, "train", TINY, *micro_args("from6", *ROLLBACK, *layout))
+    assert train(micro_args, "from6") == 0
     got, want = step_losses(runs / "faulty"), step_losses(runs / "from6")
     for step in range(7, 13):
         assert got[step] == pytest.approx(want[step], rel=1e-5), step
@@ -156,3 +157,27 @@ def test_damaged_checkpoint_is_refused_or_skipped_and_verify_reports_it(micro_ar
     capsys.readouterr()
     assert main(["checkpoint", "verify", str(legacy)]) == 1
     assert f"{legacy / info.relative_path} fails its checksum" in capsys.readouterr().out
+
+
+def test_study_report_counts_rollbacks_per_cell(shakespeare_data, tmp_path):
+    """Two seeds of one cell, each rolled back once (NaN at step 5): runs.csv says 1 per run, cells.csv and
+    report.md 2 for the cell."""
+    import csv
+
+    import yaml
+    from helpers import MICRO_MODEL, run_cli
+
+    overrides = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in MICRO_MODEL)}
+    overrides.update({"data.dir": str(shakespeare_data), "training.steps": 6, "eval.every": 6, "checkpoint.every": 3,
+                      "stability.nonfinite": "rollback", "debug.nan_at_step": 5})
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"base": TINY, "output_dir": str(tmp_path / "out"), "max_parallel": 2,
+                                     "overrides": overrides, "grid": {"run.seed": [0, 1]}}))
+    run_cli("study", str(study))
+    report = tmp_path / "out" / "report"
+    with open(report / "runs.csv", newline="") as f:
+        assert [row["rollbacks"] for row in csv.DictReader(f)] == ["1", "1"]
+    with open(report / "cells.csv", newline="") as f:
+        assert [row["rollbacks"] for row in csv.DictReader(f)] == ["2"]
+    assert "| runs done | diverged | rollbacks |" in (report / "report.md").read_text()
+    assert "| 2/2 | 0 of 2 seeds | 2 |" in (report / "report.md").read_text()
