@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from parallel.distributed import DistInfo, barrier, broadcast_object
-from trainer.checkpoint_verify import damaged_files, find_intact, write_checksums
+from trainer.checkpoint_verify import CHECKSUMS, damaged_files, write_checksums
 from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.errors import UserError
 from trainer.metrics import LOG
@@ -218,6 +218,40 @@ def load_failure_reason(err: BaseException) -> str:
     if isinstance(err, CheckpointException) and err.failures:
         err = next(iter(err.failures.values()))[0]  # (exception, traceback) of the first failing rank
     return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+# --- Verification: the fallback on load, `normtron checkpoint verify DIR` ------------------------------------
+
+def find_intact(root: Path, before_step: int | None = None) -> Path | None:
+    """The newest complete checkpoint under `root` (RUN/checkpoints) older than `before_step` whose files pass
+    their checksums, or None."""
+    for step, path in reversed(complete_checkpoints(root)):
+        if (before_step is None or step < before_step) and not damaged_files(path):
+            return path
+    return None
+
+
+def verify_command(directory: str) -> int:
+    """Check a checkpoint directory, or every complete checkpoint of a run directory; print each damaged file.
+    Returns 0 when all are intact, 1 otherwise."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise UserError(f"{path} {'is not a directory' if path.exists() else 'does not exist'}; pass a checkpoint "
+                        f"directory (RUN/checkpoints/step_XXXXXXXX) or a run directory")
+    targets = [path] if checkpoint_format(path) else [p for _, p in complete_checkpoints(path / "checkpoints")]
+    if not targets:
+        raise UserError(f"{path} is neither a checkpoint (no .metadata or DeepSpeed files) nor a run directory with "
+                        f"complete checkpoints; pass RUN or RUN/checkpoints/step_XXXXXXXX")
+    damaged = 0
+    for target in targets:
+        problems = damaged_files(target)
+        how = "checksums.json" if (target / CHECKSUMS).is_file() else "format records (no checksums.json)"
+        print(f"{'DAMAGED' if problems else 'ok'}  {target}  ({how})")
+        for problem in problems:
+            print(f"    {problem}")
+        damaged += bool(problems)
+    print(f"{len(targets) - damaged} of {len(targets)} checkpoint(s) intact")
+    return 1 if damaged else 0
 
 
 # --- Starting a new run from another model's weights (checkpoint.init_from) --------------------------------------

@@ -4,7 +4,8 @@ once the whole checkpoint is on disk), and resume, rollback, conversion and `nor
     write_checksums(dir)      after a save has completed on every rank, before the directory is renamed into place
                               (a separate step so that an asynchronous save can call it when its write is done)
     damaged_files(dir)        one line per damaged file: missing, truncated or failing its checksum; [] when intact
-    find_intact(root, step)   the newest intact checkpoint before `step`, the one to fall back to
+
+trainer/checkpoint.py uses them: Checkpointer.save, Checkpointer.intact (the fallback) and `normtron checkpoint verify`.
 
 Checkpoints written before checksums.json existed are checked as conversion always checked them: the byte ranges
 DCP's .metadata records must exist in its files, and every chunk (a torch.save zip archive) must pass the CRC32s its
@@ -76,17 +77,6 @@ def damaged_files(path: Path) -> list[str]:
     return problems
 
 
-def find_intact(root: Path, before_step: int | None = None) -> Path | None:
-    """The newest complete checkpoint under `root` (RUN/checkpoints) older than `before_step` that passes
-    damaged_files(), or None."""
-    from trainer.checkpoint import complete_checkpoints
-
-    for step, path in reversed(complete_checkpoints(root)):
-        if (before_step is None or step < before_step) and not damaged_files(path):
-            return path
-    return None
-
-
 # --- Checkpoints without checksums.json: what their own formats record ------------------------------------------
 
 def _unrecorded_damage(path: Path) -> list[str]:
@@ -145,31 +135,3 @@ def _zip_problem(data: bytes) -> str | None:
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as err:
         return " ".join(str(err).split())[:120]
     return None if bad is None else f"record {bad}"
-
-
-# --- `normtron checkpoint verify DIR` ----------------------------------------------------------------------------
-
-def verify_command(directory: str) -> int:
-    """Check a checkpoint directory, or every complete checkpoint of a run directory; print each damaged file.
-    Returns 0 when all are intact, 1 otherwise."""
-    from trainer.checkpoint import checkpoint_format, complete_checkpoints
-    from trainer.errors import UserError
-
-    path = Path(directory)
-    if not path.is_dir():
-        raise UserError(f"{path} {'is not a directory' if path.exists() else 'does not exist'}; pass a checkpoint "
-                        f"directory (RUN/checkpoints/step_XXXXXXXX) or a run directory")
-    targets = [path] if checkpoint_format(path) else [p for _, p in complete_checkpoints(path / "checkpoints")]
-    if not targets:
-        raise UserError(f"{path} is neither a checkpoint (no .metadata or DeepSpeed files) nor a run directory with "
-                        f"complete checkpoints; pass RUN or RUN/checkpoints/step_XXXXXXXX")
-    damaged = 0
-    for target in targets:
-        problems = damaged_files(target)
-        how = "checksums.json" if (target / CHECKSUMS).is_file() else "format records (no checksums.json)"
-        print(f"{'DAMAGED' if problems else 'ok'}  {target}  ({how})")
-        for problem in problems:
-            print(f"    {problem}")
-        damaged += bool(problems)
-    print(f"{len(targets) - damaged} of {len(targets)} checkpoint(s) intact")
-    return 1 if damaged else 0

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from_hf(args.hf_dir, args.out_checkpoint)
         elif args.command == "checkpoint":
-            from trainer.checkpoint_verify import verify_command
+            from trainer.checkpoint import verify_command
 
             return verify_command(args.dir)
         return 0
