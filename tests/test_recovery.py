@@ -181,3 +181,6 @@ def test_study_report_counts_rollbacks_per_cell(shakespeare_data, tmp_path):
         assert [row["rollbacks"] for row in csv.DictReader(f)] == ["2"]
     assert "| runs done | diverged | rollbacks |" in (report / "report.md").read_text()
     assert "| 2/2 | 0 of 2 seeds | 2 |" in (report / "report.md").read_text()
+    # rollback_skip_batches unset: the batches from the checkpoint (step 3) through the event (step 5) are skipped
+    for run_dir in (tmp_path / "out" / "runs").iterdir():
+        assert [(r["rollback_to"], r["skipped_batches"]) for r in events(run_dir, "rollback")] == [(3, 2)]
