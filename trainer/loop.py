@@ -146,8 +146,9 @@ class TrainLoop:
                 if do_log or do_save or self.stability.every_step:
                     loss_value, grad_value = self.mean_over_ranks(loss), grad_norm.item()
                     finite = self.stability.observe(step, loss_value, grad_value, self.skip_nonfinite)
-                    if (reason := self.stability.rollback_reason(finite)) is not None:
-                        saved = self.rollback(metrics, step, reason) or saved
+                    reason = self.stability.rollback_reason(finite)
+                    if reason is not None and (reloaded := self.rollback(metrics, step, reason)) is not None:
+                        saved = reloaded  # the newest checkpoint again: any later one would postdate the event
                         continue
                     if do_log:
                         self.log_train_step(metrics, loss_value, grad_value, lr, started)

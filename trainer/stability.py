@@ -21,8 +21,8 @@ z-loss (in trainer/loss.py) is for.
 
 A rollback is an event row ("rollback": the event's step, the checkpoint step returned to, the batches skipped);
 the rows of the undone steps are dropped from metrics.jsonl, as on a resume, so each step appears once.
-Spike detection, `skip` and `rollback` need the loss and gradient norm of every step, which costs one host-device sync per
-step; with `spike_window: 0` and `nonfinite: stop|log` they are read on logging and checkpoint steps only.
+Spike detection, `skip` and `rollback` need the loss and gradient norm of every step, which costs one host-device
+sync per step; with `spike_window: 0` and `nonfinite: stop|log` they are read on logging and checkpoint steps only.
 """
 
 from __future__ import annotations

@@ -282,8 +282,8 @@ def write_report(study: Study) -> Path:
         writer = csv.DictWriter(f, fieldnames=run_columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(runs)
-    cell_columns = [*axes, "runs", "done", "diverged", "rollbacks", "val_loss_mean", "val_loss_std", "steps_to_divergence",
-                    "max_attn_logit_end", *(["measured", "published"] if study.published else [])]
+    cell_columns = [*axes, "runs", "done", "diverged", "rollbacks", "val_loss_mean", "val_loss_std",
+                    "steps_to_divergence", "max_attn_logit_end", *(["measured", "published"] if study.published else [])]
     with open(out / "cells.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cell_columns, extrasaction="ignore")
         writer.writeheader()
@@ -301,7 +301,8 @@ def write_report(study: Study) -> Path:
               f"{sum(r['diverged'] for r in runs)} diverged. Final validation loss: mean ± std over seeds of the "
               f"runs that did not diverge. A run diverged if it stopped on a non-finite loss or ended above "
               f"ln(vocab) (uniform guessing)."), "",
-             "| " + " | ".join(a.split(".")[-1] for a in axes) + " | runs done | diverged | rollbacks | final val loss | "
+             "| " + " | ".join(a.split(".")[-1] for a in axes) + " | runs done | diverged | rollbacks | "
+             "final val loss | "
              + (f"measured {metric} | published {metric} | " if published else "")
              + "steps to divergence | max attn logit (end) |",
              "|" + "---|" * (len(axes) + 6 + 2 * bool(published))]
@@ -309,7 +310,8 @@ def write_report(study: Study) -> Path:
         loss = "–" if c["val_loss_mean"] is None else f"{c['val_loss_mean']:.4f} ± {c['val_loss_std']:.4f}"
         side = f"{_fmt(c['measured'])} | {_fmt(c['published'])} | " if published else ""
         lines.append("| " + " | ".join(_fmt(c[a]) for a in axes) + f" | {c['done']}/{c['runs']} | "
-                     f"{diverged_text(c, study)} | {c['rollbacks']} | {loss} | {side}{_fmt(c['steps_to_divergence'])} | "
+                     f"{diverged_text(c, study)} | {c['rollbacks']} | {loss} | {side}"
+                     f"{_fmt(c['steps_to_divergence'])} | "
                      f"{_fmt(c['max_attn_logit_end'], 3)} |")
     if published:
         lines += ["", f"Published {metric}: {published.get('source') or 'as given in the study file'} "
