@@ -8,6 +8,7 @@ DCP's own format_utils, trained with the same config and no faults."""
 
 from __future__ import annotations
 
+import binascii
 import json
 import shutil
 from pathlib import Path
@@ -118,6 +119,13 @@ def test_damaged_checkpoint_is_refused_or_skipped_and_verify_reports_it(micro_ar
     losses = step_losses(run)
     assert main(["checkpoint", "verify", str(run)]) == 0
     assert "3 of 3 checkpoint(s) intact" in capsys.readouterr().out
+    # checksums.json lists every other file of the checkpoint with its size and CRC32 (binascii, independently)
+    first = run / "checkpoints" / "step_00000003"
+    recorded = json.loads((first / "checksums.json").read_text())["files"]
+    assert set(recorded) == {p.name for p in first.iterdir()} - {"checksums.json"} >= {".metadata", "config.yaml"}
+    for name, entry in recorded.items():
+        data = (first / name).read_bytes()
+        assert entry == {"size": len(data), "crc32": f"{binascii.crc32(data):08x}"}, name
 
     newest, previous = run / "checkpoints" / "step_00000009", run / "checkpoints" / "step_00000006"
     distcp = next(newest.glob("*.distcp"))

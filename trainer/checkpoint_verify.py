@@ -21,6 +21,7 @@ import os
 import pickle
 import zipfile
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CHECKSUMS = "checksums.json"
@@ -40,13 +41,18 @@ def checkpoint_files(path: Path) -> list[Path]:
     return sorted(p for p in path.rglob("*") if p.is_file() and p.name != CHECKSUMS)
 
 
+def crc32_of_files(files: list[Path]) -> list[tuple[int, str]]:
+    """file_crc32 of each file, several files at a time (a checkpoint has one data file per rank or more)."""
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1, len(files)))) as pool:
+        return list(pool.map(file_crc32, files))
+
+
 def write_checksums(path: Path) -> None:
     """Record the size and CRC32 of every file in the checkpoint directory `path` (one process; all ranks' files
     must be complete). Written through a temporary name, so a checksums.json is always whole."""
-    files = {}
-    for file in checkpoint_files(path):
-        size, crc = file_crc32(file)
-        files[file.relative_to(path).as_posix()] = {"size": size, "crc32": crc}
+    found = checkpoint_files(path)
+    files = {file.relative_to(path).as_posix(): {"size": size, "crc32": crc}
+             for file, (size, crc) in zip(found, crc32_of_files(found))}
     tmp = path / (CHECKSUMS + ".tmp")
     tmp.write_text(json.dumps({"algorithm": "crc32", "files": files}, indent=0))
     os.replace(tmp, path / CHECKSUMS)
@@ -62,13 +68,10 @@ def damaged_files(path: Path) -> list[str]:
         recorded = {name: (int(r["size"]), str(r["crc32"])) for name, r in recorded.items()}
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         return [f"{manifest} cannot be read ({' '.join(str(err).split())[:120]})"]
-    problems = []
-    for name, (size, crc) in sorted(recorded.items()):
-        file = path / name
-        if not file.is_file():
-            problems.append(f"{file} is missing")
-            continue
-        actual_size, actual_crc = file_crc32(file)
+    problems = [f"{path / name} is missing" for name in sorted(recorded) if not (path / name).is_file()]
+    present = sorted(name for name in recorded if (path / name).is_file())
+    for name, (actual_size, actual_crc) in zip(present, crc32_of_files([path / name for name in present])):
+        file, (size, crc) = path / name, recorded[name]
         if actual_size != size:
             problems.append(f"{file} is {'truncated' if actual_size < size else 'longer than written'} "
                             f"({actual_size:,} of {size:,} bytes)")
