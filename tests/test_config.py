@@ -200,6 +200,8 @@ def test_bad_overrides_name_the_key(override, message):
       "training.micro_batch_size=1"],
      "needs the micro-batches per step (5) to be a multiple of 2"),
     (["parallel.backend=fsdp", "parallel.pp=3"], "must equal the 4 launched ranks"),
+    (["stability.on_spike=rollback", "stability.spike_window=0"],
+     "stability.on_spike=rollback needs loss-spike detection; set stability.spike_window > 0"),
 ])
 def test_validation_names_the_key(overrides, message):
     with pytest.raises(UserError) as err:

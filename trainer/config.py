@@ -179,10 +179,12 @@ class StabilityConfig:
 @dataclass
 class DebugConfig:
     """Fault injection, for testing recovery: each fault fires once per process, the first time the step runs."""
-    nan_at_step: Optional[int] = config_field(None, "fault injection: the loss (and so every gradient) of step N "
-                                                    "is NaN, as in a diverged step", ge=1)
-    spike_at_step: Optional[int] = config_field(None, "fault injection: the loss (and gradients) of step N are "
-                                                      "multiplied by 1000, a loss spike", ge=1)
+    nan_at_step: Optional[int] = config_field(None, "fault injection for testing recovery (once per process, the "
+                                                    "first time step N runs): the loss (and so every gradient) of "
+                                                    "step N is NaN, as in a diverged step", ge=1)
+    spike_at_step: Optional[int] = config_field(None, "fault injection for testing recovery (once per process, the "
+                                                      "first time step N runs): the loss and gradients of step N "
+                                                      "are multiplied by 1000, a loss spike", ge=1)
 
 
 # Sections passed through as free-form mappings rather than typed fields.
