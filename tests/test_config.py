@@ -66,7 +66,10 @@ ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output
         "data.sources": [{"dir": "{data}", "weight": 2.0, "name": "shakespeare"}], "data.seq_len": 32,
         "training.steps": 1, "training.batch_size": 8, "eval.steps": 1, "model.tie_embeddings": True,
         "parallel.backend": "deepspeed", "parallel.zero_stage": 3, "parallel.offload_params": True,
-        "parallel.offload_optimizer": True, "deepspeed.wall_clock_breakdown": True}),
+        "parallel.offload_optimizer": True, "deepspeed.wall_clock_breakdown": True,
+        "stability.nonfinite": "rollback", "stability.on_spike": "rollback", "stability.rollback_skip_batches": 5,
+        "stability.max_rollbacks": 2, "stability.rollback_window": 50, "checkpoint.on_damaged": "previous",
+        "debug.nan_at_step": 1000, "debug.spike_at_step": 999}),
     "hsdp_compiled_from_tp_pp": (2, {
         "data.dir": "{data}", "data.seq_len": 32, "training.steps": 1, "training.batch_size": 8, "eval.steps": 1,
         "training.precision": "bf16", "checkpoint.init_from": "{runs}/tp_pp/checkpoints/step_00000001",
@@ -197,6 +200,8 @@ def test_bad_overrides_name_the_key(override, message):
       "training.micro_batch_size=1"],
      "needs the micro-batches per step (5) to be a multiple of 2"),
     (["parallel.backend=fsdp", "parallel.pp=3"], "must equal the 4 launched ranks"),
+    (["stability.on_spike=rollback", "stability.spike_window=0"],
+     "stability.on_spike=rollback needs loss-spike detection; set stability.spike_window > 0"),
 ])
 def test_validation_names_the_key(overrides, message):
     with pytest.raises(UserError) as err:

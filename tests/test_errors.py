@@ -263,8 +263,8 @@ def test_damaged_checkpoint(unchanged, tmp_path):
     with open(data_file, "r+b") as f:
         f.truncate(1000)
     before = tree_digest(run)
-    assert_user_error(train_copy(unchanged, tmp_path, "torn"), f"checkpoint {newest} cannot be loaded",
-                      "remove it to resume from the one before")
+    assert_user_error(train_copy(unchanged, tmp_path, "torn"),  # found by its checksums.json before loading
+                      f"checkpoint {newest} is damaged: {data_file} is truncated (1,000 of ")
     assert tree_digest(run) == before
 
 

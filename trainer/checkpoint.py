@@ -8,6 +8,8 @@ checkpoint does not depend on the layout that wrote it: FSDP2 at 2 ranks resumes
 Each checkpoint is written into `step_XXXXXXXX.tmp` and renamed into place only when every rank has finished, so a
 directory named `step_XXXXXXXX` is always complete; leftovers of an interrupted save are removed on the next start.
 The resolved config and the tokenizer are copied in, so a checkpoint directory is self-contained for conversion.
+Before the rename, checksums.json records every file's size and CRC32; each load checks them first
+(trainer/checkpoint_verify.py) and, with `checkpoint.on_damaged: previous`, falls back to the newest intact one.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 
 from parallel.distributed import DistInfo, barrier, broadcast_object
+from trainer.checkpoint_verify import CHECKSUMS, damaged_files, write_checksums
 from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.errors import UserError
+from trainer.metrics import LOG
 
 
 @contextlib.contextmanager
@@ -112,10 +116,11 @@ class TrainingEngine(Protocol):
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep_last: int, dist_info: DistInfo):
+    def __init__(self, run_dir: Path, keep_last: int, dist_info: DistInfo, on_damaged: str = "fail"):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.dist = dist_info
+        self.on_damaged = on_damaged  # checkpoint.on_damaged: fail | previous
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint, as rank 0 sees it (a shared file system may lag on other nodes)."""
@@ -145,12 +150,45 @@ class Checkpointer:
         if self.dist.is_main:
             for name, src in extra_files.items():
                 shutil.copy2(src, tmp / name)
+            write_checksums(tmp)
             tmp.rename(final)
             self._prune()
         barrier()
         return final
 
-    def load(self, path: Path, engine: TrainingEngine, train_state: Stateful) -> None:
+    def before(self, step: int) -> Path | None:
+        """The newest complete checkpoint written before `step` (as rank 0 sees it)."""
+        found = complete_checkpoints(self.root) if self.dist.is_main else None
+        found = [path for s, path in broadcast_object(found) if s < step]
+        return found[-1] if found else None
+
+    def intact(self, path: Path) -> Path:
+        """`path` when its files pass their checksums; else, under on_damaged=previous, the newest intact checkpoint
+        before it (the damaged one is moved aside to `step_XXXXXXXX.damaged`); else a one-line UserError."""
+        problems = damaged_files(path) if self.dist.is_main else None
+        problems = broadcast_object(problems)
+        if not problems:
+            return path
+        step = int(STEP_DIR.match(path.name).group(1)) if STEP_DIR.match(path.name) else None
+        previous = broadcast_object(find_intact(self.root, step) if self.dist.is_main else None)
+        more = f" (and {len(problems) - 1} more damaged file(s))" if len(problems) > 1 else ""
+        if self.on_damaged != "previous":
+            fallback = (f"the previous intact checkpoint is {previous}: set checkpoint.on_damaged=previous to resume "
+                        f"from it" if previous else "no earlier checkpoint is intact: choose another run.name")
+            raise UserError(f"checkpoint {path} is damaged: {problems[0]}{more}; {fallback}")
+        if previous is None:
+            raise UserError(f"checkpoint {path} is damaged: {problems[0]}{more}; no earlier checkpoint is intact "
+                            f"to fall back to: choose another run.name")
+        if self.dist.is_main:
+            path.rename(path.with_name(path.name + ".damaged"))  # kept for inspection, no longer a checkpoint
+        barrier()
+        LOG.warning(f"checkpoint {path} is damaged ({problems[0]}{more}); moved aside to {path.name}.damaged, "
+                    f"falling back to {previous} (checkpoint.on_damaged=previous)")
+        return previous
+
+    def load(self, path: Path, engine: TrainingEngine, train_state: Stateful) -> Path:
+        """Load the checkpoint at `path`, or the one intact() falls back to; returns the path loaded."""
+        path = self.intact(path)
         written_by = checkpoint_format(path)
         if written_by != engine.checkpoint_format:
             backends = {"dcp": "ddp or fsdp", "deepspeed": "deepspeed"}
@@ -167,6 +205,7 @@ class Checkpointer:
                                 f"the data.dir / data.sources it was saved with, or choose another run.name") from None
             raise UserError(f"checkpoint {path} cannot be loaded ({reason}); remove it to resume "
                             f"from the one before, or choose another run.name") from None
+        return path
 
     def _prune(self) -> None:
         if self.keep_last > 0:
@@ -179,6 +218,40 @@ def load_failure_reason(err: BaseException) -> str:
     if isinstance(err, CheckpointException) and err.failures:
         err = next(iter(err.failures.values()))[0]  # (exception, traceback) of the first failing rank
     return " ".join(str(err).split())[:200] or type(err).__name__
+
+
+# --- Verification: the fallback on load, `normtron checkpoint verify DIR` ------------------------------------
+
+def find_intact(root: Path, before_step: int | None = None) -> Path | None:
+    """The newest complete checkpoint under `root` (RUN/checkpoints) older than `before_step` whose files pass
+    their checksums, or None."""
+    for step, path in reversed(complete_checkpoints(root)):
+        if (before_step is None or step < before_step) and not damaged_files(path):
+            return path
+    return None
+
+
+def verify_command(directory: str) -> int:
+    """Check a checkpoint directory, or every complete checkpoint of a run directory; print each damaged file.
+    Returns 0 when all are intact, 1 otherwise."""
+    path = Path(directory)
+    if not path.is_dir():
+        raise UserError(f"{path} {'is not a directory' if path.exists() else 'does not exist'}; pass a checkpoint "
+                        f"directory (RUN/checkpoints/step_XXXXXXXX) or a run directory")
+    targets = [path] if checkpoint_format(path) else [p for _, p in complete_checkpoints(path / "checkpoints")]
+    if not targets:
+        raise UserError(f"{path} is neither a checkpoint (no .metadata or DeepSpeed files) nor a run directory with "
+                        f"complete checkpoints; pass RUN or RUN/checkpoints/step_XXXXXXXX")
+    damaged = 0
+    for target in targets:
+        problems = damaged_files(target)
+        how = "checksums.json" if (target / CHECKSUMS).is_file() else "format records (no checksums.json)"
+        print(f"{'DAMAGED' if problems else 'ok'}  {target}  ({how})")
+        for problem in problems:
+            print(f"    {problem}")
+        damaged += bool(problems)
+    print(f"{len(targets) - damaged} of {len(targets)} checkpoint(s) intact")
+    return 1 if damaged else 0
 
 
 # --- Starting a new run from another model's weights (checkpoint.init_from) --------------------------------------

@@ -155,6 +155,16 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                     "the tokenizer file, readable without DeepSpeed or a process group (to-hf does this by itself).")
     c.add_argument("checkpoint", metavar="CHECKPOINT_DIR", help="RUN/checkpoints/step_XXXXXXXX written by DeepSpeed")
     c.add_argument("output", metavar="OUT_DIR", help="new directory for the consolidated checkpoint")
+
+    p = sub.add_parser(
+        "checkpoint", help="check training checkpoints",
+        description="verify: check every file of a checkpoint against the sizes and CRC32s recorded in its "
+                    "checksums.json when it was saved (older checkpoints: against DCP's .metadata and the "
+                    "checksums inside each chunk); prints every damaged file; exit code 1 if any is damaged.")
+    checkpoint = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    c = checkpoint.add_parser("verify", help="report every damaged file of a checkpoint or of a run's checkpoints")
+    c.add_argument("dir", metavar="DIR", help="a checkpoint (RUN/checkpoints/step_XXXXXXXX) or a run directory (all "
+                                              "its complete checkpoints)")
     return parser
 
 
@@ -234,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
                 consolidate(Path(args.checkpoint), Path(args.output))
             else:
                 from_hf(args.hf_dir, args.out_checkpoint)
+        elif args.command == "checkpoint":
+            from trainer.checkpoint import verify_command
+
+            return verify_command(args.dir)
         return 0
     except UserError as err:
         return _fail(str(err))

@@ -130,6 +130,9 @@ class CheckpointConfig:
     init_from: Optional[str] = config_field(
         None, "a new run starts from the model weights of this checkpoint (a step directory or the output of "
               "`normtron convert from-hf`) with a fresh optimizer; ignored once the run has its own checkpoints")
+    on_damaged: str = config_field("fail", "a checkpoint to load whose files fail their checksums or sizes: fail "
+                                           "(one line naming the damaged file and the previous intact checkpoint) "
+                                           "or previous (load that one instead)", ("fail", "previous"))
 
 
 @dataclass
@@ -157,12 +160,32 @@ class DiagnosticsConfig:
 @dataclass
 class StabilityConfig:
     nonfinite: str = config_field("stop", "on a non-finite loss or grad norm: stop the run, skip the step's update "
-                                          "(counted), or log and go on", ("stop", "skip", "log"))
+                                          "(counted), log and go on, or rollback (reload the newest checkpoint "
+                                          "before it and skip batches)", ("stop", "skip", "log", "rollback"))
+    on_spike: str = config_field("log", "on a loss spike (spike_zscore): log it and go on, or rollback as "
+                                        "nonfinite=rollback does", ("log", "rollback"))
+    rollback_skip_batches: Optional[int] = config_field(
+        None, "batches skipped after a rollback, counted from the reloaded checkpoint's data position (null = "
+              "those from the checkpoint through the step of the event)", ge=0)
+    max_rollbacks: int = config_field(3, "at most N rollbacks for events within rollback_window steps; one more "
+                                         "stops the run", ge=1)
+    rollback_window: int = config_field(1000, "the window, in training steps, that max_rollbacks counts over", ge=1)
     spike_window: int = config_field(100, "loss-spike detection: z-score against the last N losses (0 = off; on "
                                           "reads the loss every step)", ge=0)
     spike_zscore: float = config_field(6.0, "z-score above which a loss is reported as a spike", gt=0)
     z_loss: float = config_field(0.0, "z-loss coefficient: adds z_loss * mean(logsumexp(logits)^2) to the loss "
                                       "(PaLM uses 1e-4; 0 = off)", ge=0)
+
+
+@dataclass
+class DebugConfig:
+    """Fault injection, for testing recovery: each fault fires once per process, the first time the step runs."""
+    nan_at_step: Optional[int] = config_field(None, "fault injection for testing recovery (once per process, the "
+                                                    "first time step N runs): the loss (and so every gradient) of "
+                                                    "step N is NaN, as in a diverged step", ge=1)
+    spike_at_step: Optional[int] = config_field(None, "fault injection for testing recovery (once per process, the "
+                                                      "first time step N runs): the loss and gradients of step N "
+                                                      "are multiplied by 1000, a loss spike", ge=1)
 
 
 # Sections passed through as free-form mappings rather than typed fields.
@@ -184,6 +207,7 @@ class Config:
     parallel: ParallelConfig = dataclasses.field(default_factory=ParallelConfig)
     diagnostics: DiagnosticsConfig = dataclasses.field(default_factory=DiagnosticsConfig)
     stability: StabilityConfig = dataclasses.field(default_factory=StabilityConfig)
+    debug: DebugConfig = dataclasses.field(default_factory=DebugConfig)
     deepspeed: dict = dataclasses.field(default_factory=dict)
 
     @property
@@ -398,6 +422,9 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
         raise UserError("model.placement=ngpt is not available with parallel.backend=deepspeed: nGPT renormalizes "
                         "weights after every optimizer step, and ZeRO's fp32 master weights are flat partitions that "
                         "split weight rows across ranks; use parallel.backend=fsdp or ddp")
+    if cfg.stability.on_spike == "rollback" and cfg.stability.spike_window == 0:
+        raise UserError("stability.on_spike=rollback needs loss-spike detection; set stability.spike_window > 0 "
+                        "(e.g. 100)")
     validate_pipeline(cfg, dims)  # the micro-batch split too, with or without a pipeline
     validate_precision(cfg)
     return dims

@@ -14,7 +14,7 @@ import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
 from models import flops_per_token
-from parallel.distributed import DistInfo, all_reduce_sum
+from parallel.distributed import DistInfo, all_reduce_sum, broadcast_object
 from parallel.mesh import ParallelDims
 from trainer.checkpoint import Checkpointer
 from trainer.config import Config, micro_batching, pipeline_stages
@@ -22,10 +22,12 @@ from trainer.data.batches import TokenStream, TrainBatches
 from trainer.data.mixture import MixtureBatches, Source, sources_tokenizer
 from trainer.diagnostics import Diagnostics
 from trainer.engine import Engine
-from trainer.loss import perplexity
+from trainer.errors import UserError
+from trainer.loss import injected_fault, perplexity
 from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration
 from trainer.preemption import PreemptionWatch
-from trainer.stability import StabilityMonitor
+from trainer.optim import apply_hyperparameters, apply_lr_schedule
+from trainer.stability import RollbackLimit, StabilityMonitor
 
 
 @dataclass
@@ -100,6 +102,9 @@ class TrainLoop:
         self.diagnostics = Diagnostics(engine.model, cfg.diagnostics.every, t.steps, dist_info.device,
                                        gradients=cfg.parallel.backend != "deepspeed", n_layers=cfg.model.n_layers,
                                        pp_group=engine.pipeline_group)
+        # debug.*: step -> loss factor, each fired once (popped) the first time its step runs in this process
+        self.faults = {step: factor for step, factor in ((cfg.debug.nan_at_step, float("nan")),
+                                                         (cfg.debug.spike_at_step, 1000.0)) if step is not None}
         if cfg.diagnostics.every and cfg.parallel.backend == "deepspeed":
             LOG.info("diagnostics under DeepSpeed: activation statistics and max attention logits per layer; "
                      "per-layer grad norms and update/weight ratios need parallel.backend=ddp or fsdp")
@@ -120,7 +125,9 @@ class TrainLoop:
         preemption = PreemptionWatch()  # SIGTERM/SIGUSR1: checkpoint after this step, exit for a requeue
         s = cfg.stability
         self.stability = StabilityMonitor(s.nonfinite, s.spike_window, s.spike_zscore, metrics,
-                                          metrics.recorded_events())
+                                          metrics.recorded_events(), s.on_spike)
+        self.rollback_limit = RollbackLimit(s.max_rollbacks, s.rollback_window,
+                                            broadcast_object(metrics.recorded_event_steps("rollback")))
         try:
             while state.step < cfg.training.steps:
                 diagnose = self.diagnostics.due(state.step + 1)
@@ -139,6 +146,10 @@ class TrainLoop:
                 if do_log or do_save or self.stability.every_step:
                     loss_value, grad_value = self.mean_over_ranks(loss), grad_norm.item()
                     finite = self.stability.observe(step, loss_value, grad_value, self.skip_nonfinite)
+                    reason = self.stability.rollback_reason(finite)
+                    if reason is not None and (reloaded := self.rollback(metrics, step, reason)) is not None:
+                        saved = reloaded  # the newest checkpoint again: any later one would postdate the event
+                        continue
                     if do_log:
                         self.log_train_step(metrics, loss_value, grad_value, lr, started)
                     if not finite and (error := self.stability.stop(step, loss_value, grad_value, saved)):
@@ -162,6 +173,35 @@ class TrainLoop:
             preemption.close()
         self.report(val_loss, state.step - start_step, time.time() - started, saved)
         return TrainResult(self.run_dir, state.step, val_loss, saved)
+
+    def rollback(self, metrics: MetricsLogger, step: int, reason: str) -> Path | None:
+        """Reload the newest checkpoint from before `step` (through the resume path: verified, any backend and
+        layout), skip batches, and record the rollback; returns the checkpoint loaded (None: a spike with nothing
+        to return to, trained on)."""
+        target = self.checkpointer.before(step)
+        if target is None:
+            if reason == "loss_spike":
+                LOG.warning(f"no checkpoint before step {step} to roll back to; training on")
+                return None
+            raise UserError(f"non-finite loss at step {step} and no checkpoint before it to roll back to; lower "
+                            f"checkpoint.every or training.lr and start again")
+        if (error := self.rollback_limit.admit(step)) is not None:
+            raise error
+        loaded = self.checkpointer.load(target, self.engine, self.state)
+        apply_hyperparameters(self.engine.optimizer, self.cfg.training)  # as on a resume: the config wins
+        apply_lr_schedule(self.engine.optimizer, self.engine.scheduler, self.cfg.training)
+        back_to, skip = self.state.step, self.cfg.stability.rollback_skip_batches
+        skip = step - back_to if skip is None else skip
+        self.state.batches.skip(skip)
+        self.stability.restart()
+        self.stability.rollbacks += 1
+        metrics.rewind(back_to)
+        metrics.log({"step": step, "event": "rollback", "reason": reason, "rollback_to": back_to,
+                     "skipped_batches": skip}, quiet=True)
+        LOG.warning(f"rollback {self.stability.rollbacks}: {reason.replace('_', ' ')} at step {step}; reloaded "
+                    f"{loaded} (step {back_to}) and skipped the next {skip} batch(es)")
+        self.interval_start, self.interval_step = time.time(), back_to
+        return loaded
 
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         return all_reduce_sum([value.item()], self.dist.device)[0] / self.dist.world_size
@@ -206,7 +246,8 @@ class TrainLoop:
         self.model.train()
         inputs, targets = self.state.batches.next_batch()
         lr = self.engine.lr
-        loss = self.engine.forward_backward(inputs, targets, self.diagnostics.probe() if diagnose else None)
+        with injected_fault(self.faults.pop(self.state.step + 1, None)):
+            loss = self.engine.forward_backward(inputs, targets, self.diagnostics.probe() if diagnose else None)
         if diagnose:
             self.diagnostics.before_step()
         return loss, self.engine_step(), lr

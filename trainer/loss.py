@@ -1,8 +1,10 @@
 """The training objective, in one place for the loop, the pipeline schedule and bench/: token cross entropy (the
-logged loss), the optional z-loss term, and perplexity for reports."""
+logged loss), the optional z-loss term, perplexity for reports, and the debug.* fault injection that multiplies a
+step's loss (NaN: a diverged step; 1000: a loss spike), here so that every backend and layout sees it alike."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -19,14 +21,29 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
 
 
+_fault_factor: float | None = None  # set by injected_fault() around one training step
+
+
+@contextlib.contextmanager
+def injected_fault(factor: float | None):
+    """Within this context every micro-batch's loss and objective are multiplied by `factor` (None: untouched)."""
+    global _fault_factor
+    _fault_factor = factor
+    try:
+        yield
+    finally:
+        _fault_factor = None
+
+
 def micro_batch_objective(logits: torch.Tensor, targets: torch.Tensor, n_microbatches: int,
                           z_coefficient: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, objective) of one of a step's `n_microbatches` micro-batches: the loss is its share of the step's mean
     token cross entropy (what is logged); the objective adds the z-loss term (what is trained on)."""
     loss = cross_entropy(logits, targets) / n_microbatches
-    if not z_coefficient:
-        return loss, loss
-    return loss, loss + z_coefficient * z_loss(logits) / n_microbatches
+    objective = loss + z_coefficient * z_loss(logits) / n_microbatches if z_coefficient else loss
+    if _fault_factor is not None:
+        return loss * _fault_factor, objective * _fault_factor
+    return loss, objective
 
 
 def perplexity(loss: float) -> float:

@@ -63,11 +63,20 @@ class JsonlSink:
     def __init__(self, path: Path, resume_step: int):
         self.path = path
         if path.exists():  # keep only what the resumed checkpoint already covers
-            kept = [line for line in path.read_text().splitlines() if line.strip() and _step(line) <= resume_step]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+            self._keep(lambda line: _step(line) <= resume_step)
         self.file = open(path, "a", buffering=1)
+
+    def _keep(self, keep) -> None:
+        kept = [line for line in self.path.read_text().splitlines() if line.strip() and keep(line)]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
+
+    def rewind(self, step: int) -> None:
+        """After a rollback to `step`: drop the rows of the steps past it, keeping the event rows (the history)."""
+        self.file.close()
+        self._keep(lambda line: _step(line) <= step or '"event":' in line)
+        self.file = open(self.path, "a", buffering=1)
 
     def write(self, row: dict) -> None:
         self.file.write(json.dumps(row) + "\n")
@@ -89,6 +98,13 @@ class TensorBoardSink:
 
         # Drops events past the checkpoint we resume from (including a crashed attempt's before any checkpoint).
         self.writer = SummaryWriter(str(log_dir), purge_step=resume_step + 1)
+
+    def rewind(self, step: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        log_dir = self.writer.log_dir
+        self.writer.close()
+        self.writer = SummaryWriter(log_dir, purge_step=step + 1)
 
     def write(self, row: dict) -> None:
         for key, value in row.items():
@@ -121,11 +137,23 @@ class MetricsLogger:
 
     def recorded_events(self) -> list[str]:
         """The "event" of every row already in metrics.jsonl (after the resume truncation); empty off rank 0."""
+        return [row["event"] for row in self._event_rows()]
+
+    def recorded_event_steps(self, event: str) -> list[int]:
+        """The steps of the recorded rows of one event; empty off rank 0."""
+        return [int(row["step"]) for row in self._event_rows() if row["event"] == event]
+
+    def _event_rows(self) -> list[dict]:
         sink = next((s for s in self.sinks if isinstance(s, JsonlSink)), None)
         if sink is None:
             return []
         rows = (json.loads(line) for line in sink.path.read_text().splitlines() if line.strip())
-        return [row["event"] for row in rows if isinstance(row, dict) and "event" in row]
+        return [row for row in rows if isinstance(row, dict) and "event" in row]
+
+    def rewind(self, step: int) -> None:
+        """Forget the rows of steps past `step` (a rollback returned there); event rows stay."""
+        for sink in self.sinks:
+            sink.rewind(step)
 
     def log(self, row: dict, quiet: bool = False) -> None:
         """Record a row everywhere; `quiet` rows (not training progress) skip the progress line."""

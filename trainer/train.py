@@ -67,7 +67,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     if cfg.deepspeed and cfg.parallel.backend != "deepspeed":
         LOG.warning(f"the deepspeed: section is ignored with parallel.backend={cfg.parallel.backend}")
     parallel = parallelize_model(cfg, model, dims, mesh)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, dist_info)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, dist_info, cfg.checkpoint.on_damaged)
     checkpointer.remove_partial()
     latest = checkpointer.latest()
     # A new run may start from another checkpoint's weights; a run with checkpoints of its own resumes from them.
@@ -76,7 +76,7 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     engine = build_engine(cfg, parallel, dims, mesh, dist_info)
     state = TrainState(engine.scheduler, inputs.batches)
     if latest is not None:
-        checkpointer.load(latest, engine, state)
+        latest = checkpointer.load(latest, engine, state)  # or the intact one before it (on_damaged=previous)
         apply_hyperparameters(engine.optimizer, cfg.training)  # the config wins over the checkpoint's values
         apply_lr_schedule(engine.optimizer, engine.scheduler, cfg.training)
     # The run has started cleanly: from here on it writes into its directory.

@@ -3,9 +3,7 @@ it, and its `model.*` tensors by name, checked against that config (shapes, file
 
 from __future__ import annotations
 
-import io
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -14,6 +12,7 @@ from torch.distributed.checkpoint import FileSystemReader
 
 from models.config import ModelConfig
 from trainer.checkpoint import checkpoint_format, complete_checkpoints, load_failure_reason, single_process_ok
+from trainer.checkpoint_verify import dcp_chunk_problems, dcp_size_problems
 from trainer.config import Config, config_from_dict
 from trainer.convert.hf import mapping
 from trainer.convert.output import say
@@ -75,36 +74,19 @@ class CheckpointTensors:
 
     def _check_file_sizes(self, metadata) -> None:
         """Every byte range the model tensors need exists: a truncated or missing .distcp file fails here."""
-        needed: dict[str, int] = {}
         self.pieces: dict[str, list] = {}  # tensor name -> where its chunks are stored
         for index, info in metadata.storage_data.items():
             if index.fqn.startswith("model."):
-                needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
                 self.pieces.setdefault(index.fqn.removeprefix("model."), []).append(info)
-        for name, size in needed.items():
-            file = self.path / name
-            actual = file.stat().st_size if file.is_file() else -1
-            if actual < size:
-                problem = "is missing" if actual < 0 else f"is truncated ({actual:,} of at least {size:,} bytes)"
-                raise UserError(f"checkpoint file {file} {problem}; the checkpoint is damaged")
+        problems = dcp_size_problems(self.path, [info for infos in self.pieces.values() for info in infos])
+        if problems:
+            raise UserError(f"checkpoint file {problems[0]}; the checkpoint is damaged")
 
     def verify(self, names: list[str]) -> None:
-        """Check the stored CRC32 of every chunk of `names`: DCP writes each chunk with torch.save, a zip archive
-        whose records carry checksums that torch.load itself never checks, so flipped bits would load silently."""
+        """Check the stored CRC32 of every chunk of `names` (trainer/checkpoint_verify.py)."""
         for name in names:
-            for info in self.pieces.get(name, []):
-                with open(self.path / info.relative_path, "rb") as f:
-                    f.seek(info.offset)
-                    chunk = io.BytesIO(f.read(info.length))
-                if not zipfile.is_zipfile(chunk):
-                    continue  # another serialization format: no checksums to check
-                try:
-                    bad = zipfile.ZipFile(chunk).testzip()
-                except (zipfile.BadZipFile, OSError, EOFError) as err:
-                    bad = str(err)
-                if bad is not None:
-                    raise UserError(f"checkpoint file {self.path / info.relative_path} is corrupted: tensor {name} "
-                                    f"fails its checksum ({bad}); the checkpoint is damaged")
+            if problems := dcp_chunk_problems(self.path, self.pieces.get(name, [])):
+                raise UserError(f"checkpoint file {problems[0]} in tensor {name}; the checkpoint is damaged")
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         self.verify(names)

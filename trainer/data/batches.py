@@ -156,6 +156,11 @@ class TrainBatches:
         windows = np.asarray([self.order.next() for _ in range(self.global_batch)])[self.local_slice]
         return stack_windows(self.tokens, windows, self.seq_len)
 
+    def skip(self, n_batches: int) -> None:
+        """Move the data position past the next `n_batches` global batches without reading them."""
+        for _ in range(n_batches * self.global_batch):
+            self.order.next()
+
     def state_dict(self) -> dict:
         return {"epoch": self.order.epoch, "position": self.order.position, "seed": self.order.seed,
                 "n_windows": self.n_windows, "seq_len": self.seq_len}

@@ -137,6 +137,11 @@ class MixtureBatches:
         batch = torch.from_numpy(np.stack(rows).astype(np.int64))
         return batch[:, :-1], batch[:, 1:]
 
+    def skip(self, n_batches: int) -> None:
+        """Move the data position past the next `n_batches` global batches without reading them."""
+        for _ in range(n_batches):
+            self._next_global_slots()
+
     def shares(self) -> dict[str, float]:
         """Each source's share of the training tokens drawn so far in this run (resumes included)."""
         total = max(1, int(self.drawn.sum()))

@@ -57,6 +57,7 @@ def read_run(study: Study, cell: Cell) -> dict:
             "steps_to_divergence": blown if diverged else None,
             "final_val_loss": final_val if not diverged else None,
             "final_train_loss": train[-1][1] if train else None, "step": train[-1][0] if train else 0,
+            "rollbacks": sum(r.get("event") == "rollback" for r in rows),
             "train_curve": train, "val_curve": evals, "diagnostics": diags}
 
 
@@ -80,7 +81,8 @@ def aggregate(study: Study, runs: list[dict]) -> list[dict]:
         mean, std = _mean_std(finals)
         published = _published_value(study, key)
         cells.append({**key, "runs": len(group), "done": sum(r["status"] in ENDED for r in group),
-                      "diverged": sum(r["diverged"] for r in group), "val_loss_mean": mean, "val_loss_std": std,
+                      "diverged": sum(r["diverged"] for r in group), "rollbacks": sum(r["rollbacks"] for r in group),
+                      "val_loss_mean": mean, "val_loss_std": std,
                       "steps_to_divergence": statistics.fmean(div_steps) if div_steps else None,
                       "max_attn_logit_end": statistics.fmean(end_logits) if end_logits else None,
                       "measured": _measured(study, mean), "published": published})
@@ -275,13 +277,13 @@ def write_report(study: Study) -> Path:
     cells = aggregate(study, runs)
     axes = [a for a in study.axes if a != SEED_KEY]
     run_columns = ["name", *study.axes, "status", "step", "diverged", "steps_to_divergence", "final_val_loss",
-                   "final_train_loss"]
+                   "final_train_loss", "rollbacks"]
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=run_columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(runs)
-    cell_columns = [*axes, "runs", "done", "diverged", "val_loss_mean", "val_loss_std", "steps_to_divergence",
-                    "max_attn_logit_end", *(["measured", "published"] if study.published else [])]
+    cell_columns = [*axes, "runs", "done", "diverged", "rollbacks", "val_loss_mean", "val_loss_std",
+                    "steps_to_divergence", "max_attn_logit_end", *(["measured", "published"] if study.published else [])]
     with open(out / "cells.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cell_columns, extrasaction="ignore")
         writer.writeheader()
@@ -299,15 +301,17 @@ def write_report(study: Study) -> Path:
               f"{sum(r['diverged'] for r in runs)} diverged. Final validation loss: mean ± std over seeds of the "
               f"runs that did not diverge. A run diverged if it stopped on a non-finite loss or ended above "
               f"ln(vocab) (uniform guessing)."), "",
-             "| " + " | ".join(a.split(".")[-1] for a in axes) + " | runs done | diverged | final val loss | "
+             "| " + " | ".join(a.split(".")[-1] for a in axes) + " | runs done | diverged | rollbacks | "
+             "final val loss | "
              + (f"measured {metric} | published {metric} | " if published else "")
              + "steps to divergence | max attn logit (end) |",
-             "|" + "---|" * (len(axes) + 5 + 2 * bool(published))]
+             "|" + "---|" * (len(axes) + 6 + 2 * bool(published))]
     for c in cells:
         loss = "–" if c["val_loss_mean"] is None else f"{c['val_loss_mean']:.4f} ± {c['val_loss_std']:.4f}"
         side = f"{_fmt(c['measured'])} | {_fmt(c['published'])} | " if published else ""
         lines.append("| " + " | ".join(_fmt(c[a]) for a in axes) + f" | {c['done']}/{c['runs']} | "
-                     f"{diverged_text(c, study)} | {loss} | {side}{_fmt(c['steps_to_divergence'])} | "
+                     f"{diverged_text(c, study)} | {c['rollbacks']} | {loss} | {side}"
+                     f"{_fmt(c['steps_to_divergence'])} | "
                      f"{_fmt(c['max_attn_logit_end'], 3)} |")
     if published:
         lines += ["", f"Published {metric}: {published.get('source') or 'as given in the study file'} "
