@@ -57,10 +57,15 @@ class ModelConfig:
     placement: str = config_field("pre", "where norms sit in each block: pre x+F(N(x)), post N(x+F(x)), "
                                   "peri x+N(F(N(x))), mix (first floor(mix_alpha*L) layers post, rest pre), "
                                   "deepnorm LN(a*x+F(x)) a=(2L)^(1/4) with v/o/MLP init x(8L)^(-1/4), "
-                                  "lns x+F(N(x)/sqrt(l)), reordered x+N(F(x)) (OLMo 2)",
+                                  "lns x+F(N(x)/sqrt(l)), reordered x+N(F(x)) (OLMo 2), subln Pre-LN plus a norm "
+                                  "before o_proj and down_proj with v/o/MLP init x sqrt(log 2L) (Magneto), "
+                                  "normformer Pre-LN plus head scales, a norm after attention and one before "
+                                  "down_proj (NormFormer)",
                                   tuple(PLACEMENTS))
     mix_alpha: float = config_field(0.25, "fraction of Post-LN layers at the bottom for placement=mix (Mix-LN)",
                                     ge=0, le=1)
+    normformer_residual_scale: bool = config_field(
+        False, "placement=normformer: a learnable per-feature gain (init 1) on the MLP branch's skip path")
     layer_placements: Optional[list[str]] = config_field(
         None, "one placement per layer, overriding placement (e.g. [post, pre, pre, pre] or post,pre,pre,pre)",
         tuple(p for p in PLACEMENTS if p != "mix"))

@@ -9,6 +9,10 @@ the norm:
     Peri-LN output norms      on the row-parallel output, after its reduce(-scatter), before the add
     Post-LN / Mix-LN norms    on the sum, after the add
     QK-norm                   per head, on each rank's local heads (the heads are sharded, the head_dim is whole)
+    inner norms (Sub-LN)      on the heads before o_proj / the hidden units before down_proj, which tp shards: the
+                              norm runs on a DTensor sharded along its features, so its statistics are all-reduced
+                              and it stays the full-width norm; its weights are sharded like those features
+    head scales (NormFormer)  one gain per head, sharded with the heads
 
 Replicated norm weights that saw only a slice of the tokens get partial gradients; DTensor sums them over tp.
 q/k/v and gate/up are column-parallel (heads and hidden units split), o and down row-parallel. The embedding is
@@ -19,11 +23,12 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_module
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 from models.norms import Norm
+from models.transformer import Gain
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool) -> None:
@@ -70,9 +75,31 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
             if isinstance(getattr(block.attention, qk), Norm):
                 block_plan[f"attention.{qk}"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         parallelize_module(block, tp_mesh, block_plan)
+        for sublayer in (block.attention, block.feed_forward):
+            if isinstance(sublayer.inner_norm, Norm):
+                shard_features(sublayer.inner_norm, tp_mesh, feature_dim=2)  # (batch, seq, local features)
+        if isinstance(block.attention.head_scale, Gain):
+            shard_features(block.attention.head_scale, tp_mesh, feature_dim=2)  # (batch, seq, local heads, hd)
     parallelize_module(model, tp_mesh, plan)
-    for name, norm in model.named_modules():
-        if isinstance(norm, Norm):
-            norm.kernels = "torch"  # the Triton kernels take plain tensors; DTensor shards the PyTorch ops
-            if not name.endswith(("q_norm", "k_norm")):
-                distribute_module(norm, tp_mesh)  # replicate the weights; the stream is a DTensor already
+    for name, module in model.named_modules():
+        if isinstance(module, Norm):
+            module.kernels = "torch"  # the Triton kernels take plain tensors; DTensor shards the PyTorch ops
+        if isinstance(module, (Norm, Gain)) and not isinstance(module.weight, DTensor):
+            distribute_module(module, tp_mesh)  # replicate the weights; the stream is a DTensor already
+
+
+def shard_features(module: nn.Module, tp_mesh: DeviceMesh, feature_dim: int) -> None:
+    """Run `module` (an inner norm or the head gains, between a column- and a row-parallel matmul) on its input's
+    tp-sharded features as a whole: its weights are split like those features, and it sees the local activation
+    as a DTensor sharded on `feature_dim`, so a norm's mean over the features is reduced over tp (DTensor)."""
+    def shard_params(name, mod, mesh):
+        for key, param in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)])))
+
+    def to_dtensor(mod, inputs, mesh):
+        return tuple(DTensor.from_local(x, mesh, [Shard(feature_dim)], run_check=False) for x in inputs)
+
+    def to_local(mod, output, mesh):
+        return output.redistribute(mesh, [Shard(feature_dim)]).to_local()
+
+    distribute_module(module, tp_mesh, shard_params, to_dtensor, to_local)
