@@ -66,6 +66,9 @@ CASES = {  # id: (overrides, expected architecture)
     "deepnorm-layernorm": (["model.placement=deepnorm", "model.norm=layernorm"], "NormtronForCausalLM"),
     "lns-reordered-layers-qknorm": (["model.layer_placements=lns,reordered", "model.qk_norm=true"],
                                     "NormtronForCausalLM"),
+    "subln-layernorm": (["model.placement=subln", "model.norm=layernorm"], "NormtronForCausalLM"),
+    "normformer-subln-layers-residual": (["model.layer_placements=normformer,subln",
+                                          "model.normformer_residual_scale=true"], "NormtronForCausalLM"),
 }
 
 

@@ -19,8 +19,8 @@ PLACEMENTS = {
     "peri": ["model.placement=peri", "model.norm=layernorm", "model.norm_bias=true", "model.qk_norm=true",
              "model.embed_norm=true"],
     "mix": ["model.placement=mix", "model.n_layers=4", "model.mix_alpha=0.5"],  # layers 0-1 post, 2-3 pre
-    "subln": ["model.placement=subln", "model.norm=layernorm"],  # inner norms over tp-sharded features
-    "normformer": ["model.placement=normformer", "model.normformer_residual_scale=true"],  # + sharded head scales
+    # Sub-LN's and NormFormer's inner norms over tp-sharded features, NormFormer's head gains sharded with the heads
+    "zoo": ["model.layer_placements=subln,normformer", "model.normformer_residual_scale=true", "model.norm=layernorm"],
 }
 
 
@@ -36,8 +36,7 @@ LAYOUTS = [
     ("tp2_post_no_sp_compiled", "post", 2, [*TP, "parallel.sequence_parallel=false",
                                             "parallel.loss_parallel=false", "parallel.compile=true"]),
     ("tp2_sp_peri", "peri", 2, [*TP]),
-    ("tp2_sp_subln", "subln", 2, [*TP]),
-    ("tp2_normformer_no_sp", "normformer", 2, [*TP, "parallel.sequence_parallel=false"]),
+    ("tp2_sp_subln_normformer", "zoo", 2, [*TP]),
     ("tp2_sp_mix_selective_ac", "mix", 2, [*TP, "parallel.activation_checkpoint=selective"]),
     ("tp2_fsdp2_mix_full_ac_accum", "mix", 4, [*TP, "parallel.activation_checkpoint=full",
                                                "training.micro_batch_size=2"]),
