@@ -173,3 +173,29 @@ def test_subln_init_scales_value_output_and_mlp_weights_by_sqrt_log_2n(n_layers)
         factor = {"v_proj": gamma, "gate_proj": gamma, "up_proj": gamma, "o_proj": gamma / depth_scale,
                   "down_proj": gamma / depth_scale}.get(leaf, 1.0)
         torch.testing.assert_close(sub_params[name], w_pre * factor, rtol=1e-12, atol=0, msg=name)
+
+
+def test_diagnostics_count_inner_norms_and_head_gains_in_their_sublayer():
+    """attn_grad_norm covers the attention's inner norm and head gains, mlp_grad_norm the MLP's inner norm (each
+    recomputed here from the gradients), and those gradients are not zero."""
+    import torch.nn.functional as F
+
+    from trainer.diagnostics import Diagnostics
+
+    model = random_model(layer_placements=["subln", "normformer", "pre"])
+    diagnostics = Diagnostics(model, every=1, total_steps=1, device=torch.device("cpu"), gradients=True)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(2))
+    with diagnostics.probe():
+        logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()
+    diagnostics.before_step()
+    row = diagnostics.after_step()
+    grads = {n: p.grad.double() for n, p in model.named_parameters()}
+    for name in ("layers.0.attention.inner_norm.weight", "layers.0.feed_forward.inner_norm.weight",
+                 "layers.1.attention.head_scale.weight", "layers.1.feed_forward.inner_norm.weight"):
+        assert grads[name].abs().max() > 0, name
+    for i in range(3):
+        for key, prefix in (("attn_grad_norm", "attention."), ("mlp_grad_norm", "feed_forward.")):
+            group = [g for n, g in grads.items() if n.startswith(f"layers.{i}.{prefix}")]
+            want = math.sqrt(sum(float(g.pow(2).sum()) for g in group))
+            assert row[key][i] == pytest.approx(want, rel=1e-5), (key, i)
