@@ -105,6 +105,9 @@ class ModelConfig:
                              f"each key/value head must serve a whole number of query heads")
         if self.head_dim % 2:
             raise ValueError(f"model.dim/model.n_heads = {self.head_dim} is odd; RoPE needs an even head size")
+        if self.normformer_residual_scale and "normformer" not in (self.layer_placements or [self.placement]):
+            raise ValueError("model.normformer_residual_scale=true needs a normformer layer; set "
+                             "model.placement=normformer (or list normformer in model.layer_placements)")
         if self.layer_placements is not None and len(self.layer_placements) != self.n_layers:
             raise ValueError(f"model.layer_placements lists {len(self.layer_placements)} placements for "
                              f"model.n_layers={self.n_layers} layers; give exactly one per layer")

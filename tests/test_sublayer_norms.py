@@ -199,3 +199,47 @@ def test_diagnostics_count_inner_norms_and_head_gains_in_their_sublayer():
             group = [g for n, g in grads.items() if n.startswith(f"layers.{i}.{prefix}")]
             want = math.sqrt(sum(float(g.pow(2).sum()) for g in group))
             assert row[key][i] == pytest.approx(want, rel=1e-5), (key, i)
+
+
+def test_fp8_linears_around_the_inner_norms():
+    """Under FP8 every projection around the inner norms (v/o, gate/up/down) computes with torch._scaled_mm while the
+    norms and head gains stay in high precision with fp32 gradients; the logits stay within FP8's few percent of the
+    fp32 model's (e4m3: 3 mantissa bits)."""
+    from parallel.float8 import apply_float8
+    from trainer.engine import materialize
+
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=128, max_seq_len=32, vocab_size=256,
+                      layer_placements=["subln", "normformer"], normformer_residual_scale=True, init_std=0.05)
+    torch.set_default_dtype(torch.float32)
+    with torch.device("meta"):
+        exact, fp8 = Transformer(cfg), Transformer(cfg)
+    converted = apply_float8(fp8, "tensorwise", emulate=False, fsdp_float8_all_gather=False)
+    for model in (exact, fp8):
+        materialize(model, torch.device("cpu"), seed=0)
+    assert len(converted) == 2 * 7  # q/k/v/o and gate/up/down of both layers
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = fp8(tokens)
+        logits.float().pow(2).mean().backward()
+    assert sum(e.name == "aten::_scaled_mm" for e in profile.events()) == 3 * len(converted)
+    for name, p in fp8.named_parameters():
+        assert p.dtype == torch.float32 and p.grad is not None and bool(p.grad.isfinite().all()), name
+        if "inner_norm" in name or "head_scale" in name or "residual_gain" in name:
+            assert p.grad.abs().max() > 0, name
+    with torch.no_grad():
+        want = exact(tokens)
+    error = ((logits.float() - want).norm() / want.norm()).item()
+    assert 1e-3 < error < 0.1, error  # FP8 rounding shows, but stays small
+
+
+def test_residual_scale_without_a_normformer_layer_is_a_one_line_error(tmp_path, capsys):
+    from helpers import TINY
+
+    from trainer.cli import main
+
+    args = ["train", TINY, f"run.output_dir={tmp_path}", "model.normformer_residual_scale=true"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("normtron: error: ") and err.count("\n") == 1 and "needs a normformer layer" in err, err
+    assert not list(tmp_path.iterdir())  # nothing written
