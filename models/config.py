@@ -57,11 +57,16 @@ class ModelConfig:
     placement: str = config_field("pre", "where norms sit in each block: pre x+F(N(x)), post N(x+F(x)), "
                                   "peri x+N(F(N(x))), mix (first floor(mix_alpha*L) layers post, rest pre), "
                                   "deepnorm LN(a*x+F(x)) a=(2L)^(1/4) with v/o/MLP init x(8L)^(-1/4), "
-                                  "lns x+F(N(x)/sqrt(l)), reordered x+N(F(x)) (OLMo 2), "
+                                  "lns x+F(N(x)/sqrt(l)), reordered x+N(F(x)) (OLMo 2), subln Pre-LN plus a norm "
+                                  "before o_proj and down_proj with v/o/MLP init x sqrt(log 2L) (Magneto), "
+                                  "normformer Pre-LN plus head scales, a norm after attention and one before "
+                                  "down_proj (NormFormer), "
                                   "ngpt x<-L2(x+a(L2(F(x))-x)) on the hypersphere (nGPT; no norm layers)",
                                   tuple(PLACEMENTS))
     mix_alpha: float = config_field(0.25, "fraction of Post-LN layers at the bottom for placement=mix (Mix-LN)",
                                     ge=0, le=1)
+    normformer_residual_scale: bool = config_field(
+        False, "placement=normformer: a learnable per-feature gain (init 1) on the MLP branch's skip path")
     layer_placements: Optional[list[str]] = config_field(
         None, "one placement per layer, overriding placement (e.g. [post, pre, pre, pre] or post,pre,pre,pre)",
         tuple(p for p in PLACEMENTS if p != "mix"))
@@ -101,6 +106,9 @@ class ModelConfig:
                              f"each key/value head must serve a whole number of query heads")
         if self.head_dim % 2:
             raise ValueError(f"model.dim/model.n_heads = {self.head_dim} is odd; RoPE needs an even head size")
+        if self.normformer_residual_scale and "normformer" not in (self.layer_placements or [self.placement]):
+            raise ValueError("model.normformer_residual_scale=true needs a normformer layer; set "
+                             "model.placement=normformer (or list normformer in model.layer_placements)")
         if self.layer_placements is not None and len(self.layer_placements) != self.n_layers:
             raise ValueError(f"model.layer_placements lists {len(self.layer_placements)} placements for "
                              f"model.n_layers={self.n_layers} layers; give exactly one per layer")

@@ -10,6 +10,11 @@ where norms sit around F, as a `NormWiring`:
     input_scale s:     x + F(s*N(x))    (the input norm's output scaled: LayerNorm Scaling)
     init_gain b:       the value, output and MLP weights of the layer start at b times their usual init (DeepNorm)
     hypersphere:       x <- L2(x + alpha*(L2(F(x)) - x)) with learnable alpha (nGPT); the other fields are unused
+    inner_norm:        x + F(...) with a norm inside F, on the input of its last projection: the attention heads
+                       before o_proj, the MLP activation before down_proj (Sub-LN; NormFormer's MLP)
+    head_scale:        a learnable gain per attention head on the attention output before o_proj (NormFormer)
+    learned_residual:  g*x + F(x) with a learnable per-feature gain g on the skip path (NormFormer's option)
+    mlp:               the MLP branch's own wiring, where it differs from the attention branch's (NormFormer)
 
 A placement maps (layer index, number of layers, model config) to the wiring of that layer, so per-layer schemes
 such as Mix-LN are one function. Adding a placement means adding one entry to `PLACEMENTS`. This module sits below
@@ -31,6 +36,7 @@ class PlacementConfig(Protocol):
     placement: str
     layer_placements: Optional[list[str]]
     mix_alpha: float
+    normformer_residual_scale: bool
 
 
 @dataclass(frozen=True)
@@ -43,6 +49,14 @@ class NormWiring:
     init_gain: float = 1.0       # v/o/MLP init std multiplier, replacing depth-scaled init (DeepNorm's beta)
     # nGPT: the whole model lives on the unit hypersphere (models/hypersphere.py); a model-wide choice, never mixed.
     hypersphere: bool = False
+    inner_norm: bool = False     # a norm on the input of the sublayer's last projection (o_proj / down_proj)
+    head_scale: bool = False     # learnable per-head gain on the attention output (attention branch only)
+    learned_residual: bool = False  # learnable per-feature gain on the skip path
+    mlp: Optional[NormWiring] = None  # the MLP branch's wiring when it differs; None: the same as the attention's
+
+    def branch(self, name: str) -> NormWiring:
+        """The wiring of branch 'attention' or 'mlp'."""
+        return self.mlp if name == "mlp" and self.mlp is not None else self
 
 
 PRE = NormWiring(input_norm=True)
@@ -73,6 +87,24 @@ def _lns(layer: int, n_layers: int, cfg: PlacementConfig) -> NormWiring:
     return NormWiring(input_norm=True, input_scale=1.0 / math.sqrt(layer + 1))
 
 
+def _subln(layer: int, n_layers: int, cfg: PlacementConfig) -> NormWiring:
+    """Sub-LN (Magneto, "Foundation Transformers", Wang et al., 2022, Sec. 2.1 Sub-LayerNorm): Pre-LN plus a norm
+    inside each sublayer, before the attention output projection and before the FFN's second projection. Init
+    (Sec. 2.2, and torchscale's decoder-only `subln` init): v/o/FFN weights scaled by gamma = sqrt(log 2N) for N
+    layers; Q/K keep theirs, and the scaled weights carry no GPT-2 depth scaling (they replace it, as DeepNorm's)."""
+    return NormWiring(input_norm=True, inner_norm=True, init_gain=math.sqrt(math.log(2 * n_layers)))
+
+
+def _normformer(layer: int, n_layers: int, cfg: PlacementConfig) -> NormWiring:
+    """NormFormer (Shleifer et al., 2021, Sec. 2 and Fig. 1): Pre-LN plus, on the attention branch, a learnable
+    per-head scale of the attention output (HeadScale) and a norm after attention (Post-Attn LN, an output
+    norm); on the MLP branch a norm after the activation (FFN LN, an inner norm). The optional residual scaling
+    (Sec. 2, lambda_resid: fairseq's `scale_resids`) multiplies the MLP branch's skip by a learnable per-feature gain
+    initialized to one."""
+    mlp = NormWiring(input_norm=True, inner_norm=True, learned_residual=cfg.normformer_residual_scale)
+    return NormWiring(input_norm=True, output_norm=True, head_scale=True, mlp=mlp)
+
+
 PLACEMENTS: dict[str, Callable[[int, int, PlacementConfig], NormWiring]] = {
     "pre": lambda layer, n_layers, cfg: PRE,
     "post": lambda layer, n_layers, cfg: POST,
@@ -82,6 +114,8 @@ PLACEMENTS: dict[str, Callable[[int, int, PlacementConfig], NormWiring]] = {
     "lns": _lns,
     "reordered": lambda layer, n_layers, cfg: REORDERED,  # OLMo 2: x + N(F(x)), no input norm
     "ngpt": lambda layer, n_layers, cfg: NGPT,  # Loshchilov et al. (2024), models/hypersphere.py
+    "subln": _subln,
+    "normformer": _normformer,
 }
 
 

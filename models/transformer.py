@@ -48,12 +48,30 @@ def norm_layer(cfg: ModelConfig, dim: int, present: bool = True) -> nn.Module:
     return build_norm(cfg.norm, dim, cfg.norm_eps, cfg.norm_bias, cfg.kernels) if present else NoNorm()
 
 
+class Gain(nn.Module):
+    """A learnable gain per slice along dimension `dim` of the input (init 1): NormFormer's head scales (dim -2 of
+    (batch, seq, heads, head_dim)) and its residual scaling (the feature dim)."""
+
+    def __init__(self, size: int, dim: int = -1):
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.empty(size))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.view(-1, *[1] * (-self.dim - 1))
+
+
 # --- Sublayers -------------------------------------------------------------------------------------------------
 
 class Attention(nn.Module):
-    """Causal grouped-query self-attention with optional per-head QK-norm."""
+    """Causal grouped-query self-attention with optional per-head QK-norm, and where the wiring asks, per-head
+    gains and an inner norm on the attention output before o_proj."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, wiring: NormWiring = NormWiring()):
         super().__init__()
         self.head_dim = cfg.head_dim
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
@@ -62,6 +80,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
         self.k_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
+        self.head_scale = Gain(cfg.n_heads, dim=-2) if wiring.head_scale else nn.Identity()
+        # Over all heads: under tensor parallelism parallel/ gives it the full-width statistics.
+        self.inner_norm = norm_layer(cfg, cfg.n_heads * cfg.head_dim, present=wiring.inner_norm)
         self.hypersphere_dims: dict[str, int] = {}
         self.qk_scale, self.softmax_scale = None, None  # SDPA's default 1/sqrt(head_dim)
         if uses_hypersphere(cfg):
@@ -88,16 +109,18 @@ class Attention(nn.Module):
             q, k = (self.qk_scale(l2_normalize(t).flatten(2)).view_as(t) for t in (q, k))
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                              scale=self.softmax_scale)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        out = self.head_scale(out.transpose(1, 2))
+        return self.o_proj(self.inner_norm(out.reshape(batch, seq, -1)))
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(N(silu(gate(x)) * up(x))), with the inner norm N only where the wiring asks (else identity)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, wiring: NormWiring = NormWiring()):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)
+        self.inner_norm = norm_layer(cfg, cfg.hidden_dim, present=wiring.inner_norm)
         self.down_proj = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)
         self.hypersphere_dims: dict[str, int] = {}
         self.up_scale = self.gate_scale = None
@@ -113,7 +136,7 @@ class FeedForward(nn.Module):
         if self.up_scale is not None:
             gate = self.gate_scale(self.gate_proj(x)) * self.gate_gain
             return self.down_proj(F.silu(gate) * self.up_scale(self.up_proj(x)))
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.inner_norm(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 # --- Norm placement around one residual branch -------------------------------------------------------------------
@@ -137,6 +160,7 @@ class SublayerNorms(nn.Module):
         self.input = norm_layer(cfg, cfg.dim, present=wiring.input_norm)
         self.output = norm_layer(cfg, cfg.dim, present=wiring.output_norm)
         self.post = norm_layer(cfg, cfg.dim, present=wiring.post_norm)
+        self.residual_gain = Gain(cfg.dim) if wiring.learned_residual else None
         self.eigen_lr = None
         if wiring.hypersphere:
             # nGPT Sec. 2.2.2: h <- Norm(h + alpha (Norm(F(h)) - h)), the "eigen learning rate" alpha per feature,
@@ -154,6 +178,7 @@ class SublayerNorms(nn.Module):
         normed = normed if self.input_scale == 1.0 else self.input_scale * normed
         out = self.output(sublayer(normed))
         skip = x if self.residual_scale == 1.0 else self.residual_scale * x
+        skip = skip if self.residual_gain is None else self.residual_gain(skip)
         if self.norm_after_add:  # Post-LN: the add cannot wait
             y = self.post.add_forward(out, skip)[0]
             return (y, None) if defer_add else y
@@ -166,10 +191,10 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         wiring = layer_wiring(cfg, layer_id)
-        self.attention = Attention(cfg)
-        self.attention_norms = SublayerNorms(wiring, cfg)
-        self.feed_forward = FeedForward(cfg)
-        self.ffn_norms = SublayerNorms(wiring, cfg)
+        self.attention = Attention(cfg, wiring.branch("attention"))
+        self.attention_norms = SublayerNorms(wiring.branch("attention"), cfg)
+        self.feed_forward = FeedForward(cfg, wiring.branch("mlp"))
+        self.ffn_norms = SublayerNorms(wiring.branch("mlp"), cfg)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, residual: torch.Tensor | None = None,
                 defer_add: bool = False):
@@ -263,11 +288,12 @@ class Transformer(nn.Module):
         normalize_hypersphere_(self)  # nGPT starts on the hypersphere (a no-op for other placements)
 
     def _init_std(self, name: str, out_std: float) -> float:
-        """The init std of weight `name`: GPT-2 depth scaling for output projections, or DeepNorm's beta for
-        value/output/MLP weights of a layer whose wiring has an init gain."""
+        """The init std of weight `name`: GPT-2 depth scaling for output projections, or DeepNorm's beta (Sub-LN's
+        gamma) for value/output/MLP weights of a layer whose wiring has an init gain."""
         parts = name.split(".")
         if parts[0] == "layers":
-            gain = layer_wiring(self.cfg, int(parts[1])).init_gain
+            branch = "mlp" if parts[2] == "feed_forward" else "attention"
+            gain = layer_wiring(self.cfg, int(parts[1])).branch(branch).init_gain
             if gain != 1.0 and parts[-1] in ("v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
                 return self.cfg.init_std * gain
         return out_std if name.endswith(("o_proj", "down_proj")) else self.cfg.init_std

@@ -11,6 +11,10 @@ the norm:
     QK-norm                   per head, on each rank's local heads (the heads are sharded, the head_dim is whole)
     nGPT's scaling vectors    s_qk, s_u, s_v sharded with the heads / hidden units they scale (on local tensors);
                               the eigen learning rates and s_z replicated, on the stream / logits DTensors
+    inner norms (Sub-LN)      on the heads before o_proj / the hidden units before down_proj, which tp shards: the
+                              norm runs on a DTensor sharded along its features, so its statistics are all-reduced
+                              and it stays the full-width norm; its weights are sharded like those features
+    head scales (NormFormer)  one gain per head, sharded with the heads
 
 Replicated norm weights that saw only a slice of the tokens get partial gradients; DTensor sums them over tp.
 q/k/v and gate/up are column-parallel (heads and hidden units split), o and down row-parallel. The embedding is
@@ -21,12 +25,13 @@ from __future__ import annotations
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 from models.hypersphere import ScaledVector
 from models.norms import Norm
+from models.transformer import Gain
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool) -> None:
@@ -73,16 +78,38 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
             if isinstance(getattr(block.attention, qk), Norm):
                 block_plan[f"attention.{qk}"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         parallelize_module(block, tp_mesh, block_plan)
+        for sublayer in (block.attention, block.feed_forward):
+            if isinstance(sublayer.inner_norm, Norm):
+                shard_features(sublayer.inner_norm, tp_mesh, feature_dim=2)  # (batch, seq, local features)
+        if isinstance(block.attention.head_scale, Gain):
+            shard_features(block.attention.head_scale, tp_mesh, feature_dim=2)  # (batch, seq, local heads, hd)
     parallelize_module(model, tp_mesh, plan)
-    for name, norm in model.named_modules():
-        if isinstance(norm, Norm):
-            norm.kernels = "torch"  # the Triton kernels take plain tensors; DTensor shards the PyTorch ops
-            if not name.endswith(("q_norm", "k_norm")):
-                distribute_module(norm, tp_mesh)  # replicate the weights; the stream is a DTensor already
-        elif isinstance(norm, ScaledVector):
-            distribute_module(norm, tp_mesh, _shard_vector if norm.column_indexed else None)
+    for name, module in model.named_modules():
+        if isinstance(module, Norm):
+            module.kernels = "torch"  # the Triton kernels take plain tensors; DTensor shards the PyTorch ops
+        if isinstance(module, (Norm, Gain)) and not isinstance(module.weight, DTensor):
+            distribute_module(module, tp_mesh)  # replicate the weights; the stream is a DTensor already
+        elif isinstance(module, ScaledVector):
+            distribute_module(module, tp_mesh, _shard_vector if module.column_indexed else None)
 
 
 def _shard_vector(name: str, module: nn.Module, mesh: DeviceMesh) -> None:
     """A column-indexed ScaledVector split like the projection outputs it scales (ColwiseParallel's Shard(0))."""
     module.weight = nn.Parameter(distribute_tensor(module.weight, mesh, [Shard(0)]))
+
+
+def shard_features(module: nn.Module, tp_mesh: DeviceMesh, feature_dim: int) -> None:
+    """Run `module` (an inner norm or the head gains, between a column- and a row-parallel matmul) on its input's
+    tp-sharded features as a whole: its weights are split like those features, and it sees the local activation
+    as a DTensor sharded on `feature_dim`, so a norm's mean over the features is reduced over tp (DTensor)."""
+    def shard_params(name, mod, mesh):
+        for key, param in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(key, nn.Parameter(distribute_tensor(param, mesh, [Shard(0)])))
+
+    def to_dtensor(mod, inputs, mesh):
+        return tuple(DTensor.from_local(x, mesh, [Shard(feature_dim)], run_check=False) for x in inputs)
+
+    def to_local(mod, output, mesh):
+        return output.redistribute(mesh, [Shard(feature_dim)]).to_local()
+
+    distribute_module(module, tp_mesh, shard_params, to_dtensor, to_local)

@@ -42,7 +42,8 @@ ROUND_TRIP_MODEL = {
     "model.dim": 64, "model.n_layers": 6, "model.n_heads": 8, "model.n_kv_heads": 2, "model.vocab_size": 520,
     "model.ffn_hidden_dim": 128, "model.ffn_multiple_of": 64, "model.norm": "layernorm", "model.norm_eps": 1e-6,
     "model.norm_bias": False, "model.kernels": "torch", "model.placement": "mix", "model.mix_alpha": 0.5,
-    "model.layer_placements": ["post", "pre", "peri", "pre", "pre", "peri"], "model.qk_norm": True, "model.embed_norm": True,
+    "model.layer_placements": ["post", "pre", "peri", "normformer", "subln", "peri"], "model.qk_norm": True,
+    "model.embed_norm": True, "model.normformer_residual_scale": True,
     "model.rope_theta": 500000.0, "model.max_seq_len": 64, "model.init_std": 0.03, "model.depth_scaled_init": False,
 }
 ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output_dir and the model)

@@ -67,6 +67,9 @@ CASES = {  # id: (overrides, expected architecture)
     "lns-reordered-layers-qknorm": (["model.layer_placements=lns,reordered", "model.qk_norm=true"],
                                     "NormtronForCausalLM"),
     "ngpt-tied": (["model.placement=ngpt", "model.tie_embeddings=true"], "NormtronForCausalLM"),
+    "subln-layernorm": (["model.placement=subln", "model.norm=layernorm"], "NormtronForCausalLM"),
+    "normformer-subln-layers-residual": (["model.layer_placements=normformer,subln",
+                                          "model.normformer_residual_scale=true"], "NormtronForCausalLM"),
 }
 
 

@@ -20,6 +20,7 @@ PLACEMENTS = {
     "peri": ["model.placement=peri", "model.norm=layernorm", "model.qk_norm=true", "stability.z_loss=1e-3"],
     "mix": ["model.placement=mix", "model.mix_alpha=0.5"],  # layers 0-1 Post-LN, 2-3 Pre-LN
     "ngpt": ["model.placement=ngpt"],
+    "zoo": ["model.layer_placements=subln,subln,normformer,normformer", "model.normformer_residual_scale=true"],
 }
 PP = ["parallel.backend=fsdp", "parallel.pp=2"]
 
@@ -31,6 +32,7 @@ PIPELINED = [
     ("zbv_post", 2, "post", [*PP, "parallel.pp_schedule=ZBVZeroBubble"]),
     ("interleaved_zb_mix", 2, "mix", [*PP, "parallel.pp_schedule=InterleavedZeroBubble"]),
     ("1f1b_ngpt", 2, "ngpt", [*PP, "parallel.pp_schedule=1F1B"]),  # s_z and the head's renormalization on stage 1
+    ("1f1b_subln_normformer", 2, "zoo", [*PP, "parallel.pp_schedule=1F1B"]),  # a Sub-LN and a NormFormer stage
     ("pp2_fsdp2_1f1b_post", 4, "post", [*PP, "parallel.pp_schedule=1F1B", "training.micro_batch_size=2"]),
 ]
 

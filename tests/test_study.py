@@ -131,6 +131,9 @@ def test_a_killed_study_resumes_its_interrupted_run(shakespeare_data, tmp_path):
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre, sideways]}\n", "sideways"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: pre}\n", "non-empty lists"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {run.name: [a]}\n", "set by the study"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {v: {a: {run.name: b}}}\n", "set by the study"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: {a: 3}}\n", "named variants"),
+    ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: {dyt: {model.norm: dyt}}}\n", "dyt"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nparallel: 2\n", "unknown key"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placement: [pre]}\nresources: {time: 24:00:00}\n",
      "resources.time must be a quoted string such as \"24:00:00\", not 86400"),
@@ -214,3 +217,28 @@ def test_cost_estimate_of_the_scale_configs(name, cells, tokens):
     assert f"{cells} cell(s) x {gpus} GPUs" in out and f"{flops / 1e9:.3g} GFLOP/token" in out
     assert f": {hours:,.0f} GPU-hours each ({hours / gpus:.1f} h wall)" in out
     assert f"total: {cells * hours:,.0f} GPU-hours for {cells} cells" in out
+
+
+def test_named_variants_axis_sets_several_keys_per_value(tmp_path):
+    """A grid axis given as {name: overrides}: each cell gets its variant's overrides, and the axis key (when it is
+    a config key the variant does not set) takes the variant's name; other axes combine with it as usual."""
+    from trainer.config import load_config
+    from trainer.study.spec import load_study
+
+    grid = {"model.placement": {"pre": {}, "subln": None, "ln-pre": {"model.placement": "pre", "model.norm":
+                                                                     "layernorm", "model.norm_bias": False}},
+            "size": {"small": {"model.dim": 32}, "big": {"model.dim": 64, "model.n_layers": 3}},
+            "run.seed": [0, 1]}
+    path = write_study(tmp_path / "s.yaml", tmp_path / "data", grid, reference={"size": "big"})
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "grid": grid}, sort_keys=False))  # in order
+    study = load_study(path, check_data=False)
+    assert study.grid == {"model.placement": ["pre", "subln", "ln-pre"], "size": ["small", "big"], "run.seed": [0, 1]}
+    assert len(study.cells) == 12 and study.cells[0].name == "placement=pre_size=small_seed=0"
+    got = {}
+    for cell in study.cells:
+        model = load_config(study.base, cell.overrides).model
+        got[(cell.values["model.placement"], cell.values["size"])] = (model.placement, model.norm, model.norm_bias,
+                                                                     model.dim, model.n_layers)
+    assert got[("pre", "small")] == ("pre", "rmsnorm", True, 32, 2)
+    assert got[("subln", "big")] == ("subln", "rmsnorm", True, 64, 3)
+    assert got[("ln-pre", "big")] == ("pre", "layernorm", False, 64, 3)

@@ -89,6 +89,21 @@ def test_ngpt_resumes_bitwise_and_across_layouts(runs):
         for got, want_row in zip(sharded, single):
             assert got[key] == pytest.approx(want_row[key], rel=1e-5)
         assert single[-1]["resid_rms"] == pytest.approx([64 ** -0.5] * 2, rel=1e-5)  # unit vectors in dim 64
+ZOO = ["model.layer_placements=subln,normformer", "model.normformer_residual_scale=true", "model.norm=layernorm"]
+
+
+def test_subln_and_normformer_under_fsdp_and_zero3_and_bitwise_resume(runs):
+    """Inner norms, head gains and the learned residual gain shard like any parameter: FSDP2 and ZeRO-3 on 2 ranks
+    match one process, and an FSDP2 run resumed from its step-4 checkpoint repeats steps 5-8 bit for bit."""
+    reference = runs("single_zoo", 1, *ZOO)
+    fsdp = runs("fsdp_zoo", 2, "parallel.backend=fsdp", *ZOO)
+    assert_same_losses(fsdp, reference)
+    assert_same_losses(runs("zero3_zoo", 2, "parallel.backend=deepspeed", "parallel.zero_stage=3", *ZOO), reference)
+    resume_copy(fsdp, "fsdp_zoo_resumed")
+    resumed = runs("fsdp_zoo_resumed", 2, "parallel.backend=fsdp", *ZOO)
+    assert "resumed from" in (resumed / "train.log").read_text()
+    got, want = step_losses(resumed), step_losses(fsdp)
+    assert [got[s] for s in range(5, 9)] == [want[s] for s in range(5, 9)]
 
 
 def test_bf16_sharded_training_stays_close_to_fp32_with_fp32_master_weights(runs):

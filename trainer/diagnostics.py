@@ -2,7 +2,8 @@
 last step, so a study can compare the profile at init with the one at the end).
 
     layer_grad_norm, attn_grad_norm, mlp_grad_norm   gradient norm of each block's parameters, of its attention
-                                                     (q/k/v/o, QK-norms) and of its MLP (gate/up/down)
+                                                     (q/k/v/o, QK-norms, inner norm and head gains where the
+                                                     placement has them) and of its MLP (gate/up/down, inner norm)
     update_ratio                                     ||W_after - W_before|| / ||W_before|| of each block's step
     resid_rms, resid_var                             the residual stream at each block's output: sqrt(mean h^2),
                                                      and the variance over features averaged over tokens

@@ -10,6 +10,14 @@
       run.seed: [0, 1]              # seeds are averaged over in the report
     reference: {training.lr: 1.0e-3}  # the cell the per-layer plots show (default: each axis's first value)
 
+An axis may instead list named variants, each a set of overrides, for choices that span several keys:
+
+    grid:
+      model.placement:              # a variant that does not set the axis key itself sets it to its name
+        pre: {}
+        subln: {}
+        dyt-pre: {model.placement: pre, model.norm: dyt}
+
     launcher: slurm                 # local (default: one process per cell) | torchrun | slurm
     nproc_per_cell: 2               # torchrun: processes per cell (default: 1 per GPU, else 2)
     retries: 1                      # slurm: resubmit a cell whose job failed (not diverged) this many times
@@ -107,6 +115,7 @@ class Study:
     retries: int = 1
     cost: dict = field(default_factory=dict)
     published: dict = field(default_factory=dict)
+    variants: dict = field(default_factory=dict)  # axis -> {variant name: {key: value}} for named-variant axes
 
     @property
     def axes(self) -> list[str]:
@@ -221,6 +230,35 @@ def _published(path: Path, data, grid: dict) -> dict:
     return {"metric": "perplexity", "source": "", **data}
 
 
+def _grid(path: Path, grid) -> tuple[dict, dict]:
+    """(axis -> list of values, axis -> {name: overrides} for the axes given as named variants)."""
+    problem = (f"study file {path}: grid: must map config keys to non-empty lists of values, or to named variants "
+               f"{{name: {{key: value, ...}}}}")
+    if not isinstance(grid, dict) or not grid:
+        raise UserError(problem)
+    values, variants = {}, {}
+    for axis, entry in grid.items():
+        if isinstance(entry, list) and entry:
+            values[axis] = entry
+        elif isinstance(entry, dict) and entry and all(isinstance(v, dict) or v is None for v in entry.values()):
+            variants[axis] = {name: dict(overrides or {}) for name, overrides in entry.items()}
+            values[axis] = list(variants[axis])
+        else:
+            raise UserError(problem)
+    return values, variants
+
+
+def variant_overrides(axis: str, name, variants: dict) -> dict:
+    """The overrides of one grid value: a named variant's own, with its name as the axis key's value when the axis
+    is a config key (section.key) the variant does not set; a plain value sets the axis key."""
+    if axis not in variants:
+        return {axis: name}
+    overrides = dict(variants[axis][name])
+    if "." in str(axis) and axis not in overrides:
+        overrides[axis] = name
+    return overrides
+
+
 def _data_key(cfg) -> str:
     """Cells whose data sections differ only in seq_len read the same data."""
     return repr(dataclasses.replace(cfg.data, seq_len=0))
@@ -243,17 +281,17 @@ def load_study(path: str | Path, max_parallel: int | None = None, check_data: bo
     for key in ("base", "grid", "output_dir"):
         if key not in data:
             raise UserError(f"study file {path} needs a '{key}:' entry")
-    grid, overrides, reference = data["grid"], data.get("overrides") or {}, data.get("reference") or {}
-    if not isinstance(grid, dict) or not grid or not all(isinstance(v, list) and v for v in grid.values()):
-        raise UserError(f"study file {path}: grid: must map config keys to non-empty lists of values")
+    grid, variants = _grid(path, data["grid"])
+    overrides, reference = data.get("overrides") or {}, data.get("reference") or {}
     for name, value in (("overrides", overrides), ("reference", reference)):
         if not isinstance(value, dict):
             raise UserError(f"study file {path}: {name}: must be a mapping of config keys to values")
     for key, value in reference.items():
         if key not in grid or value not in grid[key]:
             raise UserError(f"study file {path}: reference {key}={value!r} is not a value of the grid axis {key}")
+    variant_keys = {key for by_name in variants.values() for chosen in by_name.values() for key in chosen}
     for key in ("run.name", "run.output_dir"):
-        if key in grid or key in overrides:
+        if key in grid or key in overrides or key in variant_keys:
             raise UserError(f"study file {path}: {key} is set by the study for each run; remove it")
     launcher = data.get("launcher", "local")
     if launcher not in LAUNCHERS:
@@ -270,7 +308,7 @@ def load_study(path: str | Path, max_parallel: int | None = None, check_data: bo
     base = (path.parent / str(data["base"])).resolve()
     output_dir = Path(str(data["output_dir"]))
     study = Study(path, base, output_dir, 1, overrides, grid, reference, [], launcher, nproc, retries,
-                  {"gpu_peak_tflops": 989.0, "mfu": 0.4, **cost}, published)
+                  {"gpu_peak_tflops": 989.0, "mfu": 0.4, **cost}, published, variants)
     short = _short_names(list(grid))
     common = [f"{k}={_yaml_value(v)}" for k, v in overrides.items()]
     configs = []
@@ -279,7 +317,8 @@ def load_study(path: str | Path, max_parallel: int | None = None, check_data: bo
         name = cell_name(values, short)
         resources = resolve(values)
         world = {"local": 1, "torchrun": nproc, "slurm": resources.nodes * resources.procs_per_node}[launcher]
-        run_overrides = [*common, *(f"{k}={_yaml_value(v)}" for k, v in values.items()),
+        chosen = {k: v for axis, name in values.items() for k, v in variant_overrides(axis, name, variants).items()}
+        run_overrides = [*common, *(f"{k}={_yaml_value(v)}" for k, v in chosen.items()),
                          f"run.output_dir={output_dir / 'runs'}", f"run.name={name}"]
         try:
             cfg = load_config(base, run_overrides)
