@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, resume_copy, run_cli, state_counts
+from helpers import (MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, resume_copy, run_cli, state_counts,
+                     step_losses)
 
 from models import Transformer
 from trainer.config import load_config
@@ -62,6 +63,24 @@ def test_every_placement_under_fsdp(runs, placement):
     steps = ("training.steps=6", "checkpoint.every=6", "eval.every=6")
     reference = runs(f"single_{label}", 1, *placement, common=steps)
     assert_same_losses(runs(f"fsdp_{label}", 2, "parallel.backend=fsdp", *placement, common=steps), reference)
+
+
+DYT = ["model.norm=dyt", "model.qk_norm=true", "model.embed_norm=true"]  # DyT in every norm position
+
+
+def test_dyt_under_fsdp_and_zero3_matches_single_process_and_resumes_bitwise(runs):
+    """DyT's scalar alpha (and the embedding scale) shard under FSDP2 and partition under ZeRO-3 like any parameter;
+    an FSDP2 checkpoint resumes to the uninterrupted run's losses bit for bit."""
+    steps = ("training.steps=6", "checkpoint.every=3", "eval.every=6")
+    reference = runs("single_dyt", 1, *DYT, common=steps)
+    fsdp = runs("fsdp_dyt", 2, "parallel.backend=fsdp", *DYT, common=steps)
+    assert_same_losses(fsdp, reference)
+    assert_same_losses(runs("zero3_dyt", 2, "parallel.backend=deepspeed", "parallel.zero_stage=3", *DYT,
+                            common=steps), reference)
+    resume_copy(fsdp, "fsdp_dyt_resumed", drop_step=6)
+    resumed = runs("fsdp_dyt_resumed", 2, "parallel.backend=fsdp", *DYT, common=steps)
+    assert "resumed from" in (resumed / "train.log").read_text()
+    assert step_losses(resumed) == step_losses(fsdp)
 
 
 def test_bf16_sharded_training_stays_close_to_fp32_with_fp32_master_weights(runs):
