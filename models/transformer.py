@@ -170,8 +170,8 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """tokens (batch, seq) -> logits (batch, seq, vocab).
 
-    A pipeline stage may set `tok_embeddings` (with `embed_scale` and `embed_norm`), `norm` or `output` to None and delete entries of
-    `layers`; the forward then takes / returns hidden states instead of tokens / logits.
+    A pipeline stage may set `tok_embeddings` (with `embed_scale` and `embed_norm`), `norm` or `output` to None and
+    delete entries of `layers`; the forward then takes / returns hidden states instead of tokens / logits.
     """
 
     def __init__(self, cfg: ModelConfig):

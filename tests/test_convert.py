@@ -66,10 +66,8 @@ CASES = {  # id: (overrides, expected architecture)
     "deepnorm-layernorm": (["model.placement=deepnorm", "model.norm=layernorm"], "NormtronForCausalLM"),
     "lns-reordered-layers-qknorm": (["model.layer_placements=lns,reordered", "model.qk_norm=true"],
                                     "NormtronForCausalLM"),
-    "pre-dyt-qknorm-embednorm": (["model.norm=dyt", "model.qk_norm=true", "model.embed_norm=true"],
-                                 "NormtronForCausalLM"),
-    "post-dyt-nobias-tied": (["model.placement=post", "model.norm=dyt", "model.norm_bias=false",
-                              "model.tie_embeddings=true"], "NormtronForCausalLM"),
+    "peri-dyt-nobias-qknorm-embednorm": (["model.placement=peri", "model.norm=dyt", "model.norm_bias=false",
+                                         "model.qk_norm=true", "model.embed_norm=true"], "NormtronForCausalLM"),
 }
 
 
