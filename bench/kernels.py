@@ -198,14 +198,20 @@ def ptxas_report(hidden_sizes: list[int], arch: int = 90) -> list[str]:
         ptxas = get_ptxas(arch).path
     except TypeError:  # Triton < 3.9 has one ptxas for every architecture
         ptxas = get_ptxas().path
-    stats = {"MEAN", "RSTD", "DW_PART", "DB_PART"}
+    from kernels import triton_dyt as D
+
+    stats = {"MEAN", "RSTD", "DW_PART", "DB_PART", "DA_PART"}
     lines = []
     for n in hidden_sizes:
-        for rms in (True, False):
-            for layout, kernels in ((K.forward_layout, (K._norm_fwd_rows, K._norm_fwd_chunked)),
-                                    (K.backward_layout, (K._norm_bwd_rows, K._norm_bwd_chunked))):
-                block, rows, warps = layout(n)
-                fn = kernels[0] if rows else kernels[1]
+        for norm_type in ("rmsnorm", "layernorm", "dyt"):
+            rms = norm_type == "rmsnorm"
+            if norm_type == "dyt":
+                variants = [(*D.forward_layout(n), D._dyt_fwd), (*D.backward_layout(n), D._dyt_bwd)]
+            else:
+                variants = [(*layout(n), kernels[0] if layout(n)[1] else kernels[1]) for layout, kernels in (
+                    (K.forward_layout, (K._norm_fwd_rows, K._norm_fwd_chunked)),
+                    (K.backward_layout, (K._norm_bwd_rows, K._norm_bwd_chunked)))]
+            for block, rows, warps, fn in variants:
                 flags = {"IS_RMS": rms, "HAS_RES": True, "STORE_H": True, "HAS_BIAS": not rms, "HAS_DH": True,
                          "STORE_DR": False, "ROWS": rows, "BLOCK": block, "ACC": tl.float32}
                 constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
@@ -223,7 +229,7 @@ def ptxas_report(hidden_sizes: list[int], arch: int = 90) -> list[str]:
                 registers = re.search(r"Used (\d+) registers", out).group(1)
                 spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out).groups()
                 usage = f"{registers} registers, {spills[0]} bytes spill stores, {spills[1]} bytes spill loads"
-                lines.append(f"{'rmsnorm' if rms else 'layernorm':<10}hidden {n:>6}  {fn.__name__:<18}"
+                lines.append(f"{norm_type:<10}hidden {n:>6}  {fn.__name__:<18}"
                              f"block {block:>5} x {max(rows, 1):>3} rows, {warps:>2} warps | {usage}")
     return lines
 

@@ -95,11 +95,21 @@ def _dyt_bwd(H, A, W, DY, DH, DX, DR, DW_PART, DB_PART, DA_PART,
     tl.store(DA_PART + pid, tl.sum(tl.sum(da, axis=1), axis=0))
 
 
-def _layout(n: int, max_block: int | None, tile: int) -> tuple[int, int, int]:
-    """(columns per tile, rows per tile, warps): tiles of about `tile` elements, 16 elements per thread."""
+def _layout(n: int, max_block: int | None, tile: int, per_thread: int) -> tuple[int, int, int]:
+    """(columns per tile, rows per tile, warps): tiles of about `tile` elements, `per_thread` elements per thread."""
     block = min(triton.next_power_of_2(n), max_block or MAX_BLOCK)
     rows = max(1, min(128, tile // block))
-    return block, rows, min(16, max(4, block * rows // (32 * 16)))
+    return block, rows, min(16, max(4, block * rows // (32 * per_thread)))
+
+
+def forward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]:
+    return _layout(n, max_block, tile=4096, per_thread=16)
+
+
+def backward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]:
+    # Three partial sums live per element (dweight, dbias, dalpha): half the elements per thread of the forward
+    # (`bench/kernels.py --ptxas`: no spills).
+    return _layout(n, max_block, tile=2048, per_thread=8)
 
 
 class _FusedDyT(torch.autograd.Function):
@@ -117,7 +127,7 @@ class _FusedDyT(torch.autograd.Function):
         m, device = x2.shape[0], x.device
         y = torch.empty((m, n), dtype=out_dtype, device=device)
         h = torch.empty((m, n), dtype=out_dtype, device=device) if residual is not None else x2
-        block, rows, warps = _layout(n, max_block, tile=4096)
+        block, rows, warps = forward_layout(n, max_block)
         if m:
             _dyt_fwd[(triton.cdiv(m, rows), triton.cdiv(n, block))](
                 x2, r2, h, y, alpha, weight, bias if bias is not None else weight,
@@ -139,7 +149,7 @@ class _FusedDyT(torch.autograd.Function):
         dx = torch.empty((m, n), dtype=ctx.x_dtype, device=device)
         store_dr = ctx.r_dtype is not None and ctx.r_dtype != ctx.x_dtype
         dr = torch.empty((m, n), dtype=ctx.r_dtype, device=device) if store_dr else dx
-        block, rows, warps = _layout(n, ctx.max_block, tile=2048)
+        block, rows, warps = backward_layout(n, ctx.max_block)
         rows_per_program = triton.cdiv(triton.cdiv(m, _backward_programs(m, device)), rows) * rows
         programs = triton.cdiv(m, rows_per_program) if m else 0
         acc_dtype = torch.promote_types(ctx.x_dtype, torch.float32)
