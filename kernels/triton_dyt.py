@@ -65,7 +65,7 @@ def _dyt_bwd(H, A, W, DY, DH, DX, DR, DW_PART, DB_PART, DA_PART,
     first = pid.to(tl.int64) * rows_per_program
     end = tl.minimum(first + rows_per_program, M)
     alpha = tl.load(A).to(ACC)
-    da = tl.zeros([ROWS, BLOCK], dtype=ACC)
+    da = tl.zeros([BLOCK], dtype=ACC)  # summed over rows as it goes: one fewer tile of registers
     for start in range(0, N, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         col_ok = cols < N
@@ -82,7 +82,7 @@ def _dyt_bwd(H, A, W, DY, DH, DX, DR, DW_PART, DB_PART, DA_PART,
             dw += dy * t
             if HAS_BIAS:
                 db += dy
-            da += dz * h
+            da += tl.sum(dz * h, axis=0)
             dx = dz * alpha
             if HAS_DH:
                 dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask, other=0.0).to(ACC)
@@ -92,7 +92,7 @@ def _dyt_bwd(H, A, W, DY, DH, DX, DR, DW_PART, DB_PART, DA_PART,
         tl.store(DW_PART + pid.to(tl.int64) * N + cols, tl.sum(dw, axis=0), mask=col_ok)
         if HAS_BIAS:
             tl.store(DB_PART + pid.to(tl.int64) * N + cols, tl.sum(db, axis=0), mask=col_ok)
-    tl.store(DA_PART + pid, tl.sum(tl.sum(da, axis=1), axis=0))
+    tl.store(DA_PART + pid, tl.sum(da, axis=0))
 
 
 def _layout(n: int, max_block: int | None, tile: int, per_thread: int) -> tuple[int, int, int]:
