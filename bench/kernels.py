@@ -1,6 +1,6 @@
 """Benchmark the fused Triton norm kernels on a GPU against PyTorch eager, torch.compile and Liger-Kernel.
 
-    python bench/kernels.py                       # 16384 rows x hidden 1024..16384, bf16, RMSNorm and LayerNorm
+    python bench/kernels.py                       # 16384 rows x hidden 1024..16384, bf16, RMSNorm, LayerNorm, DyT
     python bench/kernels.py --hidden 4096 --norm rmsnorm --rows 32768
     TRITON_INTERPRET=1 python bench/kernels.py --smoke   # tiny shapes on CPU: checks the script, measures nothing
     python bench/kernels.py --ptxas               # no GPU needed: compile every kernel for an H100, print registers
@@ -9,7 +9,8 @@ For each norm and hidden size it times, as medians (triton.testing.do_bench), th
 `norm(x)` and of the fused `add_norm(x, residual)` (y = Norm(x + residual) and the new residual), and prints the
 achieved bandwidth in GB/s -- the bytes each op must move at least, divided by its time -- next to the bandwidth of a
 plain device-to-device copy measured on the same GPU. "eager" is what `model.kernels=torch` runs (PyTorch ops with
-fp32 statistics); "compile" is the same under torch.compile; "liger" is Liger-Kernel when it is installed.
+fp32 statistics); "compile" is the same under torch.compile; "liger" is Liger-Kernel when it is installed
+(LigerDyT for DyT, which has no fused residual add there).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NORMS = ("rmsnorm", "layernorm", "dyt")
+DYT_ALPHA = 0.5  # DyT's scalar alpha in the benchmark (the paper's default alpha0 outside LLMs)
 
 
 def parse_args() -> argparse.Namespace:
@@ -34,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=16384, help="rows (tokens) per call (default 16384)")
     p.add_argument("--hidden", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384], help="hidden sizes")
     p.add_argument("--dtype", choices=DTYPES, default="bf16")
-    p.add_argument("--norm", choices=["rmsnorm", "layernorm"], nargs="+", default=["rmsnorm", "layernorm"])
+    p.add_argument("--norm", choices=NORMS, nargs="+", default=list(NORMS))
     p.add_argument("--impls", nargs="+", default=["triton", "eager", "compile", "liger"],
                    choices=["triton", "eager", "compile", "liger"], help="implementations to time")
     p.add_argument("--ptxas", action="store_true",
@@ -47,8 +50,13 @@ def parse_args() -> argparse.Namespace:
 
 
 # --- Implementations: each returns fn(x, residual or None) -> tuple of outputs -------------------------------------
+# `alpha` is DyT's scalar parameter (None for the other norms).
 
-def triton_impl(norm_type: str, weight, bias, eps: float):
+def triton_impl(norm_type: str, weight, bias, eps: float, alpha=None):
+    if norm_type == "dyt":
+        from kernels.triton_dyt import add_dyt, dyt
+        return lambda x, residual: ((dyt(x, alpha, weight, bias),) if residual is None
+                                    else add_dyt(x, residual, alpha, weight, bias))
     from kernels.triton_norm import add_norm, norm
 
     rms = norm_type == "rmsnorm"
@@ -60,24 +68,36 @@ def triton_impl(norm_type: str, weight, bias, eps: float):
     return fn
 
 
-def eager_impl(norm_type: str, weight, bias, eps: float):
+def eager_impl(norm_type: str, weight, bias, eps: float, alpha=None):
     from models.norms import build_norm
 
     module = build_norm(norm_type, weight.shape[0], eps, bias is not None, kernels="torch")
     module.weight, module.bias = weight, bias  # the shared parameters
+    if alpha is not None:
+        module.alpha = alpha
 
     def fn(x, residual):
         return (module(x),) if residual is None else module.add_forward(x, residual)
     return fn
 
 
-def compile_impl(norm_type: str, weight, bias, eps: float):
+def compile_impl(norm_type: str, weight, bias, eps: float, alpha=None):
     torch._dynamo.reset()  # every shape compiles afresh, never hitting the recompile limit (then running eagerly)
-    return torch.compile(eager_impl(norm_type, weight, bias, eps))
+    return torch.compile(eager_impl(norm_type, weight, bias, eps, alpha))
 
 
-def liger_impl(norm_type: str, weight, bias, eps: float):
+def liger_impl(norm_type: str, weight, bias, eps: float, alpha=None):
     """Liger-Kernel's modules with our parameters; its fused add exists for RMSNorm only."""
+    if norm_type == "dyt":
+        from liger_kernel.transformers import LigerDyT  # (its module moved between releases)
+        dyt_module = LigerDyT(weight.shape[0])
+        dyt_module.alpha, dyt_module.gamma, dyt_module.beta = alpha, weight, bias
+
+        def dyt_fn(x, residual):
+            if residual is not None:
+                raise NotImplementedError("no fused add+DyT in Liger-Kernel")
+            return (dyt_module(x),)
+        return dyt_fn
     if norm_type == "rmsnorm":
         from liger_kernel.transformers.rms_norm import LigerRMSNorm
         norm_module = LigerRMSNorm(weight.shape[0], eps=eps)
@@ -178,14 +198,20 @@ def ptxas_report(hidden_sizes: list[int], arch: int = 90) -> list[str]:
         ptxas = get_ptxas(arch).path
     except TypeError:  # Triton < 3.9 has one ptxas for every architecture
         ptxas = get_ptxas().path
-    stats = {"MEAN", "RSTD", "DW_PART", "DB_PART"}
+    from kernels import triton_dyt as D
+
+    stats = {"MEAN", "RSTD", "DW_PART", "DB_PART", "DA_PART"}
     lines = []
     for n in hidden_sizes:
-        for rms in (True, False):
-            for layout, kernels in ((K.forward_layout, (K._norm_fwd_rows, K._norm_fwd_chunked)),
-                                    (K.backward_layout, (K._norm_bwd_rows, K._norm_bwd_chunked))):
-                block, rows, warps = layout(n)
-                fn = kernels[0] if rows else kernels[1]
+        for norm_type in ("rmsnorm", "layernorm", "dyt"):
+            rms = norm_type == "rmsnorm"
+            if norm_type == "dyt":
+                variants = [(*D.forward_layout(n), D._dyt_fwd), (*D.backward_layout(n), D._dyt_bwd)]
+            else:
+                variants = [(*layout(n), kernels[0] if layout(n)[1] else kernels[1]) for layout, kernels in (
+                    (K.forward_layout, (K._norm_fwd_rows, K._norm_fwd_chunked)),
+                    (K.backward_layout, (K._norm_bwd_rows, K._norm_bwd_chunked)))]
+            for block, rows, warps, fn in variants:
                 flags = {"IS_RMS": rms, "HAS_RES": True, "STORE_H": True, "HAS_BIAS": not rms, "HAS_DH": True,
                          "STORE_DR": False, "ROWS": rows, "BLOCK": block, "ACC": tl.float32}
                 constexprs = {k: v for k, v in flags.items() if k in fn.arg_names}
@@ -203,7 +229,7 @@ def ptxas_report(hidden_sizes: list[int], arch: int = 90) -> list[str]:
                 registers = re.search(r"Used (\d+) registers", out).group(1)
                 spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", out).groups()
                 usage = f"{registers} registers, {spills[0]} bytes spill stores, {spills[1]} bytes spill loads"
-                lines.append(f"{'rmsnorm' if rms else 'layernorm':<10}hidden {n:>6}  {fn.__name__:<18}"
+                lines.append(f"{norm_type:<10}hidden {n:>6}  {fn.__name__:<18}"
                              f"block {block:>5} x {max(rows, 1):>3} rows, {warps:>2} warps | {usage}")
     return lines
 
@@ -246,18 +272,20 @@ def main() -> int:
             x = torch.randn(args.rows, hidden, device=device, dtype=dtype, generator=gen).requires_grad_()
             residual = torch.randn(args.rows, hidden, device=device, dtype=dtype, generator=gen).requires_grad_()
             weight = torch.nn.Parameter((1 + 0.1 * torch.randn(hidden, device=device, generator=gen)).to(dtype))
-            bias = None
-            if norm_type == "layernorm":
+            bias, alpha = None, None
+            if norm_type == "dyt":
+                alpha = torch.nn.Parameter(torch.full((1,), DYT_ALPHA, device=device, dtype=dtype))
+            if norm_type in ("layernorm", "dyt"):
                 bias = torch.nn.Parameter((0.1 * torch.randn(hidden, device=device, generator=gen)).to(dtype))
             grads = [torch.randn_like(x), torch.randn_like(x)]
             for op, res in (("norm", None), ("add_norm", residual)):
-                leaves = [t for t in (x, res, weight, bias) if t is not None]
+                leaves = [t for t in (x, res, alpha, weight, bias) if t is not None]
                 eager_fb = None
                 for impl in sorted(args.impls, key=lambda i: i != "eager"):  # eager first: the speed-up's base
                     if impl in skipped:
                         continue
                     try:
-                        fn = IMPLS[impl](norm_type, weight, bias, 1e-5)
+                        fn = IMPLS[impl](norm_type, weight, bias, 1e-5, alpha)
                         fwd, fb = measure(fn, leaves, x, res, grads, time_ms)
                     except ImportError as err:
                         skipped[impl] = f"not installed ({err.name})"
@@ -287,7 +315,7 @@ def report_targets(results: dict, rows: int) -> None:
     """The issue's targets on an H100: forward >= 90% of copy bandwidth at 16384 x 4096; fused add+norm
     forward+backward >= 3x eager."""
     for (norm_type, op, hidden, impl), (copy_fraction, speedup) in sorted(results.items()):
-        if impl != "triton":
+        if impl != "triton" or norm_type == "dyt":  # the targets are the RMSNorm / LayerNorm kernels
             continue
         if op == "norm" and hidden == 4096 and rows == 16384:
             print(f"target {norm_type} forward >= 90% of copy bandwidth at 16384x4096: {100 * copy_fraction:.0f}% "

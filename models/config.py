@@ -50,7 +50,16 @@ class ModelConfig:
     ffn_multiple_of: int = config_field(256, "rounding for the automatic SwiGLU hidden size", ge=1)
     norm: str = config_field("rmsnorm", "normalization type", NORM_TYPES)
     norm_eps: float = config_field(1e-5, "epsilon inside every norm", gt=0)
-    norm_bias: bool = config_field(True, "LayerNorm has a bias (ignored for rmsnorm)")
+    norm_bias: bool = config_field(True, "LayerNorm and DyT have a bias (ignored for rmsnorm)")
+    # DyT's LLaMA recipe (Zhu et al. 2025, Sec. 7 "Initialization of alpha", its table of alpha0 per LLaMA size; the
+    # reference code jiachenzhu/DyT other_tasks/LLaMA): alpha0 differs between the DyT before attention and all the
+    # others; the defaults are the paper's smallest LLaMA (7B: 0.8 attention, 0.2 other).
+    dyt_alpha_init: float = config_field(0.2, "initial DyT alpha of every DyT except the attention input's "
+                                         "(norm=dyt)", gt=0)
+    dyt_alpha_init_attn: float = config_field(0.8, "initial DyT alpha of the norm on the attention sublayer's input "
+                                              "(norm=dyt)", gt=0)
+    dyt_embed_scale: bool = config_field(True, "with norm=dyt, multiply the embedding output by a learnable scalar "
+                                         "initialized to sqrt(dim) (the DyT paper's LLaMA recipe, its LLM experiments)")
     kernels: str = config_field("auto", "how norms are computed: triton (fused Triton kernels, residual add included), "
                                 "torch (PyTorch ops) or auto (Triton on CUDA GPUs, PyTorch elsewhere); same weights "
                                 "either way, so a run may resume with another choice", KERNEL_CHOICES)

@@ -43,9 +43,32 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return (x32 * cos + rotated * sin).to(x.dtype)
 
 
-def norm_layer(cfg: ModelConfig, dim: int, present: bool = True) -> nn.Module:
-    """Every norm in the model comes from here, computed by `cfg.kernels`; NoNorm (identity) where there is none."""
-    return build_norm(cfg.norm, dim, cfg.norm_eps, cfg.norm_bias, cfg.kernels) if present else NoNorm()
+def norm_layer(cfg: ModelConfig, dim: int, present: bool = True, attention_input: bool = False) -> nn.Module:
+    """Every norm in the model comes from here, computed by `cfg.kernels`; NoNorm (identity) where there is none.
+    A DyT on the attention sublayer's input starts at `cfg.dyt_alpha_init_attn`, every other at `cfg.dyt_alpha_init`."""
+    if not present:
+        return NoNorm()
+    alpha = cfg.dyt_alpha_init_attn if attention_input else cfg.dyt_alpha_init
+    return build_norm(cfg.norm, dim, cfg.norm_eps, cfg.norm_bias, cfg.kernels, dyt_alpha_init=alpha)
+
+
+class LearnableScale(nn.Module):
+    """x * s with one learnable scalar s: DyT's LLaMA recipe puts one after the embedding, s0 = sqrt(dim)."""
+
+    def __init__(self, init: float):
+        super().__init__()
+        self.init = init
+        self.weight = nn.Parameter(torch.empty(1))  # (1,) like DyT's alpha, for FSDP2 and DCP
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, self.init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (at_least_fp32(x) * self.weight).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"init={self.init:g}"
 
 
 class Gain(nn.Module):
@@ -153,11 +176,11 @@ class SublayerNorms(nn.Module):
     `residual` is an add an earlier branch left pending (the input is then x + residual); with `defer_add` this
     branch returns (out, skip) with its own add pending instead of the sum (unless its post norm needs it now)."""
 
-    def __init__(self, wiring: NormWiring, cfg: ModelConfig):
+    def __init__(self, wiring: NormWiring, cfg: ModelConfig, attention: bool = False):
         super().__init__()
         self.residual_scale, self.input_scale = wiring.residual_scale, wiring.input_scale
         self.norm_after_add = wiring.post_norm
-        self.input = norm_layer(cfg, cfg.dim, present=wiring.input_norm)
+        self.input = norm_layer(cfg, cfg.dim, present=wiring.input_norm, attention_input=attention)
         self.output = norm_layer(cfg, cfg.dim, present=wiring.output_norm)
         self.post = norm_layer(cfg, cfg.dim, present=wiring.post_norm)
         self.residual_gain = Gain(cfg.dim) if wiring.learned_residual else None
@@ -192,7 +215,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         wiring = layer_wiring(cfg, layer_id)
         self.attention = Attention(cfg, wiring.branch("attention"))
-        self.attention_norms = SublayerNorms(wiring.branch("attention"), cfg)
+        self.attention_norms = SublayerNorms(wiring.branch("attention"), cfg, attention=True)
         self.feed_forward = FeedForward(cfg, wiring.branch("mlp"))
         self.ffn_norms = SublayerNorms(wiring.branch("mlp"), cfg)
 
@@ -207,8 +230,9 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     """tokens (batch, seq) -> logits (batch, seq, vocab).
 
-    A pipeline stage may set `tok_embeddings` (with `embed_norm`), `norm` or `output` (with `logit_scale`) to None
-    and delete entries of `layers`; the forward then takes / returns hidden states instead of tokens / logits.
+    A pipeline stage may set `tok_embeddings` (with `embed_scale` and `embed_norm`), `norm` or `output` (with
+    `logit_scale`) to None and delete entries of `layers`; the forward then takes / returns hidden states instead of
+    tokens / logits.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -217,6 +241,8 @@ class Transformer(nn.Module):
             raise ValueError("model.vocab_size must be set before building the model")
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        # Only where used, so other models' parameter names are unchanged.
+        self.embed_scale = LearnableScale(math.sqrt(cfg.dim)) if cfg.norm == "dyt" and cfg.dyt_embed_scale else None
         self.embed_norm = norm_layer(cfg, cfg.dim, present=cfg.embed_norm)
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         hypersphere = uses_hypersphere(cfg)
@@ -239,6 +265,7 @@ class Transformer(nn.Module):
         h = tokens
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
+            h = self.embed_scale(h) if self.embed_scale is not None else h
             h = self.embed_norm(h) if self.embed_norm is not None else h
         seq = h.shape[1]
         if seq > self.rope.shape[0]:

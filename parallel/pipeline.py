@@ -61,7 +61,7 @@ def pipeline_part(model: nn.Module, stage: int, layer_counts: list[int]) -> nn.M
         if name not in keep:
             del part.layers[name]
     if stage > 0:
-        part.tok_embeddings = part.embed_norm = None
+        part.tok_embeddings = part.embed_scale = part.embed_norm = None
     if stage < len(layer_counts) - 1:
         part.norm = part.output = part.logit_scale = None
     return part

@@ -16,6 +16,8 @@ the norm:
                               and it stays the full-width norm; its weights are sharded like those features
     head scales (NormFormer)  one gain per head, sharded with the heads
 
+DyT is a Norm here too: its scalar alpha is replicated with the weights, its gradient summed over tp.
+
 Replicated norm weights that saw only a slice of the tokens get partial gradients; DTensor sums them over tp.
 q/k/v and gate/up are column-parallel (heads and hidden units split), o and down row-parallel. The embedding is
 split over the vocabulary, and so is the head, whose logits stay vocabulary-sharded for loss parallelism.
@@ -44,9 +46,12 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
         # The embedding output leaves as a plain tensor and re-enters as a DTensor at the embedding norm (an identity
         # when there is none): its backward then reduces the stream's partial gradient (from the column-parallel
         # inputs) before the vocabulary-parallel embedding's own backward, which cannot take a partial one.
+        # With DyT's learnable embedding scale, the stream re-enters at that scale instead (its replicated scalar then
+        # gets its gradient summed over tp like the norm weights).
         plan["tok_embeddings"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=stream)
-        plan["embed_norm"] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(stream,),
-                                                use_local_output=False)
+        for name in ("embed_scale", "embed_norm") if model.embed_scale is not None else ("embed_norm",):
+            plan[name] = PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(stream,),
+                                            use_local_output=False)
     else:  # a later pipeline stage receives the stream as a plain (local) tensor: make it a DTensor again
         parallelize_module(model, tp_mesh, PrepareModuleInput(input_layouts=(stream,), desired_input_layouts=(stream,),
                                                               use_local_output=False))
@@ -84,6 +89,8 @@ def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, los
         if isinstance(block.attention.head_scale, Gain):
             shard_features(block.attention.head_scale, tp_mesh, feature_dim=2)  # (batch, seq, local heads, hd)
     parallelize_module(model, tp_mesh, plan)
+    if model.tok_embeddings is not None and model.embed_scale is not None:
+        distribute_module(model.embed_scale, tp_mesh)  # replicate the scalar
     for name, module in model.named_modules():
         if isinstance(module, Norm):
             module.kernels = "torch"  # the Triton kernels take plain tensors; DTensor shards the PyTorch ops

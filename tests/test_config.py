@@ -45,6 +45,7 @@ ROUND_TRIP_MODEL = {
     "model.layer_placements": ["post", "pre", "peri", "normformer", "subln", "peri"], "model.qk_norm": True,
     "model.embed_norm": True, "model.normformer_residual_scale": True,
     "model.rope_theta": 500000.0, "model.max_seq_len": 64, "model.init_std": 0.03, "model.depth_scaled_init": False,
+    "model.dyt_alpha_init": 0.1, "model.dyt_alpha_init_attn": 0.5, "model.dyt_embed_scale": False,
 }
 ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output_dir and the model)
     "tp_pp": (4, {

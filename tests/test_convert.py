@@ -70,6 +70,8 @@ CASES = {  # id: (overrides, expected architecture)
     "subln-layernorm": (["model.placement=subln", "model.norm=layernorm"], "NormtronForCausalLM"),
     "normformer-subln-layers-residual": (["model.layer_placements=normformer,subln",
                                           "model.normformer_residual_scale=true"], "NormtronForCausalLM"),
+    "peri-dyt-nobias-qknorm-embednorm": (["model.placement=peri", "model.norm=dyt", "model.norm_bias=false",
+                                         "model.qk_norm=true", "model.embed_norm=true"], "NormtronForCausalLM"),
 }
 
 

@@ -21,6 +21,7 @@ PLACEMENTS = {
     "mix": ["model.placement=mix", "model.mix_alpha=0.5"],  # layers 0-1 Post-LN, 2-3 Pre-LN
     "ngpt": ["model.placement=ngpt"],
     "zoo": ["model.layer_placements=subln,subln,normformer,normformer", "model.normformer_residual_scale=true"],
+    "dyt": ["model.placement=peri", "model.norm=dyt", "model.qk_norm=true"],  # embedding scale on stage 0 only
 }
 PP = ["parallel.backend=fsdp", "parallel.pp=2"]
 
@@ -28,6 +29,7 @@ PP = ["parallel.backend=fsdp", "parallel.pp=2"]
 PIPELINED = [
     ("gpipe_mix_straddle", 2, "mix", [*PP, "parallel.pp_schedule=GPipe", "parallel.pp_layers=1,3"]),
     ("1f1b_pre", 2, "pre", [*PP, "parallel.pp_schedule=1F1B"]),
+    ("1f1b_dyt_peri", 2, "dyt", [*PP, "parallel.pp_schedule=1F1B"]),
     ("interleaved_peri", 2, "peri", [*PP, "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=2"]),
     ("zbv_post", 2, "post", [*PP, "parallel.pp_schedule=ZBVZeroBubble"]),
     ("interleaved_zb_mix", 2, "mix", [*PP, "parallel.pp_schedule=InterleavedZeroBubble"]),

@@ -31,7 +31,14 @@ def layer_norm(x, weight, bias, eps):
     return y + bias if bias is not None else y
 
 
+def dyt(x, alpha, weight, bias):  # Zhu et al. 2025, Eq. 1
+    y = torch.tanh(alpha * x) * weight
+    return y + bias if bias is not None else y
+
+
 def reference_norm(module, x, cfg):
+    if cfg.norm == "dyt":
+        return dyt(x, module.alpha, module.weight, module.bias)
     if cfg.norm == "rmsnorm":
         return rms_norm(x, module.weight, cfg.norm_eps)
     return layer_norm(x, module.weight, getattr(module, "bias", None), cfg.norm_eps)
@@ -87,7 +94,7 @@ def make_cfg(**kw) -> ModelConfig:
     return ModelConfig(**base)
 
 
-@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm", "dyt"])
 @pytest.mark.parametrize("placement", ["pre", "post", "peri", "deepnorm", "lns", "reordered"])
 def test_block_matches_formula(placement, norm):
     cfg = make_cfg(placement=placement, norm=norm)
@@ -103,11 +110,11 @@ def test_block_matches_formula(placement, norm):
 CUSTOM = ["post", "peri", "pre", "post"]
 
 
-@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm"])
+@pytest.mark.parametrize("norm", ["rmsnorm", "layernorm", "dyt"])
 @pytest.mark.parametrize("placement,alpha", [("pre", 0), ("post", 0), ("peri", 0), ("mix", 0.25), ("mix", 0.5),
                                              ("custom", 0), ("deepnorm", 0), ("lns", 0), ("reordered", 0)])
 def test_whole_model_matches_formula(placement, alpha, norm):
-    """Embedding (+ optional embed norm) -> per-layer formula -> final norm -> head, all from the formulas."""
+    """Embedding (x sqrt(dim) for DyT) (+ optional embed norm) -> per-layer formula -> final norm -> head, all from the formulas."""
     cfg = make_cfg(placement="pre" if placement == "custom" else placement, norm=norm, mix_alpha=alpha or 0.25,
                    n_layers=4, embed_norm=placement == "peri", qk_norm=True,
                    layer_placements=CUSTOM if placement == "custom" else None)
@@ -115,6 +122,8 @@ def test_whole_model_matches_formula(placement, alpha, norm):
     tokens = torch.randint(0, cfg.vocab_size, (2, 9))
     rope = rope_table(cfg.head_dim, 9, cfg.rope_theta).double()
     h = model.tok_embeddings.weight[tokens]
+    if cfg.norm == "dyt":  # DyT's LLaMA recipe: a learnable scalar after the embedding, initialized to sqrt(dim)
+        h = h * math.sqrt(cfg.dim)
     if cfg.embed_norm:
         h = reference_norm(model.embed_norm, h, cfg)
     n_post = num_mix_post_layers(cfg.n_layers, cfg.mix_alpha) if placement == "mix" else 0

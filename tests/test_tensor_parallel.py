@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TrainedRuns, assert_same_losses, diagnostic_rows, resume_copy, state_counts
+from helpers import TrainedRuns, assert_same_losses, diagnostic_rows, native_model, resume_copy, state_counts
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from models import ModelConfig, Transformer
@@ -22,6 +22,7 @@ PLACEMENTS = {
     "ngpt": ["model.placement=ngpt", "training.weight_decay=0.1"],  # decay is ignored by nGPT's weights
     # Sub-LN's and NormFormer's inner norms over tp-sharded features, NormFormer's head gains sharded with the heads
     "zoo": ["model.layer_placements=subln,normformer", "model.normformer_residual_scale=true", "model.norm=layernorm"],
+    "dyt": ["model.norm=dyt", "model.qk_norm=true", "model.embed_norm=true"],  # DyT everywhere + embedding scale
 }
 
 
@@ -38,6 +39,7 @@ LAYOUTS = [
                                             "parallel.loss_parallel=false", "parallel.compile=true"]),
     ("tp2_sp_peri", "peri", 2, [*TP]),
     ("tp2_sp_subln_normformer", "zoo", 2, [*TP]),
+    ("tp2_sp_dyt", "dyt", 2, [*TP]),
     ("tp2_sp_mix_selective_ac", "mix", 2, [*TP, "parallel.activation_checkpoint=selective"]),
     ("tp2_sp_ngpt", "ngpt", 2, [*TP]),  # sharded s_qk / s_u / s_v, renormalization of colwise and rowwise shards
     ("tp2_fsdp2_mix_full_ac_accum", "mix", 4, [*TP, "parallel.activation_checkpoint=full",
@@ -120,6 +122,22 @@ def test_diagnostics_under_tensor_parallelism_equal_single_process(runs):
         for key in ("layer_grad_norm", "attn_grad_norm", "mlp_grad_norm", "update_ratio", "resid_rms",
                     "resid_var", "max_act", "max_attn_logit"):
             assert got[key] == pytest.approx(want[key], rel=1e-4), (want["step"], key)
+
+
+def test_dyt_alphas_in_diagnostics_equal_the_checkpoint_under_tensor_parallelism(runs):
+    """The last diagnostics row's per-layer DyT alphas (2-norm per block side) are the saved model's, and the
+    TP=2 run logs the single-process run's values."""
+    single_dir = runs("single_dyt", 1, *PLACEMENTS["dyt"])
+    single, sharded = diagnostic_rows(single_dir), diagnostic_rows(runs("tp2_sp_dyt", 2, *PLACEMENTS["dyt"], *TP))
+    model = native_model(single_dir / "checkpoints" / "step_00000008")
+    for i, block in enumerate(model.layers.values()):
+        for key, norms in (("attn_dyt_alpha", (block.attention_norms.input, block.attention.q_norm,
+                                               block.attention.k_norm)), ("mlp_dyt_alpha", (block.ffn_norms.input,))):
+            want = sum(n.alpha.item() ** 2 for n in norms) ** 0.5
+            assert single[-1][key][i] == pytest.approx(want, rel=1e-6)
+    for want, got in zip(single, sharded, strict=True):
+        for key in ("attn_dyt_alpha", "mlp_dyt_alpha"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (want["step"], key)
 
 
 def test_tensor_parallel_checkpoint_resumes_in_other_layouts(runs):

@@ -89,6 +89,8 @@ def test_ngpt_resumes_bitwise_and_across_layouts(runs):
         for got, want_row in zip(sharded, single):
             assert got[key] == pytest.approx(want_row[key], rel=1e-5)
         assert single[-1]["resid_rms"] == pytest.approx([64 ** -0.5] * 2, rel=1e-5)  # unit vectors in dim 64
+
+
 ZOO = ["model.layer_placements=subln,normformer", "model.normformer_residual_scale=true", "model.norm=layernorm"]
 
 
@@ -104,6 +106,22 @@ def test_subln_and_normformer_under_fsdp_and_zero3_and_bitwise_resume(runs):
     assert "resumed from" in (resumed / "train.log").read_text()
     got, want = step_losses(resumed), step_losses(fsdp)
     assert [got[s] for s in range(5, 9)] == [want[s] for s in range(5, 9)]
+DYT = ["model.norm=dyt", "model.qk_norm=true", "model.embed_norm=true"]  # DyT in every norm position
+
+
+def test_dyt_under_fsdp_and_zero3_matches_single_process_and_resumes_bitwise(runs):
+    """DyT's scalar alpha (and the embedding scale) shard under FSDP2 and partition under ZeRO-3 like any parameter;
+    an FSDP2 checkpoint resumes to the uninterrupted run's losses bit for bit."""
+    steps = ("training.steps=6", "checkpoint.every=3", "eval.every=6")
+    reference = runs("single_dyt", 1, *DYT, common=steps)
+    fsdp = runs("fsdp_dyt", 2, "parallel.backend=fsdp", *DYT, common=steps)
+    assert_same_losses(fsdp, reference)
+    assert_same_losses(runs("zero3_dyt", 2, "parallel.backend=deepspeed", "parallel.zero_stage=3", *DYT,
+                            common=steps), reference)
+    resume_copy(fsdp, "fsdp_dyt_resumed", drop_step=6)
+    resumed = runs("fsdp_dyt_resumed", 2, "parallel.backend=fsdp", *DYT, common=steps)
+    assert "resumed from" in (resumed / "train.log").read_text()
+    assert step_losses(resumed) == step_losses(fsdp)
 
 
 def test_bf16_sharded_training_stays_close_to_fp32_with_fp32_master_weights(runs):

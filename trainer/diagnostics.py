@@ -14,6 +14,10 @@ last step, so a study can compare the profile at init with the one at the end).
     attn_eigen_lr, mlp_eigen_lr                      nGPT only: the mean eigen learning rate |alpha| of each
                                                      block's attention and MLP update, after the step (its
                                                      resid_rms is 1 by construction)
+                                                     q.k/sqrt(d)
+    attn_dyt_alpha, mlp_dyt_alpha                    with model.norm=dyt, after the step: the 2-norm of the DyT
+                                                     alphas of each block's attention side (its norms and QK-norms)
+                                                     and MLP side; |alpha| itself with one DyT per side (Pre-LN)
 
 Activations come from forward hooks registered for the first micro-batch of a diagnostic step and removed after
 it, so other steps run the model untouched. Attention logits are hidden inside SDPA, so the hooks keep the
@@ -173,6 +177,9 @@ class Diagnostics:
         self.groups = {part: [[p for n, p in named.items() if n.startswith(f"layers.{i}.{prefix}")]
                               for i in range(self.n_layers)]
                        for part, prefix in (("layer", ""), ("attn", "attention."), ("mlp", "feed_forward."))}
+        # DyT's scalar alphas, by side of the block (attention / attention_norms, feed_forward / ffn_norms).
+        self.alphas = [[p for n, p in named.items() if n.startswith(f"layers.{i}.{side}") and n.endswith(".alpha")]
+                       for side in ("attention", "f") for i in range(self.n_layers)]
         self.row: dict = {}
         self.before: list[list[torch.Tensor]] = []
 
@@ -207,6 +214,9 @@ class Diagnostics:
             n = len(self.before)
             self.row["update_ratio"] = [d / w if w > 0 else float("nan") for d, w in zip(sums[:n], sums[n:])]
             self.before = []
+            if any(self.alphas):  # the same on every pipeline stage: each holds layers, and each layer its DyTs
+                alphas = self.sum_of_squares(self.alphas).sqrt().tolist()
+                self.row.update(attn_dyt_alpha=alphas[:self.n_layers], mlp_dyt_alpha=alphas[self.n_layers:])
         self.row.update(self.eigen_learning_rates())
         row, self.row = self.row, {}
         return row
