@@ -120,6 +120,20 @@ class TrainingConfig:
                                                  "all-gathers FP8 under fsdp; rowwise is more accurate)", FP8_RECIPES)
     fp8_emulate: bool = config_field(False, "precision=fp8 on a GPU without FP8 matmuls (compute capability < 8.9): "
                                             "emulate them in high precision (for testing; slower than bf16)")
+    optimizer: str = config_field("adamw", "adamw, or muon: Muon for the 2-D weights inside the blocks (attention and MLP "
+                                           "projections), AdamW for embeddings, head, norms and biases",
+                                  ("adamw", "muon"))
+    muon_lr: Optional[float] = config_field(None, "optimizer=muon: peak lr of the Muon matrices, on the same schedule "
+                                                  "(null = training.lr)", gt=0)
+    muon_momentum: float = config_field(0.95, "optimizer=muon: momentum", ge=0, lt=1)
+    muon_nesterov: bool = config_field(True, "optimizer=muon: Nesterov momentum")
+    muon_ns_steps: int = config_field(5, "optimizer=muon: Newton-Schulz iterations", ge=1, lt=100)
+    muon_adjust_lr_fn: str = config_field(
+        "match_rms_adamw", "optimizer=muon: per-matrix lr scaling: match_rms_adamw (0.2*sqrt(max(A,B)), Moonshot: "
+                           "the AdamW lr and weight decay carry over) or original (sqrt(max(1,A/B)), Keller Jordan)",
+        ("match_rms_adamw", "original"))
+    muon_weight_decay: Optional[float] = config_field(
+        None, "optimizer=muon: decoupled weight decay of the Muon matrices (null = training.weight_decay)", ge=0)
 
 
 @dataclass
@@ -393,6 +407,10 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     if cfg.stability.nonfinite == "skip" and cfg.parallel.backend == "deepspeed":
         raise UserError("stability.nonfinite=skip is not available with parallel.backend=deepspeed (DeepSpeed "
                         "steps the optimizer inside its engine); use stop or log")
+    if cfg.training.optimizer == "muon" and cfg.parallel.backend == "deepspeed":
+        raise UserError("training.optimizer=muon is not available with parallel.backend=deepspeed (its ZeRO "
+                        "partitions and bf16 optimizer flatten the matrices that Muon orthogonalizes whole); use "
+                        "parallel.backend=fsdp (Muon distributed over the shards) or ddp")
     validate_pipeline(cfg, dims)  # the micro-batch split too, with or without a pipeline
     validate_precision(cfg)
     return dims

@@ -1,4 +1,6 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules."""
+"""AdamW with decoupled weight decay on matrices only (or Muon with AdamW, trainer/muon.py), and the learning-rate
+schedules. A param group's peak lr is training.lr * group["lr_scale"] (1 where absent) and the schedule keeps that
+ratio."""
 
 from __future__ import annotations
 
@@ -9,10 +11,16 @@ import torch
 from torch import nn
 
 from trainer.config import TrainingConfig
+from trainer.muon import apply_muon_hyperparameters, build_muon
 
 
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """Weight decay on 2-D weights except embeddings; none on norms, biases or embeddings."""
+def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """Weight decay on 2-D weights except embeddings; none on norms, biases or embeddings. training.optimizer=muon:
+    trainer/muon.py (Muon for the blocks' matrices, this AdamW for the rest)."""
+    if cfg.optimizer == "muon":
+        optimizer = build_muon(model, cfg)
+        apply_hyperparameters(optimizer, cfg)
+        return optimizer
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     decay, no_decay = [], []
     for param in model.parameters():
@@ -28,6 +36,9 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainingConfig)
     """Set betas, eps and weight decay from the config; called again after a checkpoint is loaded, because the
     optimizer's saved param groups would otherwise bring back the values of the run that wrote it."""
     for group in optimizer.param_groups:
+        if group.get("muon"):
+            apply_muon_hyperparameters(group, cfg)
+            continue
         group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                      weight_decay=cfg.weight_decay if group["name"] == "decay" else 0.0)
 
@@ -59,7 +70,7 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) ->
 def apply_lr_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
                       cfg: TrainingConfig) -> None:
     """After a checkpoint is loaded: the configured peak lr and schedule, at the restored step."""
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-        group["lr"] = cfg.lr * lr_factor(scheduler.last_epoch, cfg)
+    scheduler.base_lrs = [cfg.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * lr_factor(scheduler.last_epoch, cfg)
