@@ -82,24 +82,24 @@ def is_sharded(param: torch.Tensor) -> bool:
 class ShardedMatrixMap:
     """`apply(fns, shards)`: fns[i] on the whole matrix of sharded parameter i (whose shard on this rank is
     shards[i]), run by the matrix's owner only; returns this rank's shards of the results. The whole matrices travel
-    in `wire_dtype` (bf16: what Muon's Newton-Schulz casts them to anyway). `calls` counts the matrices this rank
-    ran a function on."""
+    in `wire_dtype` (bf16: what Muon's Newton-Schulz casts them to anyway; fp32 for an fp32 iteration). `calls`
+    counts the matrices this rank ran a function on."""
 
-    def __init__(self, params: list[DTensor], wire_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, params: list[DTensor]):
         self.plans = plan_matrices(params)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.wire_dtype = wire_dtype
         self.calls = 0
 
-    def apply(self, fns: list[Callable[[torch.Tensor], torch.Tensor]], shards: list[torch.Tensor]) -> list[torch.Tensor]:
+    def apply(self, fns: list[Callable[[torch.Tensor], torch.Tensor]], shards: list[torch.Tensor],
+              wire_dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
         plans, me = self.plans, self.rank
         device = shards[0].device if shards else torch.device("cpu")
         mine = [i for i, plan in enumerate(plans) if plan.owner == me]
         # Gather: to each owner, this rank's shards of its matrices, in plan order.
         send = [[shards[i] for i, plan in enumerate(plans) if plan.owner == dest] for dest in range(self.world)]
         recv_sizes = [sum(block_numel(plans[i], src) for i in mine) for src in range(self.world)]
-        received = self.all_to_all(send, recv_sizes, device)
-        whole = {i: torch.zeros(plans[i].shape, dtype=self.wire_dtype, device=device) for i in mine}
+        received = self.all_to_all(send, recv_sizes, device, wire_dtype)
+        whole = {i: torch.zeros(plans[i].shape, dtype=wire_dtype, device=device) for i in mine}
         for src, chunk in enumerate(received):
             offset = 0
             for i in mine:
@@ -115,7 +115,7 @@ class ShardedMatrixMap:
                  for i in mine if dest in plans[i].blocks] for dest in range(self.world)]
         recv_sizes = [sum(shards[i].numel() for i, plan in enumerate(plans) if plan.owner == src)
                       for src in range(self.world)]
-        received = self.all_to_all(send, recv_sizes, device)
+        received = self.all_to_all(send, recv_sizes, device, wire_dtype)
         out: list[torch.Tensor | None] = [None] * len(plans)
         for src, chunk in enumerate(received):
             offset = 0
@@ -126,12 +126,12 @@ class ShardedMatrixMap:
                     offset += n
         return out
 
-    def all_to_all(self, send: list[list[torch.Tensor]], recv_sizes: list[int],
-                   device: torch.device) -> list[torch.Tensor]:
+    def all_to_all(self, send: list[list[torch.Tensor]], recv_sizes: list[int], device: torch.device,
+                   dtype: torch.dtype) -> list[torch.Tensor]:
         """One all-to-all over the world group (ranks that share nothing exchange zero elements)."""
-        flat = [t.to(self.wire_dtype).reshape(-1) for tensors in send for t in tensors]
-        inputs = torch.cat(flat) if flat else torch.zeros(0, dtype=self.wire_dtype, device=device)
-        output = torch.empty(sum(recv_sizes), dtype=self.wire_dtype, device=device)
+        flat = [t.to(dtype).reshape(-1) for tensors in send for t in tensors]
+        inputs = torch.cat(flat) if flat else torch.zeros(0, dtype=dtype, device=device)
+        output = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
         dist.all_to_all_single(output, inputs, output_split_sizes=recv_sizes,
                                input_split_sizes=[sum(t.numel() for t in tensors) for tensors in send])
         return list(output.split(recv_sizes))

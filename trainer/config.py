@@ -132,6 +132,9 @@ class TrainingConfig:
         "match_rms_adamw", "optimizer=muon: per-matrix lr scaling: match_rms_adamw (0.2*sqrt(max(A,B)), Moonshot: "
                            "the AdamW lr and weight decay carry over) or original (sqrt(max(1,A/B)), Keller Jordan)",
         ("match_rms_adamw", "original"))
+    muon_ns_dtype: str = config_field(
+        "bf16", "optimizer=muon: Newton-Schulz precision: bf16 (as torch.optim.Muon and the reference implementations) "
+                "or fp32 (slower; no bf16 rounding)", ("bf16", "fp32"))
     muon_weight_decay: Optional[float] = config_field(
         None, "optimizer=muon: decoupled weight decay of the Muon matrices (null = training.weight_decay)", ge=0)
 

@@ -89,8 +89,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
     def orthogonalize(self, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Newton-Schulz of each update: in place for whole matrices, by the owner rank for sharded ones."""
-        newton_schulz = [partial(_zeropower_via_newtonschulz, ns_coefficients=tuple(g["ns_coefficients"]),
-                                 ns_steps=g["ns_steps"], eps=g["eps"]) for g, _, _ in entries]
+        newton_schulz = [partial(zeropower, ns_coefficients=tuple(g["ns_coefficients"]), ns_steps=g["ns_steps"],
+                                 eps=g["eps"], dtype=g["ns_dtype"]) for g, _, _ in entries]
         sharded = [i for i, (_, p, _) in enumerate(entries) if is_sharded(p)]
         out: list[torch.Tensor | None] = [None] * len(entries)
         calls = 0
@@ -102,12 +102,31 @@ class MuonWithAdamW(torch.optim.Optimizer):
             if self.sharded_map is None:  # the same matrices every step: plan once
                 self.sharded_map = ShardedMatrixMap([entries[i][1] for i in sharded])
             before = self.sharded_map.calls
-            results = self.sharded_map.apply([newton_schulz[i] for i in sharded], [entries[i][2] for i in sharded])
+            wire = torch.float32 if any(entries[i][0]["ns_dtype"] == "fp32" for i in sharded) else torch.bfloat16
+            results = self.sharded_map.apply([newton_schulz[i] for i in sharded], [entries[i][2] for i in sharded],
+                                             wire)
             for i, result in zip(sharded, results):
                 out[i] = result
             calls += self.sharded_map.calls - before
         self.newton_schulz_calls = calls
         return out
+
+
+def zeropower(update: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int, eps: float,
+              dtype: str) -> torch.Tensor:
+    """The quintic Newton-Schulz iteration of torch.optim.Muon (bf16, its own function), or the same iteration in
+    fp32 (muon_ns_dtype=fp32: slower, but free of bf16 rounding, e.g. for exact layout-parity checks)."""
+    if dtype == "bf16":
+        return _zeropower_via_newtonschulz(update, ns_coefficients, ns_steps, eps)
+    a, b, c = ns_coefficients
+    x = update.float()
+    tall = x.size(0) > x.size(1)
+    x = x.T if tall else x
+    x = x / x.norm().clamp(min=eps)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # a*X + (b*A + c*A^2) X
+    return x.T if tall else x
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -140,13 +159,14 @@ def build_muon(model: nn.Module, cfg: TrainingConfig,
 
 
 DEFAULTS = {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "ns_coefficients": (DEFAULT_A, DEFAULT_B, DEFAULT_C),
-            "eps": EPS, "adjust_lr_fn": "original", "weight_decay": 0.0}
+            "eps": EPS, "adjust_lr_fn": "original", "weight_decay": 0.0, "ns_dtype": "bf16"}
 
 
 def apply_muon_hyperparameters(group: dict, cfg: TrainingConfig) -> None:
     """Muon's keys of a Muon param group from the config (also after a resume: the config wins)."""
     base = cfg.muon_lr if cfg.muon_lr is not None else cfg.lr
     group.update(momentum=cfg.muon_momentum, nesterov=cfg.muon_nesterov, ns_steps=cfg.muon_ns_steps,
+                 ns_dtype=cfg.muon_ns_dtype,
                  ns_coefficients=(DEFAULT_A, DEFAULT_B, DEFAULT_C), eps=EPS, adjust_lr_fn=cfg.muon_adjust_lr_fn,
                  weight_decay=cfg.weight_decay if cfg.muon_weight_decay is None else cfg.muon_weight_decay,
                  lr_scale=base * group.get("muon_lr_scale", 1.0) / cfg.lr)
