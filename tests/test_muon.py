@@ -13,7 +13,8 @@ import torch
 from helpers import MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, read_metrics, resume_copy, run_cli
 
 from models import ModelConfig, Transformer
-from trainer.config import TrainingConfig
+from trainer.config import TrainingConfig, load_config, validate
+from trainer.errors import UserError
 from trainer.muon import MuonWithAdamW
 from trainer.optim import build_optimizer
 
@@ -144,10 +145,14 @@ def test_resume_is_bitwise(runs, shakespeare_data):
     assert strip(read_metrics(copy_dir)[0]) == strip(read_metrics(whole)[0])
 
 
-@pytest.mark.parametrize("name", ["fsdp4", "pp2_fsdp2"])
-def test_sharded_checkpoint_resumes_in_one_process(runs, shakespeare_data, name):
-    """The momentum buffers are DTensors like their parameters: DCP reshards them (4 shards or 2 stages -> 1)."""
-    nproc, overrides = LAYOUTS[name]
-    copy_dir = resume_copy(runs(name, nproc, *overrides), f"{name}_then_single", drop_step=6)
+def test_sharded_checkpoint_resumes_in_one_process(runs, shakespeare_data):
+    """The momentum buffers are DTensors like their parameters: DCP reshards them (4 shards -> 1)."""
+    nproc, overrides = LAYOUTS["fsdp4"]
+    copy_dir = resume_copy(runs("fsdp4", nproc, *overrides), "fsdp4_then_single", drop_step=6)
     resume_in_one_process(copy_dir, shakespeare_data)
     assert_same_losses(copy_dir, runs("single", 1), steps=(4, 5, 6))
+
+
+def test_deepspeed_is_refused_in_one_line():
+    with pytest.raises(UserError, match="training.optimizer=muon is not available with parallel.backend=deepspeed"):
+        validate(load_config(None, ["training.optimizer=muon", "parallel.backend=deepspeed"]), world_size=2)
