@@ -7,10 +7,13 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from helpers import MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, read_metrics, resume_copy, run_cli
+from helpers import MICRO_MODEL, REPO, TINY, TrainedRuns, assert_same_losses, read_metrics, resume_copy, run_cli
 
 from models import ModelConfig, Transformer
 from trainer.config import TrainingConfig, load_config, validate
@@ -156,3 +159,26 @@ def test_sharded_checkpoint_resumes_in_one_process(runs, shakespeare_data):
 def test_deepspeed_is_refused_in_one_line():
     with pytest.raises(UserError, match="training.optimizer=muon is not available with parallel.backend=deepspeed"):
         validate(load_config(None, ["training.optimizer=muon", "parallel.backend=deepspeed"]), world_size=2)
+
+
+def test_sharded_step_is_torch_optim_muon_bit_for_bit_with_bf16():
+    """The default bf16 iteration on matrices sharded over a 2 x 2 gloo mesh as FSDP2 over TP (colwise: strided
+    shards; rowwise) and HSDP shard them, including uneven splits: each rank's shard after two steps equals the
+    same block of torch.optim.Muon's whole-matrix result exactly; 5 matrices, each orthogonalized once per
+    replica (HSDP: 2 ranks per replica)."""
+    script = REPO / "tests" / "muon_exchange_ranks.py"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                             str(script)], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(": ", 1) for line in result.stdout.splitlines() if ": equal=" in line)
+    assert set(lines) == {"fsdp2 over tp colwise", "fsdp2 over tp rowwise", "hsdp"}, result.stdout
+    for name, line in lines.items():
+        assert line.startswith("equal=True"), (name, line)
+        calls = json.loads(line.split("calls=")[1])  # per rank, per step
+        for step in range(2):
+            per_rank = [c[step] for c in calls]
+            if name == "hsdp":  # replicas: mesh rows {0, 1} and {2, 3}, each sharing the 5
+                assert per_rank[0] + per_rank[1] == 5 and per_rank[2] + per_rank[3] == 5, (name, calls)
+            else:
+                assert sum(per_rank) == 5 and max(per_rank) <= 2, (name, calls)
