@@ -86,14 +86,19 @@ class ShardedMatrixMap:
     counts the matrices this rank ran a function on."""
 
     def __init__(self, params: list[DTensor]):
-        self.plans = plan_matrices(params)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        # NCCL moves only GPU tensors: CPU-offloaded shards travel, and are orthogonalized, on the GPU.
+        nccl = dist.get_backend() == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self.plans = plan_matrices(params)
+        for plan in self.plans:
+            plan.blocks = {rank: (rows.to(self.device), cols.to(self.device))
+                           for rank, (rows, cols) in plan.blocks.items()}
         self.calls = 0
 
     def apply(self, fns: list[Callable[[torch.Tensor], torch.Tensor]], shards: list[torch.Tensor],
               wire_dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor]:
-        plans, me = self.plans, self.rank
-        device = shards[0].device if shards else torch.device("cpu")
+        plans, me, device = self.plans, self.rank, self.device
         mine = [i for i, plan in enumerate(plans) if plan.owner == me]
         # Gather: to each owner, this rank's shards of its matrices, in plan order.
         send = [[shards[i] for i, plan in enumerate(plans) if plan.owner == dest] for dest in range(self.world)]
@@ -129,7 +134,7 @@ class ShardedMatrixMap:
     def all_to_all(self, send: list[list[torch.Tensor]], recv_sizes: list[int], device: torch.device,
                    dtype: torch.dtype) -> list[torch.Tensor]:
         """One all-to-all over the world group (ranks that share nothing exchange zero elements)."""
-        flat = [t.to(dtype).reshape(-1) for tensors in send for t in tensors]
+        flat = [t.to(device=device, dtype=dtype).reshape(-1) for tensors in send for t in tensors]
         inputs = torch.cat(flat) if flat else torch.zeros(0, dtype=dtype, device=device)
         output = torch.empty(sum(recv_sizes), dtype=dtype, device=device)
         dist.all_to_all_single(output, inputs, output_split_sizes=recv_sizes,

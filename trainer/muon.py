@@ -85,7 +85,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             adjusted_lr = _adjust_lr(lr, group["adjust_lr_fn"], p.shape)  # the whole matrix's shape
             weight = local(p)
             weight.mul_(1 - lr * group["weight_decay"])
-            weight.add_(update, alpha=-adjusted_lr)
+            weight.add_(update.to(weight.device), alpha=-adjusted_lr)
 
     def orthogonalize(self, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Newton-Schulz of each update: in place for whole matrices, by the owner rank for sharded ones."""
