@@ -9,6 +9,8 @@ do the work of their own replica; under a pipeline each stage's ranks only excha
 
 Per step and rank this moves about 2 * (W-1)/W^2 of the matrices' bytes (W ranks sharing them), against (W-1)/W for
 gathering every matrix on every rank (DTensor.full_tensor()): W/2 times less, and 1/W of the Newton-Schulz work.
+The split into assign / gather to the owner / redistribute follows the distributed-Muon design note proposed for
+torch.optim.Muon (vchiley/pytorch, torch/optim/PROJECT.md); here all matrices of a step share two all-to-alls.
 """
 
 from __future__ import annotations
