@@ -414,6 +414,9 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
         raise UserError("training.optimizer=muon is not available with parallel.backend=deepspeed (its ZeRO "
                         "partitions and bf16 optimizer flatten the matrices that Muon orthogonalizes whole); use "
                         "parallel.backend=fsdp (Muon distributed over the shards) or ddp")
+    if cfg.training.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"training.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
+                        f"{torch.__version__}")
     validate_pipeline(cfg, dims)  # the micro-batch split too, with or without a pipeline
     validate_precision(cfg)
     return dims

@@ -21,10 +21,14 @@ from functools import partial
 import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
-from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, _zeropower_via_newtonschulz
 
 from parallel.muon import ShardedMatrixMap, is_sharded
 from trainer.config import TrainingConfig
+
+try:  # torch.optim.Muon since torch 2.9 (config validation refuses optimizer=muon without it)
+    from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, _zeropower_via_newtonschulz
+except ImportError:
+    DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS = 3.4445, -4.7750, 2.0315, 1e-7
 
 
 def is_hidden_matrix(name: str, param: torch.Tensor) -> bool:
@@ -88,7 +92,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
             weight.add_(update.to(weight.device), alpha=-adjusted_lr)
 
     def orthogonalize(self, entries: list[tuple[dict, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Newton-Schulz of each update: in place for whole matrices, by the owner rank for sharded ones."""
+        """Newton-Schulz of each update: on this rank for whole matrices, by the owner rank for sharded ones."""
         newton_schulz = [partial(zeropower, ns_coefficients=tuple(g["ns_coefficients"]), ns_steps=g["ns_steps"],
                                  eps=g["eps"], dtype=g["ns_dtype"]) for g, _, _ in entries]
         sharded = [i for i, (_, p, _) in enumerate(entries) if is_sharded(p)]
