@@ -182,3 +182,36 @@ def test_sharded_step_is_torch_optim_muon_bit_for_bit_with_bf16():
                 assert per_rank[0] + per_rank[1] == 5 and per_rank[2] + per_rank[3] == 5, (name, calls)
             else:
                 assert sum(per_rank) == 5 and max(per_rank) <= 2, (name, calls)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")  # no gradients here
+def test_muon_lr_follows_the_schedule_and_the_config_wins_on_resume():
+    """The Muon group's peak lr is training.muon_lr on training.lr's schedule; after a checkpoint load the config's
+    values (lr, muon_lr, momentum) replace those stored in the optimizer state."""
+    from trainer.optim import apply_hyperparameters, apply_lr_schedule, build_lr_scheduler, lr_factor
+
+    model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden_dim=64, vocab_size=64,
+                                    max_seq_len=16))
+    model.init_weights(seed=0)
+    cfg = TrainingConfig(lr=1e-3, optimizer="muon", muon_lr=0.02, warmup_steps=2, steps=10)
+    opt = build_optimizer(model, cfg)
+    scheduler = build_lr_scheduler(opt, cfg)
+    by_name = {g["name"]: g for g in opt.param_groups}
+    assert opt.param_groups[0]["name"] == "decay" and set(by_name) == {"decay", "no_decay", "muon"}
+    for step in range(4):
+        assert by_name["muon"]["lr"] == pytest.approx(0.02 * lr_factor(step, cfg))
+        assert by_name["decay"]["lr"] == pytest.approx(1e-3 * lr_factor(step, cfg))
+        scheduler.step()
+    state = opt.state_dict()
+    resumed_cfg = TrainingConfig(lr=2e-3, optimizer="muon", muon_lr=0.05, muon_momentum=0.8, warmup_steps=2,
+                                 steps=10)
+    resumed = build_optimizer(model, cfg)
+    resumed.load_state_dict(state)
+    apply_hyperparameters(resumed, resumed_cfg)
+    apply_lr_schedule(resumed, scheduler, resumed_cfg)
+    by_name = {g["name"]: g for g in resumed.param_groups}
+    assert by_name["muon"]["lr"] == pytest.approx(0.05 * lr_factor(4, resumed_cfg))
+    assert by_name["muon"]["momentum"] == 0.8
+    assert by_name["no_decay"]["lr"] == pytest.approx(2e-3 * lr_factor(4, resumed_cfg))
+    linked = resumed.adamw.param_groups
+    assert linked[0] is by_name["decay"] and linked[1] is by_name["no_decay"] and resumed.adamw.state is resumed.state
