@@ -75,7 +75,10 @@ ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output
     "hsdp_compiled_from_tp_pp": (2, {
         "data.dir": "{data}", "data.seq_len": 32, "training.steps": 1, "training.batch_size": 8, "eval.steps": 1,
         "training.precision": "bf16", "checkpoint.init_from": "{runs}/tp_pp/checkpoints/step_00000001",
-        "parallel.backend": "fsdp", "parallel.dp_replicate": 2, "parallel.dp_shard": 1, "parallel.compile": True}),
+        "parallel.backend": "fsdp", "parallel.dp_replicate": 2, "parallel.dp_shard": 1, "parallel.compile": True,
+        "training.optimizer": "muon", "training.muon_lr": 0.01, "training.muon_momentum": 0.9,
+        "training.muon_nesterov": False, "training.muon_ns_steps": 4, "training.muon_adjust_lr_fn": "original",
+        "training.muon_weight_decay": 0.01, "training.muon_ns_dtype": "fp32"}),
 }
 
 

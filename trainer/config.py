@@ -121,6 +121,23 @@ class TrainingConfig:
                                                  "all-gathers FP8 under fsdp; rowwise is more accurate)", FP8_RECIPES)
     fp8_emulate: bool = config_field(False, "precision=fp8 on a GPU without FP8 matmuls (compute capability < 8.9): "
                                             "emulate them in high precision (for testing; slower than bf16)")
+    optimizer: str = config_field("adamw", "adamw, or muon: Muon for the 2-D weights inside the blocks (attention and MLP "
+                                           "projections), AdamW for embeddings, head, norms and biases",
+                                  ("adamw", "muon"))
+    muon_lr: Optional[float] = config_field(None, "optimizer=muon: peak lr of the Muon matrices, on the same schedule "
+                                                  "(null = training.lr)", gt=0)
+    muon_momentum: float = config_field(0.95, "optimizer=muon: momentum", ge=0, lt=1)
+    muon_nesterov: bool = config_field(True, "optimizer=muon: Nesterov momentum")
+    muon_ns_steps: int = config_field(5, "optimizer=muon: Newton-Schulz iterations", ge=1, lt=100)
+    muon_adjust_lr_fn: str = config_field(
+        "match_rms_adamw", "optimizer=muon: per-matrix lr scaling: match_rms_adamw (0.2*sqrt(max(A,B)), Moonshot: "
+                           "the AdamW lr and weight decay carry over) or original (sqrt(max(1,A/B)), Keller Jordan)",
+        ("match_rms_adamw", "original"))
+    muon_ns_dtype: str = config_field(
+        "bf16", "optimizer=muon: Newton-Schulz precision: bf16 (as torch.optim.Muon and the reference implementations) "
+                "or fp32 (slower; no bf16 rounding)", ("bf16", "fp32"))
+    muon_weight_decay: Optional[float] = config_field(
+        None, "optimizer=muon: decoupled weight decay of the Muon matrices (null = training.weight_decay)", ge=0)
 
 
 @dataclass
@@ -425,6 +442,13 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     if cfg.stability.on_spike == "rollback" and cfg.stability.spike_window == 0:
         raise UserError("stability.on_spike=rollback needs loss-spike detection; set stability.spike_window > 0 "
                         "(e.g. 100)")
+    if cfg.training.optimizer == "muon" and cfg.parallel.backend == "deepspeed":
+        raise UserError("training.optimizer=muon is not available with parallel.backend=deepspeed (its ZeRO "
+                        "partitions and bf16 optimizer flatten the matrices that Muon orthogonalizes whole); use "
+                        "parallel.backend=fsdp (Muon distributed over the shards) or ddp")
+    if cfg.training.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        raise UserError(f"training.optimizer=muon needs torch >= 2.9 (torch.optim.Muon); this is torch "
+                        f"{torch.__version__}")
     validate_pipeline(cfg, dims)  # the micro-batch split too, with or without a pipeline
     validate_precision(cfg)
     return dims

@@ -216,6 +216,13 @@ class TrainLoop:
         metrics.log({"step": self.state.step + 1, "param_elements": params, "optimizer_elements": optim}, quiet=True)
         LOG.info(f"model states per rank: {max(params) / 1e6:.2f}M parameter and {max(optim) / 1e6:.2f}M "
                  f"optimizer-state elements (max over {world} rank(s))")
+        if hasattr(self.engine.optimizer, "newton_schulz_calls"):  # training.optimizer=muon
+            slots = [0.0] * world
+            slots[rank] = float(self.engine.optimizer.newton_schulz_calls)
+            calls = [int(v) for v in all_reduce_sum(slots, self.dist.device)]
+            metrics.log({"step": self.state.step + 1, "newton_schulz_calls": calls}, quiet=True)
+            LOG.info(f"Muon: Newton-Schulz on {calls[rank]} whole matrices on this rank in the first step "
+                     f"(per rank: {calls})")
 
     def log_train_step(self, metrics: MetricsLogger, loss: float, grad_norm: float, lr: float,
                        started: float) -> None:

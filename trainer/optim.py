@@ -1,4 +1,6 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules."""
+"""AdamW with decoupled weight decay on matrices only (or Muon with AdamW, trainer/muon.py), and the learning-rate
+schedules. A param group's peak lr is training.lr * group["lr_scale"] (1 where absent) and the schedule keeps that
+ratio."""
 
 from __future__ import annotations
 
@@ -10,13 +12,19 @@ from torch import nn
 
 from models.hypersphere import hypersphere_weights
 from trainer.config import TrainingConfig
+from trainer.muon import apply_muon_hyperparameters, build_muon
 
 
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
     """Weight decay on 2-D weights except embeddings; none on norms, biases or embeddings, nor on nGPT's weights,
-    which are renormalized after every step instead (nGPT Sec. 2.6: no weight decay)."""
+    which are renormalized after every step instead (nGPT Sec. 2.6: no weight decay). training.optimizer=muon:
+    trainer/muon.py (Muon for the blocks' matrices, this AdamW for the rest)."""
     no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     no_decay_ids |= {id(weight) for weight, _ in hypersphere_weights(model)}
+    if cfg.optimizer == "muon":
+        optimizer = build_muon(model, cfg, no_decay_ids=no_decay_ids)
+        apply_hyperparameters(optimizer, cfg)
+        return optimizer
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
@@ -32,6 +40,9 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, cfg: TrainingConfig)
     """Set betas, eps and weight decay from the config; called again after a checkpoint is loaded, because the
     optimizer's saved param groups would otherwise bring back the values of the run that wrote it."""
     for group in optimizer.param_groups:
+        if group.get("muon"):
+            apply_muon_hyperparameters(group, cfg)
+            continue
         group.update(betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                      weight_decay=cfg.weight_decay if group["name"] == "decay" else 0.0)
 
@@ -63,7 +74,7 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) ->
 def apply_lr_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
                       cfg: TrainingConfig) -> None:
     """After a checkpoint is loaded: the configured peak lr and schedule, at the restored step."""
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-        group["lr"] = cfg.lr * lr_factor(scheduler.last_epoch, cfg)
+    scheduler.base_lrs = [cfg.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * lr_factor(scheduler.last_epoch, cfg)
