@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from kernels import KERNEL_CHOICES
+from models.mup import PARAMETRIZATIONS
 from models.norms import NORM_TYPES
 from models.placement import PLACEMENTS
 
@@ -71,6 +72,13 @@ class ModelConfig:
     tie_embeddings: bool = config_field(False, "share the input embedding with the output head")
     init_std: float = config_field(0.02, "std of the normal init of every linear and embedding weight", gt=0)
     depth_scaled_init: bool = config_field(True, "scale output projections' init std by 1/sqrt(2*n_layers)")
+    parametrization: str = config_field(
+        "standard", "standard, or mup (maximal update parametrization, Tensor Programs V): init std, AdamW lr of "
+        "hidden matrices, logits and attention scores scaled by the width relative to model.mup_base_dim",
+        PARAMETRIZATIONS)
+    mup_base_dim: Optional[int] = config_field(
+        None, "the base width of parametrization=mup: the dim at which it equals standard (where lr and init "
+        "were tuned)", ge=1)
 
     @property
     def kv_heads(self) -> int:
@@ -100,6 +108,9 @@ class ModelConfig:
                              f"each key/value head must serve a whole number of query heads")
         if self.head_dim % 2:
             raise ValueError(f"model.dim/model.n_heads = {self.head_dim} is odd; RoPE needs an even head size")
+        if self.parametrization == "mup" and (self.mup_base_dim is None or self.mup_base_dim % self.n_heads):
+            raise ValueError(f"model.parametrization=mup needs model.mup_base_dim, the width the hyper-parameters "
+                             f"were tuned at, divisible by model.n_heads={self.n_heads} (got {self.mup_base_dim})")
         if self.layer_placements is not None and len(self.layer_placements) != self.n_layers:
             raise ValueError(f"model.layer_placements lists {len(self.layer_placements)} placements for "
                              f"model.n_layers={self.n_layers} layers; give exactly one per layer")

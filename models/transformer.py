@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import mup
 from models.config import ModelConfig
 from models.norms import NoNorm, at_least_fp32, build_norm
 from models.placement import NormWiring, layer_wiring
@@ -61,6 +62,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
         self.k_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
+        self.softmax_scale = mup.attention_scale(cfg)  # None: SDPA's 1/sqrt(head_dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -74,7 +76,8 @@ class Attention(nn.Module):
         repeats = q.shape[2] // k.shape[2]
         if repeats > 1:
             k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                             scale=self.softmax_scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -161,6 +164,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = norm_layer(cfg, cfg.dim)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.logit_scale = mup.logit_scale(cfg)  # µP's output multiplier; 1 under the standard parametrization
         # Derived from the config, so not saved in checkpoints; recomputed by init_weights() after meta init.
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.tie_weights()
@@ -186,7 +190,10 @@ class Transformer(nn.Module):
             h = self.norm.add_forward(h, residual)[0]
         elif residual is not None:  # a pipeline stage without the final norm hands on the plain sum
             h = h + residual
-        return self.output(h) if self.output is not None else h
+        if self.output is None:
+            return h
+        logits = self.output(h)
+        return logits if self.logit_scale == 1.0 else logits * self.logit_scale
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, buffer_device: torch.device | None = None) -> None:
@@ -209,7 +216,7 @@ class Transformer(nn.Module):
                 if id(module.weight) in done:  # never reset_parameters() here: that would redraw the tied weight
                     continue
                 done.add(id(module.weight))
-                std = self._init_std(name, out_std)
+                std = self._init_std(name, out_std) * mup.init_std_scale(cfg, f"{name}.weight", module.weight.ndim)
                 generator = torch.Generator(device=module.weight.device)
                 generator.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
                 # Drawn as a whole tensor, then copied in: a sharded parameter keeps its slice of the same values.

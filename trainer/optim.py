@@ -1,4 +1,7 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules."""
+"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules.
+
+Every param group carries an "lr_scale": its peak lr is training.lr * lr_scale and the schedule keeps that ratio
+(µP's per-layer multipliers, models/mup.py; 1 under the standard parametrization)."""
 
 from __future__ import annotations
 
@@ -8,17 +11,26 @@ from functools import partial
 import torch
 from torch import nn
 
+from models import mup
+from models.config import ModelConfig
+from models.transformer import plain_name
 from trainer.config import TrainingConfig
 
 
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """Weight decay on 2-D weights except embeddings; none on norms, biases or embeddings."""
+def build_optimizer(model: nn.Module, cfg: TrainingConfig, model_cfg: ModelConfig | None = None) -> torch.optim.AdamW:
+    """Weight decay on 2-D weights except embeddings; none on norms, biases or embeddings. Under µP (`model_cfg`)
+    the parameters are further grouped by their lr multiplier."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for param in model.parameters():
+    by_group: dict[tuple[str, float], list] = {("decay", 1.0): [], ("no_decay", 1.0): []}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or id(param) in embedding_ids else decay).append(param)
-    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay"}]
+            kind = "no_decay" if param.ndim < 2 or id(param) in embedding_ids else "decay"
+            scale = mup.lr_scale(model_cfg, plain_name(name), param.ndim) if model_cfg is not None else 1.0
+            by_group.setdefault((kind, scale), []).append(param)
+    # Unscaled groups first: param_groups[0]["lr"] is the logged (base) lr. Empty groups only where they always were.
+    standard = model_cfg is None or model_cfg.parametrization == "standard"
+    groups = [{"params": params, "name": kind, "lr": cfg.lr * scale, "lr_scale": scale}
+              for (kind, scale), params in by_group.items() if params or standard]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     apply_hyperparameters(optimizer, cfg)
     return optimizer
@@ -59,7 +71,7 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainingConfig) ->
 def apply_lr_schedule(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR,
                       cfg: TrainingConfig) -> None:
     """After a checkpoint is loaded: the configured peak lr and schedule, at the restored step."""
-    scheduler.base_lrs = [cfg.lr] * len(optimizer.param_groups)
-    for group in optimizer.param_groups:
-        group["initial_lr"] = cfg.lr
-        group["lr"] = cfg.lr * lr_factor(scheduler.last_epoch, cfg)
+    scheduler.base_lrs = [cfg.lr * group.get("lr_scale", 1.0) for group in optimizer.param_groups]
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["initial_lr"] = base_lr
+        group["lr"] = base_lr * lr_factor(scheduler.last_epoch, cfg)
