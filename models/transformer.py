@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models import mup
 from models.config import ModelConfig
+from models.mup import attention_scale, init_std_scale, logit_scale
 from models.norms import NoNorm, at_least_fp32, build_norm
 from models.placement import NormWiring, layer_wiring
 
@@ -62,7 +62,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
         self.k_norm = norm_layer(cfg, cfg.head_dim, present=cfg.qk_norm)
-        self.softmax_scale = mup.attention_scale(cfg)  # None: SDPA's 1/sqrt(head_dim)
+        self.softmax_scale = attention_scale(cfg)  # None: SDPA's 1/sqrt(head_dim)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
         batch, seq, _ = x.shape
@@ -164,7 +164,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm = norm_layer(cfg, cfg.dim)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.logit_scale = mup.logit_scale(cfg)  # µP's output multiplier; 1 under the standard parametrization
+        self.logit_scale = logit_scale(cfg)  # µP's output multiplier; 1 under the standard parametrization
         # Derived from the config, so not saved in checkpoints; recomputed by init_weights() after meta init.
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.tie_weights()
@@ -216,7 +216,7 @@ class Transformer(nn.Module):
                 if id(module.weight) in done:  # never reset_parameters() here: that would redraw the tied weight
                     continue
                 done.add(id(module.weight))
-                std = self._init_std(name, out_std) * mup.init_std_scale(cfg, f"{name}.weight", module.weight.ndim)
+                std = self._init_std(name, out_std) * init_std_scale(cfg, f"{name}.weight", module.weight.ndim)
                 generator = torch.Generator(device=module.weight.device)
                 generator.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
                 # Drawn as a whole tensor, then copied in: a sharded parameter keeps its slice of the same values.
