@@ -25,15 +25,20 @@ embedding's tensor: vector-like, lr unchanged, and the 1/m multiplier still appl
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # models.config imports PARAMETRIZATIONS from here
-    from models.config import ModelConfig
+from typing import Optional, Protocol
 
 PARAMETRIZATIONS = ("standard", "mup")
 
 
-def width_mult(cfg: ModelConfig) -> float:
+class MupConfig(Protocol):
+    """What µP reads of the model config (ModelConfig; a protocol, since models/config.py imports this module)."""
+    dim: int
+    head_dim: int
+    parametrization: str
+    mup_base_dim: Optional[int]
+
+
+def width_mult(cfg: MupConfig) -> float:
     """m = dim / mup_base_dim under µP; 1 under the standard parametrization."""
     return cfg.dim / cfg.mup_base_dim if cfg.parametrization == "mup" else 1.0
 
@@ -43,13 +48,13 @@ def is_hidden_matrix(name: str, ndim: int) -> bool:
     return ndim == 2 and name.startswith("layers.")
 
 
-def init_std_scale(cfg: ModelConfig, name: str, ndim: int = 2) -> float:
+def init_std_scale(cfg: MupConfig, name: str, ndim: int = 2) -> float:
     """Multiplier of the standard init std of weight `name`: 1/sqrt(m) for hidden matrices (Table 8: hidden init
     variance 1/fan_in, relative to the base model's)."""
     return 1.0 / math.sqrt(width_mult(cfg)) if is_hidden_matrix(name, ndim) else 1.0
 
 
-def lr_scale(cfg: ModelConfig, name: str, ndim: int, optimizer: str = "adamw") -> float:
+def lr_scale(cfg: MupConfig, name: str, ndim: int, optimizer: str = "adamw") -> float:
     """Multiplier of training.lr for parameter `name`: 1/m for hidden matrices under Adam(W) (Table 3/8: hidden
     weights' Adam lr eta/fan_in); 1 for everything else, and for Muon's matrices (see the module docstring)."""
     if optimizer == "adamw" and is_hidden_matrix(name, ndim):
@@ -57,7 +62,7 @@ def lr_scale(cfg: ModelConfig, name: str, ndim: int, optimizer: str = "adamw") -
     return 1.0
 
 
-def attention_scale(cfg: ModelConfig) -> float | None:
+def attention_scale(cfg: MupConfig) -> float | None:
     """The softmax scale of the attention scores: None (SDPA's 1/sqrt(head_dim)) under the standard
     parametrization; under µP 1/head_dim (Tensor Programs V Sec. 4 / Table 3 footnote: 1/d attention), times
     sqrt(base_head_dim) so that it is 1/sqrt(head_dim) at the base width."""
@@ -67,6 +72,6 @@ def attention_scale(cfg: ModelConfig) -> float | None:
     return math.sqrt(base_head_dim) / cfg.head_dim
 
 
-def logit_scale(cfg: ModelConfig) -> float:
+def logit_scale(cfg: MupConfig) -> float:
     """The output multiplier 1/m on the logits (Table 8's readout multiplier 1/fan_in, relative to the base)."""
     return 1.0 / width_mult(cfg)
