@@ -44,6 +44,7 @@ ROUND_TRIP_MODEL = {
     "model.norm_bias": False, "model.kernels": "torch", "model.placement": "mix", "model.mix_alpha": 0.5,
     "model.layer_placements": ["post", "pre", "peri", "pre", "pre", "peri"], "model.qk_norm": True, "model.embed_norm": True,
     "model.rope_theta": 500000.0, "model.max_seq_len": 64, "model.init_std": 0.03, "model.depth_scaled_init": False,
+    "model.parametrization": "mup", "model.mup_base_dim": 32,
 }
 ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output_dir and the model)
     "tp_pp": (4, {

@@ -98,6 +98,42 @@ def test_mup_forward_matches_granite(dim, tied):
     assert (ours - theirs).abs().max().item() < 1e-5
 
 
+def test_schedule_and_resume_keep_each_groups_lr_multiplier():
+    """The schedule scales every group's peak lr (training.lr x lr_scale), also after a checkpoint's param groups
+    are loaded and the config's lr is applied again (trainer/train.py's resume path)."""
+    from trainer.optim import apply_lr_schedule, build_lr_scheduler, lr_factor
+
+    cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, vocab_size=50, ffn_hidden_dim=256, parametrization="mup",
+                      mup_base_dim=32)
+    model = Transformer(cfg)
+    model.init_weights(seed=0)
+    training = TrainingConfig(lr=4e-3, warmup_steps=3, steps=10)
+    optimizer = build_optimizer(model, training, cfg)
+    scheduler = build_lr_scheduler(optimizer, training)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    state = optimizer.state_dict()
+    resumed = build_optimizer(model, TrainingConfig(lr=1e-3), cfg)
+    resumed.load_state_dict(state)
+    resumed_scheduler = build_lr_scheduler(resumed, training)
+    resumed_scheduler.last_epoch = scheduler.last_epoch
+    halved = TrainingConfig(lr=2e-3, warmup_steps=3, steps=10)
+    apply_lr_schedule(resumed, resumed_scheduler, halved)
+    names = {id(p): name for name, p in model.named_parameters()}
+    for before, after in zip(optimizer.param_groups, resumed.param_groups):
+        hidden = {names[id(p)].startswith("layers.") and p.ndim == 2 for p in before["params"]}
+        assert len(hidden) == 1  # a group holds hidden matrices only, or none
+        scale = 32 / 128 if hidden.pop() else 1.0
+        assert before["lr"] == pytest.approx(4e-3 * scale * lr_factor(5, training), rel=1e-12)
+        assert after["lr"] == pytest.approx(2e-3 * scale * lr_factor(5, training), rel=1e-12)
+        after["expected_next"] = 2e-3 * scale * lr_factor(6, training)
+    resumed.step()
+    resumed_scheduler.step()  # the schedule goes on from the resumed peak, multiplier kept
+    assert all(g["lr"] == pytest.approx(g["expected_next"], rel=1e-12) for g in resumed.param_groups)
+    assert {g["lr_scale"] for g in resumed.param_groups} == {1.0, 0.25}
+
+
 def test_coordinate_check_is_flat_under_mup_and_grows_under_standard(shakespeare_data, tmp_path):
     out = tmp_path / "coord"
     run_cli("mup-check", TINY, f"data.dir={shakespeare_data}", *MICRO_MODEL, "training.lr=1e-2",
