@@ -86,8 +86,8 @@ def test_mup_forward_matches_granite(dim, tied):
     state = {}
     for name, tensor in model.state_dict().items():
         name = (name.replace("tok_embeddings", "model.embed_tokens").replace("output.weight", "lm_head.weight")
-                .replace("attention_norms.input", "input_layernorm").replace("ffn_norms.input", "post_attention_layernorm")
-                .replace("attention.", "self_attn.").replace("feed_forward.", "mlp."))
+                .replace("attention_norms.input", "input_layernorm")
+                .replace("ffn_norms.input", "post_attention_layernorm").replace("attention.", "self_attn.").replace("feed_forward.", "mlp."))
         state[name if name.startswith(("model.", "lm_head")) else f"model.{name}"] = tensor
     missing, unexpected = granite.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}
