@@ -144,6 +144,8 @@ def test_bad_overrides_name_the_key(override, message):
     (["model.dim=100", "model.n_heads=3"], "model.n_heads=3 does not divide model.dim=100"),
     (["model.n_heads=4", "model.n_kv_heads=3"], "model.n_kv_heads=3 does not divide model.n_heads=4"),
     (["model.dim=36", "model.n_heads=4"], "RoPE needs an even head size"),
+    (["model.parametrization=mup"], "model.parametrization=mup needs model.mup_base_dim"),
+    (["model.parametrization=mup", "model.mup_base_dim=30", "model.n_heads=4"], "divisible by model.n_heads=4"),
     (["training.batch_size=6"], "training.batch_size=6 must be a multiple of data-parallel ranks (4)"),
     (["training.batch_size=8", "training.micro_batch_size=3"], "must be a multiple of data-parallel ranks (4)"),
     (["training.batch_size=2", "parallel.backend=deepspeed"], "must be a multiple of data-parallel ranks (4)"),
