@@ -89,12 +89,12 @@ def mup_check(cfg: Config, widths: list[int] | None, steps: int, out_dir: Path |
         raise UserError(f"--widths needs at least two positive widths, not {widths}")
     resolve_vocab_size(cfg, open_sources(cfg.data)[0].meta)
     out = Path(out_dir) if out_dir is not None else Path(cfg.run.output_dir) / "mup-check"
+    configs = {(p, w): width_config(cfg.model, w, p, base) for p in PARAMETRIZATIONS for w in widths}  # all valid?
     rows = []
     for parametrization in PARAMETRIZATIONS:
         for width in widths:
             start = time.time()
-            model_cfg = width_config(cfg.model, width, parametrization, base)
-            result = activation_sizes(cfg, model_cfg, steps)
+            result = activation_sizes(cfg, configs[parametrization, width], steps)
             rows += [{"parametrization": parametrization, "width": width, **row} for row in result]
             last = {r["activation"]: r["mean_abs"] for r in result if r["step"] == steps}
             print(f"mup-check {parametrization:8s} width {width:5d}: {steps} steps in {time.time() - start:.1f}s, "
