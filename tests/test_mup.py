@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 import transformers
-from helpers import MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, run_cli
+from helpers import MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, resume_copy, run_cli
 
 from models import ModelConfig, Transformer
 from trainer.config import TrainingConfig
@@ -177,3 +177,13 @@ def runs(shakespeare_data, tmp_path_factory):
 def test_mup_sharded_training_matches_single_process(runs, name, overrides):
     reference = runs("single", 1)
     assert_same_losses(runs(name, 2, *overrides), reference)
+
+
+def test_mup_fsdp_checkpoint_resumes_in_one_process(runs):
+    """The per-group lr multipliers come back from a 2-rank FSDP2 DCP checkpoint: resumed in one process at step 3,
+    the run goes on as the single-process run does."""
+    reference, saved = runs("single", 1), runs("fsdp_2", 2, "parallel.backend=fsdp")
+    resume_copy(saved, "fsdp_then_single", drop_step=6)
+    resumed = runs("fsdp_then_single", 1)
+    assert "resumed from" in (resumed / "train.log").read_text()
+    assert_same_losses(resumed, reference, steps=range(4, 7))
