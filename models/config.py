@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from kernels import KERNEL_CHOICES
+from models.mup import PARAMETRIZATIONS
 from models.norms import NORM_TYPES
 from models.placement import PLACEMENTS, uses_hypersphere
 
@@ -86,6 +87,13 @@ class ModelConfig:
     tie_embeddings: bool = config_field(False, "share the input embedding with the output head")
     init_std: float = config_field(0.02, "std of the normal init of every linear and embedding weight", gt=0)
     depth_scaled_init: bool = config_field(True, "scale output projections' init std by 1/sqrt(2*n_layers)")
+    parametrization: str = config_field(
+        "standard", "standard, or mup (maximal update parametrization, Tensor Programs V): init std, AdamW lr of "
+        "hidden matrices, logits and attention scores scaled by the width relative to model.mup_base_dim",
+        PARAMETRIZATIONS)
+    mup_base_dim: Optional[int] = config_field(
+        None, "the base width of parametrization=mup: the dim at which it equals standard (where lr and init "
+        "were tuned)", ge=1)
 
     @property
     def kv_heads(self) -> int:
@@ -118,6 +126,12 @@ class ModelConfig:
         if self.normformer_residual_scale and "normformer" not in (self.layer_placements or [self.placement]):
             raise ValueError("model.normformer_residual_scale=true needs a normformer layer; set "
                              "model.placement=normformer (or list normformer in model.layer_placements)")
+        if self.parametrization == "mup" and (self.mup_base_dim is None or self.mup_base_dim % self.n_heads):
+            raise ValueError(f"model.parametrization=mup needs model.mup_base_dim, the width the hyper-parameters "
+                             f"were tuned at, divisible by model.n_heads={self.n_heads} (got {self.mup_base_dim})")
+        if self.parametrization == "mup" and uses_hypersphere(self):
+            raise ValueError("model.parametrization=mup does not apply to placement ngpt, which sets its own "
+                             "attention and logit scales; use model.parametrization=standard")
         if self.layer_placements is not None and len(self.layer_placements) != self.n_layers:
             raise ValueError(f"model.layer_placements lists {len(self.layer_placements)} placements for "
                              f"model.n_layers={self.n_layers} layers; give exactly one per layer")

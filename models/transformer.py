@@ -18,6 +18,7 @@ from torch import nn
 
 from models.config import ModelConfig
 from models.hypersphere import L2Norm, ScaledVector, l2_normalize, normalize_hypersphere_
+from models.mup import attention_scale, init_std_scale, logit_scale
 from models.norms import NoNorm, at_least_fp32, build_norm
 from models.placement import NormWiring, layer_wiring, uses_hypersphere
 
@@ -107,7 +108,8 @@ class Attention(nn.Module):
         # Over all heads: under tensor parallelism parallel/ gives it the full-width statistics.
         self.inner_norm = norm_layer(cfg, cfg.n_heads * cfg.head_dim, present=wiring.inner_norm)
         self.hypersphere_dims: dict[str, int] = {}
-        self.qk_scale, self.softmax_scale = None, None  # SDPA's default 1/sqrt(head_dim)
+        self.qk_scale = None
+        self.softmax_scale = attention_scale(cfg)  # None: SDPA's 1/sqrt(head_dim); µP's 1/d-style scale
         if uses_hypersphere(cfg):
             # nGPT Sec. 2.3.2: q, k normalized per head (after RoPE, as the reference code) and scaled by s_qk
             # (init 1, scale 1/sqrt(d_model)); the softmax scale becomes sqrt(d_k), since q.k is a cosine.
@@ -249,9 +251,10 @@ class Transformer(nn.Module):
         self.norm = norm_layer(cfg, cfg.dim, present=not hypersphere)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         # nGPT Sec. 2.1: embeddings unit along d_model, logits z = E_output h scaled by s_z (init 1, scale
-        # 1/sqrt(d_model)); a pipeline stage without the head drops it with the head.
+        # 1/sqrt(d_model)); a pipeline stage without the head drops it with the head. Otherwise µP's output
+        # multiplier, a number (1 under the standard parametrization).
         self.hypersphere_dims = {"tok_embeddings": 1, "output": 1} if hypersphere else {}
-        self.logit_scale = ScaledVector(cfg.vocab_size, 1.0, cfg.dim ** -0.5) if hypersphere else None
+        self.logit_scale = ScaledVector(cfg.vocab_size, 1.0, cfg.dim ** -0.5) if hypersphere else logit_scale(cfg)
         # Derived from the config, so not saved in checkpoints; recomputed by init_weights() after meta init.
         self.register_buffer("rope", rope_table(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta), persistent=False)
         self.tie_weights()
@@ -281,7 +284,9 @@ class Transformer(nn.Module):
         if self.output is None:
             return h
         logits = self.output(h)
-        return self.logit_scale(logits) if self.logit_scale is not None else logits
+        if isinstance(self.logit_scale, nn.Module):
+            return self.logit_scale(logits)
+        return logits if self.logit_scale in (None, 1.0) else logits * self.logit_scale
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0, buffer_device: torch.device | None = None) -> None:
@@ -304,7 +309,7 @@ class Transformer(nn.Module):
                 if id(module.weight) in done:  # never reset_parameters() here: that would redraw the tied weight
                     continue
                 done.add(id(module.weight))
-                std = self._init_std(name, out_std)
+                std = self._init_std(name, out_std) * init_std_scale(cfg, f"{name}.weight", module.weight.ndim)
                 generator = torch.Generator(device=module.weight.device)
                 generator.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
                 # Drawn as a whole tensor, then copied in: a sharded parameter keeps its slice of the same values.

@@ -46,6 +46,7 @@ ROUND_TRIP_MODEL = {
     "model.embed_norm": True, "model.normformer_residual_scale": True,
     "model.rope_theta": 500000.0, "model.max_seq_len": 64, "model.init_std": 0.03, "model.depth_scaled_init": False,
     "model.dyt_alpha_init": 0.1, "model.dyt_alpha_init_attn": 0.5, "model.dyt_embed_scale": False,
+    "model.parametrization": "mup", "model.mup_base_dim": 32,
 }
 ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output_dir and the model)
     "tp_pp": (4, {
@@ -151,6 +152,8 @@ def test_bad_overrides_name_the_key(override, message):
     (["model.dim=100", "model.n_heads=3"], "model.n_heads=3 does not divide model.dim=100"),
     (["model.n_heads=4", "model.n_kv_heads=3"], "model.n_kv_heads=3 does not divide model.n_heads=4"),
     (["model.dim=36", "model.n_heads=4"], "RoPE needs an even head size"),
+    (["model.parametrization=mup"], "model.parametrization=mup needs model.mup_base_dim"),
+    (["model.parametrization=mup", "model.mup_base_dim=30", "model.n_heads=4"], "divisible by model.n_heads=4"),
     (["training.batch_size=6"], "training.batch_size=6 must be a multiple of data-parallel ranks (4)"),
     (["training.batch_size=8", "training.micro_batch_size=3"], "must be a multiple of data-parallel ranks (4)"),
     (["training.batch_size=2", "parallel.backend=deepspeed"], "must be a multiple of data-parallel ranks (4)"),

@@ -72,6 +72,9 @@ CASES = {  # id: (overrides, expected architecture)
                                           "model.normformer_residual_scale=true"], "NormtronForCausalLM"),
     "peri-dyt-nobias-qknorm-embednorm": (["model.placement=peri", "model.norm=dyt", "model.norm_bias=false",
                                          "model.qk_norm=true", "model.embed_norm=true"], "NormtronForCausalLM"),
+    "pre-rmsnorm-mup": (["model.parametrization=mup", "model.mup_base_dim=16"], "GraniteForCausalLM"),
+    "peri-rmsnorm-mup-tied": (["model.placement=peri", "model.tie_embeddings=true", "model.parametrization=mup",
+                               "model.mup_base_dim=32"], "NormtronForCausalLM"),
 }
 
 
@@ -82,10 +85,10 @@ def test_converted_model_matches_native_logits_and_generation(case, micro_args, 
     out = to_hf(checkpoint, tmp_path / "hf")
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == [arch]
-    if arch == "LlamaForCausalLM":  # a plain Llama: no code in the folder, no trust_remote_code
+    if arch != "NormtronForCausalLM":  # a plain Llama (Granite under µP): no code in the folder, no trust_remote_code
         assert not list(out.glob("*.py")) and "auto_map" not in config
         model = transformers.AutoModelForCausalLM.from_pretrained(out)
-        assert isinstance(model, transformers.LlamaForCausalLM)
+        assert type(model) is getattr(transformers, arch)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
         assert type(model).__name__ == "NormtronForCausalLM"

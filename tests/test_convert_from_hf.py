@@ -51,6 +51,38 @@ def test_round_trip_is_lossless(shakespeare_data, tmp_path, tied, dtype, shard):
     assert comparable_config(tmp_path / "back") == comparable_config(original)
 
 
+def test_granite_round_trip_is_a_lossless_mup_model(shakespeare_data, tmp_path):
+    """GraniteForCausalLM with µP's multipliers (width 64 from base 32: logits_scaling 2, attention_multiplier
+    sqrt(head_dim / 2) / head_dim) reads as our µP model with the same logits, and converts back unchanged."""
+    import math
+
+    from helpers import native_model
+
+    config = transformers.GraniteConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, logits_scaling=2.0,
+        attention_multiplier=math.sqrt(16 / 2) / 16, embedding_multiplier=1.0, residual_multiplier=1.0)
+    torch.manual_seed(0)
+    granite = transformers.GraniteForCausalLM(config)
+    with torch.no_grad():
+        for p in granite.parameters():
+            p.normal_(1.0 if p.ndim == 1 else 0.0, 0.1)
+    original = tmp_path / "granite"
+    granite.save_pretrained(original)
+    shutil.copy2(shakespeare_data / "tokenizer.model", original / "tokenizer.model")
+    run_cli("convert", "from-hf", str(original), str(tmp_path / "ckpt"))
+    ours = native_model(tmp_path / "ckpt")
+    assert (ours.cfg.parametrization, ours.cfg.mup_base_dim) == ("mup", 32)
+    tokens = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(tokens) - granite.eval()(tokens).logits).abs().max() < 1e-5
+    run_cli("convert", "to-hf", str(tmp_path / "ckpt"), str(tmp_path / "back"))
+    before, after = all_tensors(original), all_tensors(tmp_path / "back")
+    assert before.keys() == after.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert comparable_config(tmp_path / "back") == comparable_config(original)
+
+
 def test_continued_pretraining_starts_at_the_hugging_face_loss(shakespeare_data, tmp_path):
     original = save_llama(tmp_path / "llama", shakespeare_data / "tokenizer.model")
     ckpt = tmp_path / "ckpt"

@@ -32,13 +32,15 @@ def tiny_model(**kw) -> Transformer:
     return model
 
 
-def reference_attention_logits(block, h, rope):
-    """Scores q.k/sqrt(d) of every causal pair, computed per head here; also returns the attention output they give,
-    so the test can check that these are the logits the model's SDPA really used."""
+def reference_attention_logits(block, h, rope, mup_base_dim=None):
+    """Scores q.k/sqrt(d) of every causal pair (µP: q.k * sqrt(base head dim)/d, Tensor Programs V's 1/d attention),
+    computed per head here; also returns the attention output they give, so the test can check that these are the
+    logits the model's SDPA really used."""
     att, norms = block.attention, block.attention_norms
     x = norms.input(h) * norms.input_scale
     b, s, _ = x.shape
     d = att.head_dim
+    scale = 1 / math.sqrt(d) if mup_base_dim is None else math.sqrt(mup_base_dim / (x.shape[-1] // d)) / d
     q = apply_rope(att.q_norm(att.q_proj(x).view(b, s, -1, d)), rope)
     k = apply_rope(att.k_norm(att.k_proj(x).view(b, s, -1, d)), rope)
     v = att.v_proj(x).view(b, s, -1, d)
@@ -49,16 +51,18 @@ def reference_attention_logits(block, h, rope):
         kv = head // group
         for i in range(s):
             for j in range(i + 1):
-                scores[:, head, i, j] = (q[:, i, head] * k[:, j, kv]).sum(-1) / math.sqrt(d)
+                scores[:, head, i, j] = (q[:, i, head] * k[:, j, kv]).sum(-1) * scale
         heads.append(torch.softmax(scores[:, head], dim=-1) @ v[:, :, kv])
     out = att.o_proj(torch.stack(heads, dim=2).reshape(b, s, -1))
     return scores, out, x
 
 
-@pytest.mark.parametrize("placement,qk_norm", [("pre", False), ("post", True), ("lns", True)])
-def test_diagnostics_match_independent_computation(placement, qk_norm):
+@pytest.mark.parametrize("placement,qk_norm,mup_base_dim", [("pre", False, None), ("post", True, None),
+                                                            ("lns", True, None), ("pre", False, 16)])
+def test_diagnostics_match_independent_computation(placement, qk_norm, mup_base_dim):
     torch.manual_seed(0)
-    model = tiny_model(placement=placement, qk_norm=qk_norm)
+    mup = {"parametrization": "mup", "mup_base_dim": mup_base_dim} if mup_base_dim else {}
+    model = tiny_model(placement=placement, qk_norm=qk_norm, **mup)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     diagnostics = Diagnostics(model, every=5, total_steps=12, device=torch.device("cpu"), gradients=True)
     assert [s for s in range(1, 13) if diagnostics.due(s)] == [1, 5, 10, 12]
@@ -92,7 +96,7 @@ def test_diagnostics_match_independent_computation(placement, qk_norm):
         h = model.tok_embeddings(tokens[:, :-1])
         rope = model.rope[:h.shape[1]]
         for i, block in enumerate(model.layers.values()):
-            scores, attention_out, x = reference_attention_logits(block, h, rope)
+            scores, attention_out, x = reference_attention_logits(block, h, rope, mup_base_dim)
             torch.testing.assert_close(attention_out, block.attention(x, rope), rtol=1e-5, atol=1e-6)
             assert row["max_attn_logit"][i] == pytest.approx(float(scores.max()), rel=1e-5)
             h = block(h, rope)

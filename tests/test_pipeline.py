@@ -17,7 +17,8 @@ STEPS = ("model.n_layers=4", "training.steps=6", "checkpoint.every=3", "eval.eve
 PLACEMENTS = {
     "pre": [],
     "post": ["model.placement=post"],
-    "peri": ["model.placement=peri", "model.norm=layernorm", "model.qk_norm=true", "stability.z_loss=1e-3"],
+    "peri": ["model.placement=peri", "model.norm=layernorm", "model.qk_norm=true", "stability.z_loss=1e-3",
+             "model.parametrization=mup", "model.mup_base_dim=32"],  # µP's logit and attention scales too
     "mix": ["model.placement=mix", "model.mix_alpha=0.5"],  # layers 0-1 Post-LN, 2-3 Pre-LN
     "ngpt": ["model.placement=ngpt"],
     "zoo": ["model.layer_placements=subln,subln,normformer,normformer", "model.normformer_residual_scale=true"],

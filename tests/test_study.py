@@ -242,3 +242,31 @@ def test_named_variants_axis_sets_several_keys_per_value(tmp_path):
     assert got[("pre", "small")] == ("pre", "rmsnorm", True, 32, 2)
     assert got[("subln", "big")] == ("subln", "rmsnorm", True, 64, 3)
     assert got[("ln-pre", "big")] == ("pre", "layernorm", False, 64, 3)
+
+
+def test_lr_transfer_report_finds_each_widths_best_lr(tmp_path):
+    """The lr_transfer plot and table (a grid over model.dim and training.lr): one panel per parametrization, the
+    best lr of each width is the one with the lowest mean final validation loss (diverged cells have none)."""
+    import types
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from trainer.study.report import lr_transfer_lines, lr_transfer_plot
+
+    grid = {"model.dim": [64, 128], "training.lr": [1e-3, 1e-2, 1e-1], "model.parametrization": ["standard", "mup"],
+            "run.seed": [0, 1]}
+    study = types.SimpleNamespace(grid=grid, axes=tuple(grid))
+    loss = {("standard", 64): [3.0, 2.5, 2.9], ("standard", 128): [2.8, 2.9, None],
+            ("mup", 64): [3.0, 2.5, 2.9], ("mup", 128): [2.9, 2.4, 2.8]}
+    cells = [{"model.dim": d, "training.lr": lr, "model.parametrization": p, "val_loss_mean": loss[p, d][i]}
+             for (p, d) in loss for i, lr in enumerate(grid["training.lr"])]
+    lines = lr_transfer_lines(study, cells)
+    assert "| parametrization=standard | 0.001 | 0.001 |" not in lines
+    assert "| parametrization=standard | 0.01 | 0.001 |" in lines
+    assert "| parametrization=mup | 0.01 | 0.01 |" in lines
+    fig = lr_transfer_plot(plt, study, cells)
+    assert [ax.get_title() for ax in fig.axes] == ["parametrization=standard", "parametrization=mup"]
+    assert len(fig.axes[1].get_lines()) == 4  # a loss line and a best-lr star per width
+    fig.savefig(tmp_path / "lr_transfer.png")

@@ -17,7 +17,7 @@ PLACEMENTS = {
     "pre": [],
     "post": ["model.placement=post"],
     "peri": ["model.placement=peri", "model.norm=layernorm", "model.norm_bias=true", "model.qk_norm=true",
-             "model.embed_norm=true"],
+             "model.embed_norm=true", "model.parametrization=mup", "model.mup_base_dim=32"],  # µP's scales too
     "mix": ["model.placement=mix", "model.n_layers=4", "model.mix_alpha=0.5"],  # layers 0-1 post, 2-3 pre
     "ngpt": ["model.placement=ngpt", "training.weight_decay=0.1"],  # decay is ignored by nGPT's weights
     # Sub-LN's and NormFormer's inner norms over tp-sharded features, NormFormer's head gains sharded with the heads

@@ -87,6 +87,20 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                    help="override a config value (parsed as YAML)")
 
     p = sub.add_parser(
+        "mup-check", help="coordinate check of µP: activation sizes across widths, standard vs mup",
+        description="Train the config's model for a few steps at several widths (model.dim; the SwiGLU hidden size "
+                    "in proportion) under parametrization standard and mup (base width model.mup_base_dim, else "
+                    "model.dim) at a constant training.lr, on the config's data, in this process, and record the "
+                    "mean |x| of the embedding, each block's output and the logits. Under µP they stay flat across "
+                    "widths. Writes coord.csv, coord.md and coord.png into --output.")
+    p.add_argument("config", metavar="CONFIG.yaml", help="training config (its data.dir must be prepared)")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a config value")
+    p.add_argument("--widths", default=None, metavar="W1,W2,...",
+                   help="model widths to compare (default: 1x, 2x, 3x, 4x the base width)")
+    p.add_argument("--steps", type=int, default=5, metavar="N", help="training steps per width (default 5)")
+    p.add_argument("--output", default=None, metavar="DIR", help="where to write (default <run.output_dir>/mup-check)")
+
+    p = sub.add_parser(
         "study", help="train a grid of runs (placement x lr x depth x seed ...) and write a report",
         description="Train every combination of the grid in STUDY.yaml, each in its own run directory under "
                     "<output_dir>/runs: here (launcher: local or torchrun, several at a time; finished runs are "
@@ -220,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
                 result = train(cfg)
                 if result.preempted:
                     return requeue_exit(result.step, result.checkpoint)
+        elif args.command == "mup-check":
+            from trainer.config import load_config
+            from trainer.mup_check import mup_check
+
+            try:
+                widths = [int(w) for w in args.widths.split(",")] if args.widths else None
+            except ValueError:
+                raise UserError(f"--widths must be comma-separated whole numbers such as 64,128,256, "
+                                f"not {args.widths!r}") from None
+            mup_check(load_config(args.config, args.overrides), widths, args.steps, args.output)
         elif args.command == "study":
             from trainer.study.command import study_command
 

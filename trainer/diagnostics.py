@@ -67,8 +67,10 @@ def sum_of_squares(groups: list[list[torch.Tensor]], device: torch.device) -> to
     return sums
 
 
-def max_causal_logit(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
-    """max over sequences, heads and j <= i of q_i.k_j / sqrt(head_dim), as SDPA computes them (after RoPE; KV heads
+def max_causal_logit(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """max over sequences, heads and j <= i of q_i.k_j * scale (default 1/sqrt(head_dim); the attention's
+    `softmax_scale`, e.g. µP's), as SDPA computes them (after RoPE; KV heads
     shared by consecutive query heads). q: (batch, seq, heads, head_dim), k: (batch, seq, kv_heads, head_dim).
     One sequence and a few heads at a time, so the score matrices stay small at long sequence lengths."""
     q, k = apply_rope(q.float(), rope), apply_rope(k.float(), rope)
@@ -76,10 +78,11 @@ def max_causal_logit(q: torch.Tensor, k: torch.Tensor, rope: torch.Tensor) -> to
     seq, heads = q.shape[1], q.shape[2]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=q.device).tril()
     chunk = max(1, 2**24 // (seq * seq))  # heads per score block: at most 16M scores (64 MB)
+    scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
     best = torch.tensor(float("-inf"), device=q.device)
     for b in range(q.shape[0]):
         for h in range(0, heads, chunk):
-            scores = torch.einsum("qhd,khd->hqk", q[b, :, h:h + chunk], k[b, :, h:h + chunk]) / math.sqrt(q.shape[-1])
+            scores = torch.einsum("qhd,khd->hqk", q[b, :, h:h + chunk], k[b, :, h:h + chunk]) * scale
             best = torch.maximum(best, scores.masked_fill(~causal, float("-inf")).amax())
     return best
 
@@ -123,7 +126,8 @@ class ActivationProbe:
             if name in self.qk and "logit" not in self.qk[name]:
                 with torch.no_grad():
                     kept = self.qk[name]
-                    kept["logit"] = max_causal_logit(kept.pop("q"), kept.pop("k"), args[1])
+                    kept["logit"] = max_causal_logit(kept.pop("q"), kept.pop("k"), args[1],
+                                                     getattr(module, "softmax_scale", None))
         return hook
 
     def _block_hook(self, name: str):

@@ -130,7 +130,7 @@ class TorchEngine(WholeModelSteps):
 
     def __init__(self, model: nn.Module, cfg: Config, after_step=None):
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.training)
+        self.optimizer = build_optimizer(model, cfg.training, cfg.model)
         self.scheduler = build_lr_scheduler(self.optimizer, cfg.training)
         self.after_step = after_step  # called with the model after each optimizer update (FP8 weight scales)
 
@@ -322,7 +322,7 @@ def build_engine(cfg: Config, parallel: ParallelModel, dims: ParallelDims, mesh:
     p, t, device = cfg.parallel, cfg.training, dist_info.device
     micro_batch, accum_steps = micro_batching(t, dims.dp_size, parallel.n_stages)
     if p.backend == "deepspeed":  # DeepSpeed wraps the initialized model, with the optimizer, in its engine
-        optimizer = build_optimizer(parallel.model, t)
+        optimizer = build_optimizer(parallel.model, t, cfg.model)
         engine = ZeroEngine(parallel.model, optimizer, build_lr_scheduler(optimizer, t),
                             deepspeed_config(cfg, dist_info.world_size), dist_info.backend)
         engine.setup_steps(cfg, device, micro_batch, accum_steps)

@@ -1,6 +1,8 @@
 """AdamW with decoupled weight decay on matrices only (or Muon with AdamW, trainer/muon.py), and the learning-rate
-schedules. A param group's peak lr is training.lr * group["lr_scale"] (1 where absent) and the schedule keeps that
-ratio."""
+schedules.
+
+Every param group carries an "lr_scale": its peak lr is training.lr * lr_scale and the schedule keeps that ratio
+(µP's per-layer multipliers, models/mup.py; Muon's own lr; 1 under the standard parametrization)."""
 
 from __future__ import annotations
 
@@ -10,27 +12,38 @@ from functools import partial
 import torch
 from torch import nn
 
+from models import mup
+from models.config import ModelConfig
 from models.hypersphere import hypersphere_weights
+from models.transformer import plain_name
 from trainer.config import TrainingConfig
 from trainer.muon import apply_muon_hyperparameters, build_muon
 
 
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: TrainingConfig, model_cfg: ModelConfig | None = None
+                    ) -> torch.optim.Optimizer:
     """Weight decay on 2-D weights except embeddings; none on norms, biases or embeddings, nor on nGPT's weights,
-    which are renormalized after every step instead (nGPT Sec. 2.6: no weight decay). training.optimizer=muon:
-    trainer/muon.py (Muon for the blocks' matrices, this AdamW for the rest)."""
+    which are renormalized after every step instead (nGPT Sec. 2.6: no weight decay). Under µP (`model_cfg`) the
+    parameters are further grouped by their lr multiplier. training.optimizer=muon: trainer/muon.py (Muon for the
+    blocks' matrices, this AdamW for the rest)."""
     no_decay_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     no_decay_ids |= {id(weight) for weight, _ in hypersphere_weights(model)}
     if cfg.optimizer == "muon":
-        optimizer = build_muon(model, cfg, no_decay_ids=no_decay_ids)
+        def muon_lr_scale(name: str, param: torch.Tensor) -> float:
+            return mup.lr_scale(model_cfg, plain_name(name), param.ndim, "muon") if model_cfg is not None else 1.0
+        optimizer = build_muon(model, cfg, lr_scale=muon_lr_scale, no_decay_ids=no_decay_ids)
         apply_hyperparameters(optimizer, cfg)
         return optimizer
-    decay, no_decay = [], []
-    for param in model.parameters():
+    by_group: dict[tuple[str, float], list] = {("decay", 1.0): [], ("no_decay", 1.0): []}
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (no_decay if param.ndim < 2 or id(param) in no_decay_ids else decay).append(param)
-    groups = [{"params": decay, "name": "decay"}, {"params": no_decay, "name": "no_decay"}]
-    groups = [group for group in groups if group["params"]]  # nGPT has nothing to decay; DCP rejects empty groups
+            kind = "no_decay" if param.ndim < 2 or id(param) in no_decay_ids else "decay"
+            scale = mup.lr_scale(model_cfg, plain_name(name), param.ndim) if model_cfg is not None else 1.0
+            by_group.setdefault((kind, scale), []).append(param)
+    # Unscaled groups first: param_groups[0]["lr"] is the logged (base) lr. No empty groups: DCP rejects them (nGPT
+    # has nothing to decay, µP may have no unscaled matrix); every other model has both of the first two.
+    groups = [{"params": params, "name": kind, "lr": cfg.lr * scale, "lr_scale": scale}
+              for (kind, scale), params in by_group.items() if params]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     apply_hyperparameters(optimizer, cfg)
     return optimizer

@@ -215,7 +215,8 @@ def describe_model(cfg: Config, model: nn.Module) -> str:
             f"dim {m.dim}, {m.n_heads} heads ({m.kv_heads} kv), vocab {m.vocab_size} | norm {m.norm}, placement "
             f"{','.join(m.layer_placements) if m.layer_placements else m.placement}"
             f"{f' (alpha {m.mix_alpha})' if m.placement == 'mix' and not m.layer_placements else ''}"
-            f"{', qk_norm' if m.qk_norm else ''}{', embed_norm' if m.embed_norm else ''} | "
+            f"{', qk_norm' if m.qk_norm else ''}{', embed_norm' if m.embed_norm else ''}"
+            f"{f' | µP (base width {m.mup_base_dim})' if m.parametrization == 'mup' else ''} | "
             f"{describe_kernels(m.kernels, pick_device()[0])} | precision {precision}")
 
 

@@ -5,7 +5,9 @@ seeds ("diverged 2 of 5 seeds"), and a study's `published:` numbers are put next
 
 <output_dir>/report/: report.md (tables), runs.csv (one row per run), cells.csv (seeds aggregated), report.json
 (everything, with the curves and per-layer profiles), and PNG plots: loss_curves, grad_norm_profile,
-residual_variance, max_attn_logit, lr_sensitivity.
+residual_variance, max_attn_logit, lr_sensitivity, and lr_transfer when the grid has both training.lr and model.dim
+(Tensor Programs V's Figure 1: final loss against lr, one line per width, one panel per other combination, with the
+best lr of each width in report.md).
 
 A run counts as diverged when it stopped on a non-finite loss, or when its final validation loss is non-finite or
 above ln(vocab_size), the loss of predicting uniformly at random; its steps to divergence are the first logged step
@@ -27,6 +29,7 @@ from trainer.study.spec import SEED_KEY, Cell, Study
 from trainer.study.tracking import cell_status, last_metrics, read_record
 
 PLACEMENT = "model.placement"
+LR, WIDTH = "training.lr", "model.dim"
 ENDED = ("finished", "diverged")
 
 
@@ -258,7 +261,68 @@ def make_plots(study: Study, runs: list[dict], cells: list[dict], out: Path) -> 
             ax.set_title(", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(rest, combo)) or "all", fontsize=9)
         _legend(axes.flat[0], 7)
         save(fig, "lr_sensitivity.png")
+    if LR in study.grid and WIDTH in study.grid:
+        fig = lr_transfer_plot(plt, study, cells)
+        save(fig, "lr_transfer.png")
     return written
+
+
+def _transfer_panels(study: Study, cells: list[dict]) -> dict[str, dict[int, list[dict]]]:
+    """Panel title -> width -> that width's cells (sorted by lr), for each combination of the axes other than lr,
+    width and seed (e.g. parametrization x optimizer)."""
+    rest = [a for a in study.axes if a not in (SEED_KEY, LR, WIDTH)]
+    panels: dict[str, dict[int, list[dict]]] = {}
+    for combo in product(*(study.grid[a] for a in rest)):
+        title = ", ".join(f"{a.split('.')[-1]}={v}" for a, v in zip(rest, combo)) or "all"
+        subset = [c for c in cells if all(c[a] == v for a, v in zip(rest, combo))]
+        panels[title] = {w: sorted((c for c in subset if c[WIDTH] == w), key=lambda c: c[LR])
+                         for w in study.grid[WIDTH]}
+    return panels
+
+
+def _best_lr(group: list[dict]) -> float | None:
+    done = [c for c in group if c["val_loss_mean"] is not None]
+    return min(done, key=lambda c: c["val_loss_mean"])[LR] if done else None
+
+
+def lr_transfer_plot(plt, study: Study, cells: list[dict]):
+    """Final validation loss against lr, one line per width (a star at its best lr), one panel per combination of
+    the other axes: under µP the minima line up across widths, under the standard parametrization they drift."""
+    panels = _transfer_panels(study, cells)
+    cols = min(2, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 3.8 * rows), squeeze=False, sharey=True)
+    colors = plt.cm.viridis
+    for ax, (title, widths) in zip(axes.flat, panels.items()):
+        for n, (width, group) in enumerate(widths.items()):
+            color = colors(n / max(1, len(widths) - 1))
+            losses = [c["val_loss_mean"] if c["val_loss_mean"] is not None else float("nan") for c in group]
+            ax.plot([c[LR] for c in group], losses, marker="o", color=color, label=f"width {width}")
+            best = _best_lr(group)
+            if best is not None:
+                ax.plot([best], [min(v for v in losses if v == v)], "*", color=color, markersize=13)
+        ax.set_xscale("log")
+        ax.set_xlabel("peak learning rate")
+        ax.set_title(title, fontsize=9)
+        _legend(ax, 7)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("final val loss (mean over seeds)")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    return fig
+
+
+def lr_transfer_lines(study: Study, cells: list[dict]) -> list[str]:
+    """report.md's table of the best lr per width in each panel of lr_transfer.png."""
+    if LR not in study.grid or WIDTH not in study.grid:
+        return []
+    widths = study.grid[WIDTH]
+    lines = ["", "## Learning-rate transfer", "",
+             "Best peak lr (lowest final validation loss, mean over seeds) per width; see lr_transfer.png.", "",
+             "| | " + " | ".join(f"width {w}" for w in widths) + " |", "|---|" + "---|" * len(widths)]
+    for title, by_width in _transfer_panels(study, cells).items():
+        lines.append(f"| {title} | " + " | ".join(_fmt(_best_lr(by_width[w])) for w in widths) + " |")
+    return lines
 
 
 def _fmt(value, digits: int = 4) -> str:
@@ -316,6 +380,7 @@ def write_report(study: Study) -> Path:
     if published:
         lines += ["", f"Published {metric}: {published.get('source') or 'as given in the study file'} "
                       f"(by `{published['axis']}`)."]
+    lines += lr_transfer_lines(study, cells)
     unfinished = [r for r in runs if r["status"] not in ENDED]
     if unfinished:
         lines += ["", "## Runs not finished", "", "| run | status | step | last train loss |", "|---|---|---|---|"]

@@ -1,8 +1,9 @@
 """Parameter names and configs between normtron and Hugging Face: the one place that knows both.
 
 A model with `pre` placement, RMSNorm, no QK-norm and no embedding norm is exactly `LlamaForCausalLM` (SwiGLU, RoPE
-in the rotate-half layout, GQA); every other model becomes `NormtronForCausalLM` (remote_model.py), whose parameter
-names are the training checkpoint's own under `model.`.
+in the rotate-half layout, GQA); the same model under µP is `GraniteForCausalLM` (Llama plus µP's multipliers: its
+attention_multiplier is our softmax scale, its logits_scaling our width multiplier); every other model becomes
+`NormtronForCausalLM` (remote_model.py), whose parameter names are the training checkpoint's own under `model.`.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import re
 
 import torch
 
+from models import mup
 from models.config import ModelConfig
 from models.placement import PRE, layer_wiring
 from models.transformer import Transformer
 from trainer.errors import UserError
 
-LLAMA, NORMTRON = "LlamaForCausalLM", "NormtronForCausalLM"
+LLAMA, GRANITE, NORMTRON = "LlamaForCausalLM", "GraniteForCausalLM", "NormtronForCausalLM"
 
 # (our name, Llama name) patterns; our names are the plain module's, as in a DCP checkpoint without "model.".
 _LLAMA_NAMES = [
@@ -32,13 +34,15 @@ _LLAMA_NAMES = [
 
 
 def is_llama(cfg: ModelConfig) -> bool:
-    """Whether the model is exactly LlamaForCausalLM."""
+    """Whether the model is exactly LlamaForCausalLM (GraniteForCausalLM under µP)."""
     return (cfg.norm == "rmsnorm" and not cfg.qk_norm and not cfg.embed_norm
             and all(layer_wiring(cfg, i) == PRE for i in range(cfg.n_layers)))
 
 
 def architecture(cfg: ModelConfig) -> str:
-    return LLAMA if is_llama(cfg) else NORMTRON
+    if not is_llama(cfg):
+        return NORMTRON
+    return GRANITE if cfg.parametrization == "mup" else LLAMA
 
 
 def expected_tensors(cfg: ModelConfig) -> dict[str, torch.Size]:
@@ -72,12 +76,18 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos_id: int | None = 1, eos_
     common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": cfg.tie_embeddings, "bos_token_id": bos_id,
               "eos_token_id": eos_id, "dtype": str(dtype).removeprefix("torch.")}
     if is_llama(cfg):
-        config = LlamaConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
-                             num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
-                             head_dim=cfg.head_dim, hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
-                             rms_norm_eps=cfg.norm_eps, attention_bias=False, mlp_bias=False,
-                             rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                             architectures=[LLAMA], **common)
+        llama_config, extra = LlamaConfig, {"head_dim": cfg.head_dim}
+        if cfg.parametrization == "mup":
+            from transformers import GraniteConfig
+            llama_config = GraniteConfig
+            extra = dict(attention_multiplier=mup.attention_scale(cfg), logits_scaling=mup.width_mult(cfg),
+                         embedding_multiplier=1.0, residual_multiplier=1.0)
+        config = llama_config(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
+                              num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.kv_heads,
+                              hidden_act="silu", max_position_embeddings=cfg.max_seq_len,
+                              rms_norm_eps=cfg.norm_eps, attention_bias=False, mlp_bias=False,
+                              rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                              architectures=[architecture(cfg)], **extra, **common)
         return config.to_dict()
     fields = dataclasses.asdict(cfg)
     fields["ffn_hidden_dim"] = cfg.hidden_dim  # resolved, so the folder never depends on our rounding rule
@@ -90,6 +100,8 @@ def model_config_from_hf(config: dict, where: str) -> ModelConfig:
     if archs == [NORMTRON] or config.get("model_type") == "normtron":
         names = {f.name for f in dataclasses.fields(ModelConfig)}
         return _checked(ModelConfig(**{k: v for k, v in config.items() if k in names}), where)
+    if archs == [GRANITE]:
+        return _granite_as_mup(config, where)
     if archs != [LLAMA] and not (not archs and config.get("model_type") == "llama"):
         raise UserError(f"{where} holds a {', '.join(archs) or config.get('model_type') or 'unknown'} model; "
                         f"supported architectures: {LLAMA} (and {NORMTRON} folders written by normtron)")
@@ -110,6 +122,24 @@ def model_config_from_hf(config: dict, where: str) -> ModelConfig:
                       placement="pre", rope_theta=float(rope.get("rope_theta", 10000.0)),
                       max_seq_len=llama.max_position_embeddings, tie_embeddings=bool(llama.tie_word_embeddings))
     return _checked(cfg, where)
+
+
+def _granite_as_mup(config: dict, where: str) -> ModelConfig:
+    """A GraniteForCausalLM folder as our µP model: Llama plus logits_scaling = m (so mup_base_dim = dim / m) and
+    attention_multiplier = µP's softmax scale; only the multipliers µP has (embedding and residual ones at 1)."""
+    llama = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "embedding_multiplier",
+                                                          "residual_multiplier", "logits_scaling",
+                                                          "attention_multiplier")}
+    cfg = model_config_from_hf({**llama, "architectures": [LLAMA]}, where)
+    base = cfg.dim / float(config.get("logits_scaling", 1.0))
+    mup_cfg = dataclasses.replace(cfg, parametrization="mup", mup_base_dim=round(base))
+    expected = mup.attention_scale(mup_cfg) if base == round(base) else None
+    if (config.get("embedding_multiplier", 1.0) != 1.0 or config.get("residual_multiplier", 1.0) != 1.0
+            or expected is None or abs(config.get("attention_multiplier", 0.0) - expected) > 1e-6 * expected):
+        raise UserError(f"{where}: this Granite model's multipliers are not normtron's µP (embedding_multiplier 1, "
+                        f"residual_multiplier 1, logits_scaling = dim / base width, attention_multiplier = "
+                        f"sqrt(base head dim) / head_dim)")
+    return _checked(mup_cfg, where)
 
 
 def _checked(cfg: ModelConfig, where: str) -> ModelConfig:
