@@ -21,8 +21,9 @@ PLACEMENTS = {
              "model.parametrization=mup", "model.mup_base_dim=32"],  # µP's logit and attention scales too
     "mix": ["model.placement=mix", "model.mix_alpha=0.5"],  # layers 0-1 Post-LN, 2-3 Pre-LN
     "ngpt": ["model.placement=ngpt"],
-    "zoo": ["model.layer_placements=subln,subln,normformer,normformer", "model.normformer_residual_scale=true"],
-    "dyt": ["model.placement=peri", "model.norm=dyt", "model.qk_norm=true"],  # embedding scale on stage 0 only
+    # a Sub-LN and a NormFormer stage, with DyT in every norm (its embedding scale on stage 0 only)
+    "zoo": ["model.layer_placements=subln,subln,normformer,normformer", "model.normformer_residual_scale=true",
+            "model.norm=dyt", "model.qk_norm=true"],
 }
 PP = ["parallel.backend=fsdp", "parallel.pp=2"]
 
@@ -30,12 +31,11 @@ PP = ["parallel.backend=fsdp", "parallel.pp=2"]
 PIPELINED = [
     ("gpipe_mix_straddle", 2, "mix", [*PP, "parallel.pp_schedule=GPipe", "parallel.pp_layers=1,3"]),
     ("1f1b_pre", 2, "pre", [*PP, "parallel.pp_schedule=1F1B"]),
-    ("1f1b_dyt_peri", 2, "dyt", [*PP, "parallel.pp_schedule=1F1B"]),
     ("interleaved_peri", 2, "peri", [*PP, "parallel.pp_schedule=Interleaved1F1B", "parallel.pp_stages_per_rank=2"]),
     ("zbv_post", 2, "post", [*PP, "parallel.pp_schedule=ZBVZeroBubble"]),
     ("interleaved_zb_mix", 2, "mix", [*PP, "parallel.pp_schedule=InterleavedZeroBubble"]),
     ("1f1b_ngpt", 2, "ngpt", [*PP, "parallel.pp_schedule=1F1B"]),  # s_z and the head's renormalization on stage 1
-    ("1f1b_subln_normformer", 2, "zoo", [*PP, "parallel.pp_schedule=1F1B"]),  # a Sub-LN and a NormFormer stage
+    ("1f1b_subln_normformer_dyt", 2, "zoo", [*PP, "parallel.pp_schedule=1F1B"]),
     ("pp2_fsdp2_1f1b_post", 4, "post", [*PP, "parallel.pp_schedule=1F1B", "training.micro_batch_size=2"]),
 ]
 

@@ -91,12 +91,16 @@ def test_ngpt_resumes_bitwise_and_across_layouts(runs):
         assert single[-1]["resid_rms"] == pytest.approx([64 ** -0.5] * 2, rel=1e-5)  # unit vectors in dim 64
 
 
-ZOO = ["model.layer_placements=subln,normformer", "model.normformer_residual_scale=true", "model.norm=layernorm"]
+# Sub-LN and NormFormer layers with DyT in every norm position (inner norms, QK-norm, embedding norm): the new
+# parameters (inner norms, head gains, the learned residual gain, DyT's scalar alphas, the embedding scale) in one run.
+ZOO = ["model.layer_placements=subln,normformer", "model.normformer_residual_scale=true", "model.norm=dyt",
+       "model.qk_norm=true", "model.embed_norm=true"]
 
 
-def test_subln_and_normformer_under_fsdp_and_zero3_and_bitwise_resume(runs):
-    """Inner norms, head gains and the learned residual gain shard like any parameter: FSDP2 and ZeRO-3 on 2 ranks
-    match one process, and an FSDP2 run resumed from its step-4 checkpoint repeats steps 5-8 bit for bit."""
+def test_norm_zoo_under_fsdp_and_zero3_and_bitwise_resume(runs):
+    """Sub-LN's and NormFormer's new parameters and DyT's scalars shard under FSDP2 and partition under ZeRO-3 like
+    any parameter: both on 2 ranks match one process, and an FSDP2 run resumed from its step-4 checkpoint repeats
+    steps 5-8 bit for bit."""
     reference = runs("single_zoo", 1, *ZOO)
     fsdp = runs("fsdp_zoo", 2, "parallel.backend=fsdp", *ZOO)
     assert_same_losses(fsdp, reference)
@@ -106,22 +110,6 @@ def test_subln_and_normformer_under_fsdp_and_zero3_and_bitwise_resume(runs):
     assert "resumed from" in (resumed / "train.log").read_text()
     got, want = step_losses(resumed), step_losses(fsdp)
     assert [got[s] for s in range(5, 9)] == [want[s] for s in range(5, 9)]
-DYT = ["model.norm=dyt", "model.qk_norm=true", "model.embed_norm=true"]  # DyT in every norm position
-
-
-def test_dyt_under_fsdp_and_zero3_matches_single_process_and_resumes_bitwise(runs):
-    """DyT's scalar alpha (and the embedding scale) shard under FSDP2 and partition under ZeRO-3 like any parameter;
-    an FSDP2 checkpoint resumes to the uninterrupted run's losses bit for bit."""
-    steps = ("training.steps=6", "checkpoint.every=3", "eval.every=6")
-    reference = runs("single_dyt", 1, *DYT, common=steps)
-    fsdp = runs("fsdp_dyt", 2, "parallel.backend=fsdp", *DYT, common=steps)
-    assert_same_losses(fsdp, reference)
-    assert_same_losses(runs("zero3_dyt", 2, "parallel.backend=deepspeed", "parallel.zero_stage=3", *DYT,
-                            common=steps), reference)
-    resume_copy(fsdp, "fsdp_dyt_resumed", drop_step=6)
-    resumed = runs("fsdp_dyt_resumed", 2, "parallel.backend=fsdp", *DYT, common=steps)
-    assert "resumed from" in (resumed / "train.log").read_text()
-    assert step_losses(resumed) == step_losses(fsdp)
 
 
 def test_bf16_sharded_training_stays_close_to_fp32_with_fp32_master_weights(runs):
