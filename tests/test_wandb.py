@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from tests.helpers import TINY, read_metrics, run_cli
-from trainer.config import load_config, validate
+from trainer.config import LoggingConfig, load_config, validate
 from trainer.errors import UserError
+from trainer.metrics import MetricsLogger
 
 wandb = pytest.importorskip("wandb")  # in the dev extra, so CI has it
 from wandb.proto import wandb_internal_pb2  # noqa: E402
@@ -53,37 +54,64 @@ def same(a, b) -> bool:
     return a == b or (isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b))
 
 
-def test_offline_wandb_holds_every_row_and_the_config_and_resume_continues_the_run(micro_args, tmp_path):
-    env = {"WANDB_DIR": str(tmp_path / "wandb"), "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+@pytest.fixture
+def offline_wandb(tmp_path, monkeypatch) -> dict:
+    """W&B offline, its files under tmp_path/wandb (no network, nothing in the user's directories)."""
+    env = {"WANDB_DIR": str(tmp_path / "wandb"), "WANDB_MODE": "offline", "WANDB_SILENT": "true",
+           "WANDB_CONSOLE": "off"}
     (tmp_path / "wandb").mkdir()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+def wandb_files(tmp_path) -> list:
+    return sorted((tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
+
+
+def test_offline_wandb_holds_every_metrics_row_and_the_config(micro_args, tmp_path, offline_wandb):
     # A NaN step (stability.nonfinite=skip) writes an event row; diagnostics write per-layer lists.
-    args = micro_args("tracked", "logging.wandb=offline", "logging.wandb_project=normtron-test",
-                      "training.steps=6", "checkpoint.every=3", "eval.every=3", "diagnostics.every=3",
-                      "stability.nonfinite=skip", "debug.nan_at_step=2")
-    run_cli("train", TINY, *args, "training.steps=3", env=env)
-    run_id = (tmp_path / "runs" / "tracked" / "wandb_run_id").read_text().strip()
-    run_cli("train", TINY, *args, env=env)  # resumes from step 3
+    run_cli("train", TINY, *micro_args("tracked", "logging.wandb=offline", "logging.wandb_project=normtron-test",
+                                       "training.steps=4", "checkpoint.every=4", "eval.every=2",
+                                       "diagnostics.every=2", "stability.nonfinite=skip", "debug.nan_at_step=2"),
+            env=offline_wandb)
+    run_dir = tmp_path / "runs" / "tracked"
+    [path] = wandb_files(tmp_path)
+    run_id, logged, config = read_wandb_file(path)
+    assert run_id == (run_dir / "wandb_run_id").read_text().strip()
 
-    files = sorted((tmp_path / "wandb").glob("wandb/offline-run-*/run-*.wandb"))
-    assert len(files) == 2, files  # one per attempt, both of the same W&B run
-    attempts = [read_wandb_file(path) for path in files]
-    assert [a[0] for a in attempts] == [run_id, run_id]
-
-    logged = [row for _, rows, _ in attempts for row in rows]
-    jsonl = [json.loads(line) for line in (tmp_path / "runs" / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    jsonl = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("event" in row for row in jsonl) and any(isinstance(v, list) for r in jsonl for v in r.values())
     assert len(logged) == len(jsonl)
     for expected, got in zip(jsonl, logged):
         expected = as_logged(expected)
         assert set(expected) <= set(got), (expected, got)  # W&B adds its own _step, _runtime, _timestamp
         assert all(same(value, got[key]) for key, value in expected.items()), (expected, got)
-    train_rows, eval_rows = read_metrics(tmp_path / "runs" / "tracked")
-    assert sorted({row["step"] for row in logged if "loss" in row}) == [r["step"] for r in train_rows]
+    train_rows, _ = read_metrics(run_dir)
+    assert [row["step"] for row in logged if "loss" in row] == [r["step"] for r in train_rows]
 
-    resolved = yaml.safe_load((tmp_path / "runs" / "tracked" / "config.yaml").read_text())
-    first, last = attempts[0][2], attempts[1][2]
-    assert {section: last[section] for section in resolved} == resolved
-    assert first["training"]["steps"] == 3 and first["model"] == resolved["model"]
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert {section: config[section] for section in resolved} == resolved
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(tmp_path, offline_wandb):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    settings = LoggingConfig(wandb="offline", wandb_project="normtron-test")
+    first = MetricsLogger(run_dir, 4, 0, True, False, wandb=settings, config={"training": {"steps": 4}})
+    for step in (1, 2, 3):  # step 3 is past the checkpoint the resumed attempt starts from
+        first.log({"step": step, "loss": 10.0 - step}, quiet=True)
+    first.close()
+    second = MetricsLogger(run_dir, 4, 2, True, False, wandb=settings, config={"training": {"steps": 4}})
+    for step in (3, 4):
+        second.log({"step": step, "loss": 20.0 - step}, quiet=True)
+    second.close()
+
+    attempts = [read_wandb_file(path) for path in wandb_files(tmp_path)]
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    assert [a[0] for a in attempts] == [run_id, run_id]
+    assert [(r["step"], r["loss"]) for r in attempts[0][1]] == [(1, 9.0), (2, 8.0), (3, 7.0)]
+    assert [(r["step"], r["loss"]) for r in attempts[1][1]] == [(3, 17.0), (4, 16.0)]
 
 
 def test_wandb_not_installed_is_a_one_line_error(monkeypatch):
