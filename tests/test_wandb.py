@@ -119,3 +119,18 @@ def test_wandb_not_installed_is_a_one_line_error(monkeypatch):
     cfg = load_config(TINY, ["logging.wandb=offline"])
     with pytest.raises(UserError, match=r"logging.wandb=offline needs wandb: pip install 'normtron\[wandb\]'"):
         validate(cfg)
+
+
+def test_a_study_groups_its_cells_in_wandb(tmp_path):
+    from trainer.study.spec import load_study
+
+    def cell_groups(name: str, overrides: dict) -> list:
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({"base": TINY, "output_dir": str(tmp_path / name), "overrides": overrides,
+                                        "grid": {"model.placement": ["pre", "post"]}}))
+        study = load_study(path, check_data=False)
+        return [load_config(study.base, cell.overrides).logging.wandb_group for cell in study.cells]
+
+    assert cell_groups("placements", {"logging.wandb": "offline"}) == ["placements", "placements"]
+    assert cell_groups("own", {"logging.wandb": "offline", "logging.wandb_group": "mine"}) == ["mine", "mine"]
+    assert cell_groups("off", {}) == [None, None]  # W&B off: the cells' commands are as before
