@@ -12,6 +12,8 @@ import os
 import secrets
 from pathlib import Path
 
+from trainer.errors import UserError
+
 RUN_ID_FILE = "wandb_run_id"
 
 
@@ -26,12 +28,17 @@ class WandbSink:
             tmp = id_file.with_suffix(".tmp")
             tmp.write_text(run_id + "\n")
             os.replace(tmp, id_file)
-        self.run = wandb.init(
-            project=settings.wandb_project, entity=settings.wandb_entity, group=settings.wandb_group,
-            name=settings.wandb_name or run_dir.name, id=run_id, resume="allow", mode=settings.wandb,
-            # Local files in the run directory, unless WANDB_DIR says otherwise.
-            dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
-            config=config)
+        try:
+            self.run = wandb.init(
+                project=settings.wandb_project, entity=settings.wandb_entity, group=settings.wandb_group,
+                name=settings.wandb_name or run_dir.name, id=run_id, resume="allow", mode=settings.wandb,
+                # Local files in the run directory, unless WANDB_DIR says otherwise.
+                dir=None if os.environ.get("WANDB_DIR") else str(run_dir),
+                config=config)
+        except wandb.errors.Error as err:  # e.g. online without `wandb login`, or no network
+            raise UserError(f"logging.wandb={settings.wandb}: W&B could not start the run "
+                            f"({' '.join(str(err).split())}); run `wandb login`, or set logging.wandb=offline "
+                            f"and `wandb sync` later") from None
         self.run.define_metric("step")
         self.run.define_metric("*", step_metric="step")
 
