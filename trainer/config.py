@@ -165,6 +165,13 @@ class LoggingConfig:
     tensorboard: bool = config_field(True, "write TensorBoard events into the run directory")
     peak_tflops: Optional[float] = config_field(
         None, "peak device TFLOP/s for MFU (null = look up known GPUs; no MFU when unknown)", gt=0)
+    wandb: str = config_field("disabled", "Weights & Biases tracking from rank 0: the metrics rows, events and the "
+                                          "resolved config (offline = local files only, for `wandb sync`)",
+                              ("disabled", "online", "offline"))
+    wandb_project: str = config_field("normtron", "W&B project")
+    wandb_entity: Optional[str] = config_field(None, "W&B entity (team or user; null = your default)")
+    wandb_name: Optional[str] = config_field(None, "W&B run name (null = run.name)")
+    wandb_group: Optional[str] = config_field(None, "W&B group (null = none; `normtron study` sets its study name)")
 
 
 @dataclass
@@ -451,6 +458,9 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
                         f"{torch.__version__}")
     validate_pipeline(cfg, dims)  # the micro-batch split too, with or without a pipeline
     validate_precision(cfg)
+    if cfg.logging.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
+        raise UserError(f"logging.wandb={cfg.logging.wandb} needs wandb: pip install 'normtron[wandb]' (or pip "
+                        f"install wandb), or set logging.wandb=disabled")
     return dims
 
 

@@ -17,7 +17,7 @@ from models import flops_per_token
 from parallel.distributed import DistInfo, all_reduce_sum, broadcast_object
 from parallel.mesh import ParallelDims
 from trainer.checkpoint import Checkpointer
-from trainer.config import Config, micro_batching, pipeline_stages
+from trainer.config import Config, config_to_dict, micro_batching, pipeline_stages
 from trainer.data.batches import TokenStream, TrainBatches
 from trainer.data.mixture import MixtureBatches, Source, sources_tokenizer
 from trainer.diagnostics import Diagnostics
@@ -112,7 +112,9 @@ class TrainLoop:
     def run(self) -> TrainResult:
         cfg, state = self.cfg, self.state
         metrics = MetricsLogger(self.run_dir, cfg.training.steps, state.step, self.dist.is_main,
-                                cfg.logging.tensorboard)
+                                cfg.logging.tensorboard,
+                                wandb=cfg.logging if cfg.logging.wandb != "disabled" else None,
+                                config=config_to_dict(cfg))
         start_step, started = state.step, time.time()
         if start_step >= cfg.training.steps:
             LOG.info(f"run already complete at step {start_step} (training.steps={cfg.training.steps})")

@@ -1,4 +1,5 @@
-"""One metrics interface, several sinks: the progress line (stdout and train.log), metrics.jsonl, TensorBoard.
+"""One metrics interface, several sinks: the progress line (stdout and train.log), metrics.jsonl, TensorBoard,
+Weights & Biases (logging.wandb).
 
 Only rank 0 writes. On resume, rows past the resumed step (from the interrupted attempt) are dropped from
 metrics.jsonl and TensorBoard, so each step appears once.
@@ -125,15 +126,21 @@ def _is_number(value) -> bool:
 
 
 class MetricsLogger:
-    """Fans each metrics row out to the progress line, metrics.jsonl and TensorBoard (rank 0 only)."""
+    """Fans each metrics row out to the progress line, metrics.jsonl, TensorBoard and W&B (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, total_steps: int, resume_step: int, is_main: bool, tensorboard: bool):
+    def __init__(self, run_dir: Path, total_steps: int, resume_step: int, is_main: bool, tensorboard: bool,
+                 wandb=None, config: dict | None = None):
+        """`wandb`: the logging section when logging.wandb is on (with the resolved `config` to record), else None."""
         self.total_steps = total_steps
         self.sinks = []
         if is_main:
             self.sinks.append(JsonlSink(run_dir / "metrics.jsonl", resume_step))
             if tensorboard:
                 self.sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
+            if wandb is not None:
+                from trainer.wandb_sink import WandbSink
+
+                self.sinks.append(WandbSink(run_dir, wandb, config or {}))
 
     def recorded_events(self) -> list[str]:
         """The "event" of every row already in metrics.jsonl (after the resume truncation); empty off rank 0."""

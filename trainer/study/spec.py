@@ -322,6 +322,9 @@ def load_study(path: str | Path, max_parallel: int | None = None, check_data: bo
                          f"run.output_dir={output_dir / 'runs'}", f"run.name={name}"]
         try:
             cfg = load_config(base, run_overrides)
+            if cfg.logging.wandb != "disabled" and cfg.logging.wandb_group is None:  # W&B groups the study's cells
+                run_overrides.append(f"logging.wandb_group={_yaml_value(path.stem)}")
+                cfg = load_config(base, run_overrides)
             validate(cfg, world)
         except UserError as err:
             raise UserError(f"study cell {name}: {err}") from None
