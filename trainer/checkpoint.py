@@ -8,6 +8,10 @@ checkpoint does not depend on the layout that wrote it: FSDP2 at 2 ranks resumes
 Each checkpoint is written into `step_XXXXXXXX.tmp` and renamed into place only when every rank has finished, so a
 directory named `step_XXXXXXXX` is always complete; leftovers of an interrupted save are removed on the next start.
 The resolved config and the tokenizer are copied in, so a checkpoint directory is self-contained for conversion.
+
+With checkpoint.async (DCP engines), a save copies the state to host memory (pinned on GPU) and returns; a background
+thread writes it, over a gloo group of its own, into the same `.tmp` directory, and the rename happens only once
+every rank's write has finished (`Checkpointer.wait`: at the next save, at the end, on preemption, in `latest`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import time
 import warnings
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,13 +42,17 @@ from torch.distributed.checkpoint.stateful import Stateful
 from parallel.distributed import DistInfo, barrier, broadcast_object
 from trainer.data.tokenizer import TOKENIZER_FILES
 from trainer.errors import UserError
+from trainer.metrics import LOG
+
+
+SINGLE_PROCESS_WARNING = ".*assuming the intent is to (save|load) in a single process"
 
 
 @contextlib.contextmanager
 def single_process_ok():
     """DCP warns on every single-process save/load; that is a supported mode here, not a mistake."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         yield
 
 
@@ -71,12 +82,40 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(f for f in found if checkpoint_format(f[1]) is not None)
 
 
-def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
-    """Model and optimizer under their plain (layout-independent) names, plus the trainer state; all ranks call."""
+@dataclass
+class AsyncSave:
+    """What a background DCP save needs: a gloo group of its own (its collectives run beside training's) and, on
+    GPU, a stager that keeps pinned host buffers from one save to the next."""
+    group: torch.distributed.ProcessGroup | None
+    stager: Any = None
+
+    @classmethod
+    def create(cls) -> AsyncSave:
+        """Collective: every rank calls it."""
+        group = torch.distributed.new_group(backend="gloo") if torch.distributed.is_initialized() else None
+        if group is None:  # the background thread warns outside single_process_ok()
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+        stager = None
+        if torch.cuda.is_available():
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                  use_async_staging=False, use_non_blocking_copy=True))
+        return cls(group, stager)
+
+
+def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful,
+             async_with: AsyncSave | None = None) -> Future | None:
+    """Model and optimizer under their plain (layout-independent) names, plus the trainer state; all ranks call.
+    With `async_with`: returns once the state is staged in host memory, with the write's future."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
+    state = {"model": model_sd, "optimizer": optim_sd, "train": train_state}
+    no_dist = not torch.distributed.is_initialized()
     with single_process_ok():
-        dcp.save({"model": model_sd, "optimizer": optim_sd, "train": train_state}, checkpoint_id=path,
-                 no_dist=not torch.distributed.is_initialized())
+        if async_with is None:
+            dcp.save(state, checkpoint_id=path, no_dist=no_dist)
+            return None
+        return dcp.async_save(state, checkpoint_id=path, no_dist=no_dist, process_group=async_with.group,
+                              async_stager=async_with.stager)
 
 
 def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
@@ -106,19 +145,33 @@ class TrainingEngine(Protocol):
     """What the checkpointer needs from a parallel backend (see trainer/engine.py)."""
     checkpoint_format: str
 
-    def save_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
+    def save_checkpoint(self, path: Path, train_state: Stateful, async_with: AsyncSave | None = None) -> Any: ...
 
     def load_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
 
 
+@dataclass
+class PendingSave:
+    future: Future
+    tmp: Path
+    final: Path
+    extra_files: dict[str, Path]
+
+
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep_last: int, dist_info: DistInfo):
+    def __init__(self, run_dir: Path, keep_last: int, dist_info: DistInfo, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.dist = dist_info
+        self.async_with = AsyncSave.create() if async_save else None
+        self.pending: PendingSave | None = None  # at most one save in flight
+        self.stalls: list[float] = []  # seconds each save held training up (staging, or the whole synchronous save)
+        self.noted_sync = False
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, as rank 0 sees it (a shared file system may lag on other nodes)."""
+        """The newest complete checkpoint, as rank 0 sees it (a shared file system may lag on other nodes); a save
+        in flight is finished first."""
+        self.wait()
         found = complete_checkpoints(self.root) if self.dist.is_main else None
         found = broadcast_object(found)
         return found[-1][1] if found else None
@@ -133,14 +186,47 @@ class Checkpointer:
                     shutil.rmtree(path, ignore_errors=True)
         barrier()
 
-    def save(self, step: int, engine: TrainingEngine, train_state: Stateful, extra_files: dict[str, Path]) -> Path:
+    def save(self, step: int, engine: TrainingEngine, train_state: Stateful, extra_files: dict[str, Path],
+             wait: bool = True) -> Path | None:
+        """Write the checkpoint of `step`; returns the newest complete checkpoint. Asynchronous (checkpoint.async
+        with a DCP engine) unless `wait`: then the returned one is an earlier step's (or None), and `step`'s
+        becomes visible at the next save, `wait()` or `latest()`."""
+        started = time.perf_counter()
+        newest = self.wait()  # at most one save in flight
         final = self.root / checkpoint_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
+        if self.async_with is not None and engine.checkpoint_format == "dcp":
+            future = engine.save_checkpoint(tmp, train_state, async_with=self.async_with)
+            self.pending = PendingSave(future, tmp, final, extra_files)
+            self.stalls.append(time.perf_counter() - started)
+            if not wait:
+                LOG.info(f"checkpoint {final}: staged in {self.stalls[-1]:.2f} s, writing in the background")
+                return newest
+            return self.wait()
+        if self.async_with is not None and not self.noted_sync:  # DeepSpeed writes its own format, synchronously
+            LOG.info(f"checkpoint.async: {engine.checkpoint_format} checkpoints are saved synchronously")
+            self.noted_sync = True
         engine.save_checkpoint(tmp, train_state)
+        self._publish(tmp, final, extra_files)
+        self.stalls.append(time.perf_counter() - started)
+        return final
+
+    def wait(self) -> Path | None:
+        """Finish the save in flight, if any (every rank's write, then the rename that makes it visible); returns
+        it, or None when nothing was in flight."""
+        if self.pending is None:
+            return None
+        pending, self.pending = self.pending, None
+        pending.future.result()  # this rank's files, written; raises what the write raised
+        self._publish(pending.tmp, pending.final, pending.extra_files)
+        return pending.final
+
+    def _publish(self, tmp: Path, final: Path, extra_files: dict[str, Path]) -> None:
+        """Every rank has written its part into `tmp`: add the extra files and rename it into place."""
         barrier()
         if self.dist.is_main:
             for name, src in extra_files.items():
@@ -148,7 +234,7 @@ class Checkpointer:
             tmp.rename(final)
             self._prune()
         barrier()
-        return final
+        LOG.info(f"checkpoint {final}")
 
     def load(self, path: Path, engine: TrainingEngine, train_state: Stateful) -> None:
         written_by = checkpoint_format(path)
