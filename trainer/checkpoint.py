@@ -11,7 +11,8 @@ The resolved config and the tokenizer are copied in, so a checkpoint directory i
 
 With checkpoint.async (DCP engines), a save copies the state to host memory (pinned on GPU) and returns; a background
 thread writes it, over a gloo group of its own, into the same `.tmp` directory, and the rename happens only once
-every rank's write has finished (`Checkpointer.wait`: at the next save, at the end, on preemption, in `latest`).
+every rank's write has finished (a barrier on that group, in the background too). The next save, the end of training,
+a preemption and `latest()` wait for a save in flight.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import re
 import shutil
 import time
 import warnings
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -150,21 +151,16 @@ class TrainingEngine(Protocol):
     def load_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
 
 
-@dataclass
-class PendingSave:
-    future: Future
-    tmp: Path
-    final: Path
-    extra_files: dict[str, Path]
-
-
 class Checkpointer:
     def __init__(self, run_dir: Path, keep_last: int, dist_info: DistInfo, async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.dist = dist_info
         self.async_with = AsyncSave.create() if async_save else None
-        self.pending: PendingSave | None = None  # at most one save in flight
+        # The background save's last part: once this rank's write is done, wait for every rank's (a barrier on the
+        # save's own group) and publish; at most one save in flight.
+        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
+        self.pending: tuple[Future, Path] | None = None  # (the finisher's future, the step directory)
         self.stalls: list[float] = []  # seconds each save held training up (staging, or the whole synchronous save)
         self.noted_sync = False
 
@@ -189,8 +185,8 @@ class Checkpointer:
     def save(self, step: int, engine: TrainingEngine, train_state: Stateful, extra_files: dict[str, Path],
              wait: bool = True) -> Path | None:
         """Write the checkpoint of `step`; returns the newest complete checkpoint. Asynchronous (checkpoint.async
-        with a DCP engine) unless `wait`: then the returned one is an earlier step's (or None), and `step`'s
-        becomes visible at the next save, `wait()` or `latest()`."""
+        with a DCP engine) unless `wait`: then the returned one is the previous save's (or None), and `step`'s
+        becomes visible in the background once every rank has written it."""
         started = time.perf_counter()
         newest = self.wait()  # at most one save in flight
         final = self.root / checkpoint_dir_name(step)
@@ -200,8 +196,9 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
         if self.async_with is not None and engine.checkpoint_format == "dcp":
-            future = engine.save_checkpoint(tmp, train_state, async_with=self.async_with)
-            self.pending = PendingSave(future, tmp, final, extra_files)
+            written = engine.save_checkpoint(tmp, train_state, async_with=self.async_with)
+            group = self.async_with.group
+            self.pending = (self.finisher.submit(self._publish, tmp, final, extra_files, written, group), final)
             self.stalls.append(time.perf_counter() - started)
             if not wait:
                 LOG.info(f"checkpoint {final}: staged in {self.stalls[-1]:.2f} s, writing in the background")
@@ -216,24 +213,27 @@ class Checkpointer:
         return final
 
     def wait(self) -> Path | None:
-        """Finish the save in flight, if any (every rank's write, then the rename that makes it visible); returns
-        it, or None when nothing was in flight."""
+        """Finish the save in flight, if any: returns its (now visible) directory, or None when nothing was in
+        flight; raises what its write raised."""
         if self.pending is None:
             return None
-        pending, self.pending = self.pending, None
-        pending.future.result()  # this rank's files, written; raises what the write raised
-        self._publish(pending.tmp, pending.final, pending.extra_files)
-        return pending.final
+        (finishing, final), self.pending = self.pending, None
+        finishing.result()
+        return final
 
-    def _publish(self, tmp: Path, final: Path, extra_files: dict[str, Path]) -> None:
-        """Every rank has written its part into `tmp`: add the extra files and rename it into place."""
-        barrier()
+    def _publish(self, tmp: Path, final: Path, extra_files: dict[str, Path], written: Future | None = None,
+                 group: torch.distributed.ProcessGroup | None = None) -> None:
+        """Once every rank has written its part into `tmp` (this rank's background `written`, if any): add the
+        extra files and rename it into place."""
+        if written is not None:
+            written.result()
+        barrier(group)
         if self.dist.is_main:
             for name, src in extra_files.items():
                 shutil.copy2(src, tmp / name)
             tmp.rename(final)
             self._prune()
-        barrier()
+        barrier(group)
         LOG.info(f"checkpoint {final}")
 
     def load(self, path: Path, engine: TrainingEngine, train_state: Stateful) -> None:
