@@ -18,6 +18,7 @@ a preemption and `latest()` wait for a save in flight.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
 import time
@@ -57,6 +58,9 @@ def single_process_ok():
         yield
 
 
+# Fault injection for testing recovery: seconds a background save waits between its write and its publication,
+# so that a test can kill the run while a written but incomplete checkpoint is on disk.
+FAULT_SAVE_DELAY_ENV = "NORMTRON_FAULT_SAVE_DELAY"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 # The tokenizer a checkpoint carries: a sentencepiece model or a Hugging Face tokenizer.json (with, for the latter,
 # the tokenizer_config.json holding its BOS/EOS rule); the first present is the one.
@@ -227,6 +231,7 @@ class Checkpointer:
         extra files and rename it into place."""
         if written is not None:
             written.result()
+            time.sleep(float(os.environ.get(FAULT_SAVE_DELAY_ENV, "0")))
         barrier(group)
         if self.dist.is_main:
             for name, src in extra_files.items():
