@@ -241,7 +241,7 @@ def run_with_kills(cmd: list[str], run_dir: Path, steps: int, kills: int, seed: 
         if attempt < kills:
             mid_save = attempt % 2 == 0
             rows = lambda: len(metrics.read_text().splitlines()) if metrics.is_file() else 0  # noqa: E731
-            done, target = rows(), rng.randint(1, max(1, steps // 3))  # metric rows past the previous attempt's
+            done, target = rows(), rng.randint(1, max(1, steps // 10))  # metric rows past the last attempt's
             while proc.poll() is None and time.time() < deadline:
                 saving = checkpoints.is_dir() and any(p.name.endswith(".tmp") for p in checkpoints.iterdir())
                 if mid_save and saving and rows() > done:

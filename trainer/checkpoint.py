@@ -205,15 +205,17 @@ class Checkpointer:
             self.pending = (self.finisher.submit(self._publish, tmp, final, extra_files, written, group), final)
             self.stalls.append(time.perf_counter() - started)
             if not wait:
-                LOG.info(f"checkpoint {final}: staged in {self.stalls[-1]:.2f} s, writing in the background")
+                LOG.info(f"checkpoint {final}: training waited {self.stalls[-1]:.2f} s (staging), writing in the "
+                         f"background")
                 return newest
             return self.wait()
         if self.async_with is not None and not self.noted_sync:  # DeepSpeed writes its own format, synchronously
             LOG.info(f"checkpoint.async: {engine.checkpoint_format} checkpoints are saved synchronously")
             self.noted_sync = True
         engine.save_checkpoint(tmp, train_state)
-        self._publish(tmp, final, extra_files)
+        self._publish(tmp, final, extra_files, quiet=True)
         self.stalls.append(time.perf_counter() - started)
+        LOG.info(f"checkpoint {final}: training waited {self.stalls[-1]:.2f} s")
         return final
 
     def wait(self) -> Path | None:
@@ -226,7 +228,7 @@ class Checkpointer:
         return final
 
     def _publish(self, tmp: Path, final: Path, extra_files: dict[str, Path], written: Future | None = None,
-                 group: torch.distributed.ProcessGroup | None = None) -> None:
+                 group: torch.distributed.ProcessGroup | None = None, quiet: bool = False) -> None:
         """Once every rank has written its part into `tmp` (this rank's background `written`, if any): add the
         extra files and rename it into place."""
         if written is not None:
@@ -239,7 +241,8 @@ class Checkpointer:
             tmp.rename(final)
             self._prune()
         barrier(group)
-        LOG.info(f"checkpoint {final}")
+        if not quiet:
+            LOG.info(f"checkpoint {final}")
 
     def load(self, path: Path, engine: TrainingEngine, train_state: Stateful) -> None:
         written_by = checkpoint_format(path)
