@@ -10,6 +10,9 @@
 #   --local-addr ADDR       this node's address for the rendezvous (default: its fully qualified host name)
 #   --log-dir DIR           this node's log is DIR/node<N>.log (default logs; N = $SLURM_NODEID, $NODE_RANK, or
 #                           0 on a single node, the host name on several)
+#   --max-restarts N        when a worker dies (OOM killer, hardware fault), torchrun restarts all workers in place
+#                           up to N times; they resume from the newest complete checkpoint (default
+#                           $NORMTRON_MAX_RESTARTS, else 3; 0 = the first failure ends the job)
 #
 # Environment it sets where unset: OMP_NUM_THREADS (cores / processes), PYTHONUNBUFFERED=1, and on CUDA machines
 # NCCL_DEBUG=WARN, TORCH_NCCL_ASYNC_ERROR_HANDLING=1. NORMTRON_PYTHON picks the interpreter (default .venv/bin/python
@@ -17,6 +20,7 @@
 #
 # Preemption: SIGUSR1 or SIGTERM to this script (or to the workers) makes the trainer checkpoint after its current
 # step and exit; the script then exits with 75 (EX_TEMPFAIL), which launch/slurm/train.sbatch turns into a requeue.
+# Workers die with their agent (trainer/supervision.py): SIGKILL to the agent leaves no worker behind.
 set -uo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 EXIT_REQUEUE=75  # trainer/preemption.py EXIT_REQUEUE
@@ -24,6 +28,7 @@ EXIT_REQUEUE=75  # trainer/preemption.py EXIT_REQUEUE
 die() { echo "normtron: error: launch/torchrun.sh: $*" >&2; exit 2; }
 
 NNODES=1 NPROC_PER_NODE="" RDZV_ENDPOINT="" RDZV_ID=normtron LOCAL_ADDR="" LOG_DIR=logs
+MAX_RESTARTS=${NORMTRON_MAX_RESTARTS:-3}
 while [ $# -gt 0 ]; do
   case "$1" in
     --nproc-per-node|--nproc_per_node) NPROC_PER_NODE=${2:?}; shift 2 ;;
@@ -32,6 +37,7 @@ while [ $# -gt 0 ]; do
     --rdzv-id|--rdzv_id) RDZV_ID=${2:?}; shift 2 ;;
     --local-addr|--local_addr) LOCAL_ADDR=${2:?}; shift 2 ;;
     --log-dir|--log_dir) LOG_DIR=${2:?}; shift 2 ;;
+    --max-restarts|--max_restarts) MAX_RESTARTS=${2:?}; shift 2 ;;
     --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}" ;;
     -h|--help) sed -n '2,/^set /p' "${BASH_SOURCE[0]}" | grep '^#' | sed 's/^# \{0,1\}//'; exit 0 ;;
     --*) die "unknown option $1 (launch options come before CONFIG.yaml; see --help)" ;;
@@ -55,6 +61,7 @@ fi
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo "${NPROC:-2}")}
 [[ "$NPROC_PER_NODE" =~ ^[1-9][0-9]*$ ]] || die "--nproc-per-node must be a positive whole number, not $NPROC_PER_NODE"
 [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "--nnodes must be a positive whole number, not $NNODES"
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || die "--max-restarts (or \$NORMTRON_MAX_RESTARTS) must be a whole number >= 0, not $MAX_RESTARTS"
 if [ "$NNODES" -gt 1 ]; then
   [[ "$RDZV_ENDPOINT" =~ ^[^:]+:[0-9]+$ ]] || die "--nnodes $NNODES needs --rdzv-endpoint HOST:PORT, got '$RDZV_ENDPOINT'"
   RDZV=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID")
@@ -78,7 +85,7 @@ LOG=$LOG_DIR/node$NODE.log
 # The log copy must outlive a stop signal, or the workers would write into a closed pipe while they checkpoint.
 exec > >(trap '' USR1 TERM INT; exec tee -a "$LOG") 2>&1
 echo "== $(date -u +%FT%TZ) $(hostname) node $NODE/$NNODES: $NPROC_PER_NODE process(es), ${GPUS} GPU(s)," \
-     "OMP_NUM_THREADS=$OMP_NUM_THREADS, ${RDZV[*]}"
+     "OMP_NUM_THREADS=$OMP_NUM_THREADS, ${RDZV[*]}, max restarts $MAX_RESTARTS"
 
 # A stop signal before training starts: nothing to save, so stop here and ask for the requeue.
 STOPPED=""
@@ -92,8 +99,10 @@ if [ -n "$STOPPED" ]; then echo "torchrun.sh: $STOPPED received before training 
 MARKER=$(mktemp "${TMPDIR:-/tmp}/normtron-preempted.XXXXXX") && rm -f "$MARKER"
 export NORMTRON_PREEMPTED_FILE=$MARKER  # trainer/preemption.py leaves it when it stops for a requeue
 # torchrun's agent ignores USR1 (else the signal would kill it mid-checkpoint); the workers install their own handler.
-( trap '' USR1; exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node "$NPROC_PER_NODE" \
-    -m trainer train "$@" ) &
+# The agent is this subshell exec'ed, so its pid is $BASHPID: the workers check that it is their parent.
+( trap '' USR1; export NORMTRON_AGENT_PID=$BASHPID
+  exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node "$NPROC_PER_NODE" \
+    --max-restarts "$MAX_RESTARTS" -m trainer train "$@" ) &
 AGENT=$!
 # A stop signal sent to this script alone is passed on to the workers (the agent's children).
 forward() { echo "torchrun.sh: $1 received: the workers checkpoint after their current step";
@@ -104,7 +113,8 @@ while true; do
   wait "$AGENT"; rc=$?
   kill -0 "$AGENT" 2>/dev/null || break  # `wait` also returns when a trapped signal arrives
 done
-if [ "$rc" -ne 0 ] && [ -e "$MARKER" ]; then rc=$EXIT_REQUEUE; fi
+# Stopped workers exit 0 after leaving the marker (an error exit would make torchrun restart them): requeue.
+if [ -e "$MARKER" ]; then rc=$EXIT_REQUEUE; fi
 rm -f "$MARKER"
 echo "== $(date -u +%FT%TZ) node $NODE: exit code $rc$([ "$rc" = "$EXIT_REQUEUE" ] && echo ' (preempted: requeue to resume)')"
 exit "$rc"

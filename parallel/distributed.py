@@ -5,6 +5,7 @@ Backend and device come from the hardware: NCCL on CUDA GPUs, gloo on CPU. Nothi
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass
@@ -52,8 +53,22 @@ def init_distributed(needs_process_group: bool = False) -> DistInfo:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(free_port()))
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None,
+                                store=restart_store(rank, world_size), rank=rank, world_size=world_size)
     return DistInfo(rank, local_rank, world_size, device, backend)
+
+
+def restart_store(rank: int, world_size: int) -> dist.Store | None:
+    """Under torchrun, the rendezvous store with a prefix per restart attempt: workers restarted by --max-restarts
+    reuse the agent's store, where torch 2.13's init_process_group would read the dead workers' gloo addresses (and
+    hang connecting to them). None (env:// as usual) outside torchrun."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        return None
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts it, as env:// does
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0, timeout=datetime.timedelta(minutes=10))
+    return dist.PrefixStore(f"normtron/attempt_{attempt}/", store)
 
 
 def free_port() -> int:
@@ -67,9 +82,9 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def barrier() -> None:
+def barrier(group: dist.ProcessGroup | None = None) -> None:
     if dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -6,9 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -216,3 +219,50 @@ def comparable_config(folder: Path) -> dict:
 
     config = transformers.AutoConfig.from_pretrained(folder).to_dict()
     return {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
+
+
+# --- Fault injection -----------------------------------------------------------------------------------------------
+
+def run_with_kills(cmd: list[str], run_dir: Path, steps: int, kills: int, seed: int, log_dir: Path,
+                   env: dict | None = None, timeout: float = 300) -> list[dict]:
+    """Run the training command `cmd` and SIGKILL it at `kills` random moments, re-running it after each, then let
+    the last run finish. Every other kill lands while a checkpoint is being written (a step_*.tmp directory exists,
+    after this attempt has trained; NORMTRON_FAULT_SAVE_DELAY in `env` widens that window); the others at a random
+    step. Under torchrun (`cmd` runs torch.distributed.run) the process killed alternates
+    between the agent and a random worker. Returns one record per attempt: the kill ("mid-save" / "step N" / None
+    for the finishing run), the complete checkpoints at the moment of the kill, and the attempt's output."""
+    rng, attempts = random.Random(seed), []
+    checkpoints, metrics = run_dir / "checkpoints", run_dir / "metrics.jsonl"
+    for attempt in range(kills + 1):
+        log = log_dir / f"attempt{attempt}.log"
+        with open(log, "w") as out:
+            proc = subprocess.Popen(cmd, cwd=REPO, env=_env(env), stdout=out, stderr=subprocess.STDOUT)
+        kill, complete, deadline = None, [], time.time() + timeout
+        if attempt < kills:
+            mid_save = attempt % 2 == 0
+            rows = lambda: len(metrics.read_text().splitlines()) if metrics.is_file() else 0  # noqa: E731
+            done, target = rows(), rng.randint(1, max(1, steps // 10))  # metric rows past the last attempt's
+            while proc.poll() is None and time.time() < deadline:
+                saving = checkpoints.is_dir() and any(p.name.endswith(".tmp") for p in checkpoints.iterdir())
+                if mid_save and saving and rows() > done:
+                    kill = "mid-save"
+                elif not mid_save and rows() >= done + target:
+                    kill = f"after {target} new rows"
+                if kill:
+                    complete = sorted(p.name for p in checkpoints.iterdir() if (p / ".metadata").is_file()
+                                      and not p.name.endswith(".tmp"))
+                    victim = proc.pid
+                    if b"torch.distributed.run" in b" ".join(c.encode() for c in cmd):
+                        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                                 text=True).stdout.split()
+                        victim = int(rng.choice(workers)) if attempt % 4 >= 2 and workers else proc.pid
+                    os.kill(victim, signal.SIGKILL)
+                    break
+                time.sleep(0.002)
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+        if kill:  # the workers of a killed agent die with it (trainer/supervision.py); a killed worker's agent
+            time.sleep(0.5)  # stops the others: let them go before the re-run
+        attempts.append({"kill": kill, "complete": complete, "returncode": proc.returncode, "output": log.read_text()})
+        if kill is None:
+            break
+    return attempts

@@ -57,7 +57,7 @@ ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output
         "training.decay_fraction": 0.5, "training.weight_decay": 0.05, "training.beta1": 0.8, "training.beta2": 0.9,
         "training.adam_eps": 1e-7, "training.grad_clip": 0.5, "training.fp8_recipe": "rowwise",
         "training.fp8_emulate": True,
-        "checkpoint.every": 1, "checkpoint.keep_last": 1, "eval.every": 1, "eval.steps": 1,
+        "checkpoint.every": 1, "checkpoint.keep_last": 1, "checkpoint.async": True, "eval.every": 1, "eval.steps": 1,
         "logging.every": 1, "logging.tensorboard": False, "logging.peak_tflops": 100.0, "diagnostics.every": 1,
         "stability.nonfinite": "skip", "stability.spike_window": 5, "stability.spike_zscore": 3.0,
         "stability.z_loss": 1e-4,

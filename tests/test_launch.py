@@ -130,6 +130,60 @@ def test_sigterm_stops_a_single_process_run_with_a_checkpoint(runs):
     assert (run_dir / "checkpoints" / f"step_{stopped:08d}" / ".metadata").is_file()
 
 
+def test_a_rank_killed_mid_run_is_restarted_in_place_and_the_run_ends_with_the_uninterrupted_losses(runs, reference,
+                                                                                                   tmp_path):
+    """SIGKILL to rank 1 (as the OOM killer does) of a launch/torchrun.sh job with --max-restarts and asynchronous
+    checkpoints: torchrun restarts both workers, which resume from the newest complete checkpoint; the job ends by
+    itself with exit code 0 and the uninterrupted run's losses, every step once."""
+    args = ["--nproc-per-node", "2", "--max-restarts", "2", "--log-dir", str(tmp_path / "logs"), TINY,
+            *runs("rank_killed"), "checkpoint.async=true"]
+    run_dir = runs.root / "runs" / "rank_killed"
+    proc = launch(*args)
+    wait_for_steps(run_dir, 110, lambda: proc.poll() is None)  # past the checkpoint of step 100
+    agent = next(p for p in children(proc.pid) if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes())
+    rank1 = next(p for p in children(agent) if process_env(p).get("RANK") == "1")
+    os.kill(rank1, signal.SIGKILL)
+    rc, out = finish(proc)
+    assert rc == 0, out[-3000:]
+    assert f"resumed from {run_dir / 'checkpoints' / 'step_00000100'} at step 100" in out, out[-5000:]
+    assert_same_losses(run_dir, reference)
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def test_workers_exit_within_seconds_when_their_torchrun_agent_is_killed(runs, tmp_path):
+    """SIGKILL to the torchrun agent (workers run in sessions of their own, so nothing else reaches them): within
+    30 s no worker of the job is left."""
+    run_dir = runs.root / "runs" / "agent_killed"
+    proc = launch("--nproc-per-node", "2", "--log-dir", str(tmp_path / "logs"), TINY, *runs("agent_killed"))
+    wait_for_steps(run_dir, 5, lambda: proc.poll() is None)
+    agent = next(p for p in children(proc.pid) if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes())
+    workers = children(agent)
+    assert len(workers) == 2
+    os.kill(agent, signal.SIGKILL)
+    killed, deadline = time.time(), time.time() + 30
+    while any(map(alive, workers)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(alive, workers)), f"workers {[p for p in workers if alive(p)]} outlived their agent"
+    print(f"workers gone {time.time() - killed:.2f} s after the agent was killed")
+    finish(proc)
+
+
+def test_a_worker_started_after_its_agent_died_exits_at_once():
+    """The agent may die before a worker has asked for the parent-death signal: the worker sees that its parent is
+    not the agent launch/torchrun.sh named (here: init, pid 1) and exits before doing anything."""
+    result = subprocess.run([sys.executable, "-m", "trainer", "train", TINY], cwd=REPO, capture_output=True, text=True,
+                            env={**os.environ, **LAUNCH_ENV, "TORCHELASTIC_RUN_ID": "t", "NORMTRON_AGENT_PID": "1"},
+                            timeout=60)
+    assert result.returncode == 1 and "torchrun agent of this worker (pid 1) is gone" in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["--nnodes", "2", TINY], "--nnodes 2 needs --rdzv-endpoint HOST:PORT"),
     (["--nproc-per-node", "zero", TINY], "--nproc-per-node must be a positive whole number"),

@@ -10,14 +10,23 @@ directory named `step_XXXXXXXX` is always complete; leftovers of an interrupted 
 The resolved config and the tokenizer are copied in, so a checkpoint directory is self-contained for conversion.
 Before the rename, checksums.json records every file's size and CRC32; each load checks them first
 (trainer/checkpoint_verify.py) and, with `checkpoint.on_damaged: previous`, falls back to the newest intact one.
+
+With checkpoint.async (DCP engines), a save copies the state to host memory (pinned on GPU) and returns; a background
+thread writes it, over a gloo group of its own, into the same `.tmp` directory, and the rename happens only once
+every rank's write has finished (a barrier on that group, in the background too). The next save, the end of training,
+a preemption and `latest()` wait for a save in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import shutil
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -41,14 +50,20 @@ from trainer.errors import UserError
 from trainer.metrics import LOG
 
 
+SINGLE_PROCESS_WARNING = ".*assuming the intent is to (save|load) in a single process"
+
+
 @contextlib.contextmanager
 def single_process_ok():
     """DCP warns on every single-process save/load; that is a supported mode here, not a mistake."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*assuming the intent is to (save|load) in a single process")
+        warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
         yield
 
 
+# Fault injection for testing recovery: seconds a background save waits between its write and its publication,
+# so that a test can kill the run while a written but incomplete checkpoint is on disk.
+FAULT_SAVE_DELAY_ENV = "NORMTRON_FAULT_SAVE_DELAY"
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 # The tokenizer a checkpoint carries: a sentencepiece model or a Hugging Face tokenizer.json (with, for the latter,
 # the tokenizer_config.json holding its BOS/EOS rule); the first present is the one.
@@ -75,12 +90,40 @@ def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(f for f in found if checkpoint_format(f[1]) is not None)
 
 
-def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
-    """Model and optimizer under their plain (layout-independent) names, plus the trainer state; all ranks call."""
+@dataclass
+class AsyncSave:
+    """What a background DCP save needs: a gloo group of its own (its collectives run beside training's) and, on
+    GPU, a stager that keeps pinned host buffers from one save to the next."""
+    group: torch.distributed.ProcessGroup | None
+    stager: Any = None
+
+    @classmethod
+    def create(cls) -> AsyncSave:
+        """Collective: every rank calls it."""
+        group = torch.distributed.new_group(backend="gloo") if torch.distributed.is_initialized() else None
+        if group is None:  # the background thread warns outside single_process_ok()
+            warnings.filterwarnings("ignore", message=SINGLE_PROCESS_WARNING)
+        stager = None
+        if torch.cuda.is_available():
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+            stager = DefaultStager(StagingOptions(use_pinned_memory=True, use_shared_memory=False,
+                                                  use_async_staging=False, use_non_blocking_copy=True))
+        return cls(group, stager)
+
+
+def save_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful,
+             async_with: AsyncSave | None = None) -> Future | None:
+    """Model and optimizer under their plain (layout-independent) names, plus the trainer state; all ranks call.
+    With `async_with`: returns once the state is staged in host memory, with the write's future."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=FLAT_OPTIMIZER)
+    state = {"model": model_sd, "optimizer": optim_sd, "train": train_state}
+    no_dist = not torch.distributed.is_initialized()
     with single_process_ok():
-        dcp.save({"model": model_sd, "optimizer": optim_sd, "train": train_state}, checkpoint_id=path,
-                 no_dist=not torch.distributed.is_initialized())
+        if async_with is None:
+            dcp.save(state, checkpoint_id=path, no_dist=no_dist)
+            return None
+        return dcp.async_save(state, checkpoint_id=path, no_dist=no_dist, process_group=async_with.group,
+                              async_stager=async_with.stager)
 
 
 def load_dcp(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, train_state: Stateful) -> None:
@@ -110,20 +153,30 @@ class TrainingEngine(Protocol):
     """What the checkpointer needs from a parallel backend (see trainer/engine.py)."""
     checkpoint_format: str
 
-    def save_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
+    def save_checkpoint(self, path: Path, train_state: Stateful, async_with: AsyncSave | None = None) -> Any: ...
 
     def load_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, keep_last: int, dist_info: DistInfo, on_damaged: str = "fail"):
+    def __init__(self, run_dir: Path, keep_last: int, dist_info: DistInfo, on_damaged: str = "fail",
+                 async_save: bool = False):
         self.root = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.dist = dist_info
         self.on_damaged = on_damaged  # checkpoint.on_damaged: fail | previous
+        self.async_with = AsyncSave.create() if async_save else None
+        # The background save's last part: once this rank's write is done, wait for every rank's (a barrier on the
+        # save's own group) and publish; at most one save in flight.
+        self.finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint") if async_save else None
+        self.pending: tuple[Future, Path] | None = None  # (the finisher's future, the step directory)
+        self.stalls: list[float] = []  # seconds each save held training up (staging, or the whole synchronous save)
+        self.noted_sync = False
 
     def latest(self) -> Path | None:
-        """The newest complete checkpoint, as rank 0 sees it (a shared file system may lag on other nodes)."""
+        """The newest complete checkpoint, as rank 0 sees it (a shared file system may lag on other nodes); a save
+        in flight is finished first."""
+        self.wait()
         found = complete_checkpoints(self.root) if self.dist.is_main else None
         found = broadcast_object(found)
         return found[-1][1] if found else None
@@ -138,26 +191,69 @@ class Checkpointer:
                     shutil.rmtree(path, ignore_errors=True)
         barrier()
 
-    def save(self, step: int, engine: TrainingEngine, train_state: Stateful, extra_files: dict[str, Path]) -> Path:
+    def save(self, step: int, engine: TrainingEngine, train_state: Stateful, extra_files: dict[str, Path],
+             wait: bool = True) -> Path | None:
+        """Write the checkpoint of `step`; returns the newest complete checkpoint. Asynchronous (checkpoint.async
+        with a DCP engine) unless `wait`: then the returned one is the previous save's (or None), and `step`'s
+        becomes visible in the background once every rank has written it."""
+        started = time.perf_counter()
+        newest = self.wait()  # at most one save in flight
         final = self.root / checkpoint_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.dist.is_main:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
         barrier()
+        if self.async_with is not None and engine.checkpoint_format == "dcp":
+            written = engine.save_checkpoint(tmp, train_state, async_with=self.async_with)
+            group = self.async_with.group
+            self.pending = (self.finisher.submit(self._publish, tmp, final, extra_files, written, group), final)
+            self.stalls.append(time.perf_counter() - started)
+            if not wait:
+                LOG.info(f"checkpoint {final}: training waited {self.stalls[-1]:.2f} s (staging), writing in the "
+                         f"background")
+                return newest
+            return self.wait()
+        if self.async_with is not None and not self.noted_sync:  # DeepSpeed writes its own format, synchronously
+            LOG.info(f"checkpoint.async: {engine.checkpoint_format} checkpoints are saved synchronously")
+            self.noted_sync = True
         engine.save_checkpoint(tmp, train_state)
-        barrier()
+        self._publish(tmp, final, extra_files, quiet=True)
+        self.stalls.append(time.perf_counter() - started)
+        LOG.info(f"checkpoint {final}: training waited {self.stalls[-1]:.2f} s")
+        return final
+
+    def wait(self) -> Path | None:
+        """Finish the save in flight, if any: returns its (now visible) directory, or None when nothing was in
+        flight; raises what its write raised."""
+        if self.pending is None:
+            return None
+        (finishing, final), self.pending = self.pending, None
+        finishing.result()
+        return final
+
+    def _publish(self, tmp: Path, final: Path, extra_files: dict[str, Path], written: Future | None = None,
+                 group: torch.distributed.ProcessGroup | None = None, quiet: bool = False) -> None:
+        """Once every rank has written its part into `tmp` (this rank's background `written`, if any): add the
+        extra files and rename it into place."""
+        if written is not None:
+            written.result()
+            time.sleep(float(os.environ.get(FAULT_SAVE_DELAY_ENV, "0")))
+        barrier(group)
         if self.dist.is_main:
             for name, src in extra_files.items():
                 shutil.copy2(src, tmp / name)
             write_checksums(tmp)
             tmp.rename(final)
             self._prune()
-        barrier()
-        return final
+        barrier(group)
+        if not quiet:
+            LOG.info(f"checkpoint {final}")
 
     def before(self, step: int) -> Path | None:
-        """The newest complete checkpoint written before `step` (as rank 0 sees it)."""
+        """The newest complete checkpoint written before `step` (as rank 0 sees it); a save in flight is finished
+        first (a rollback may want it)."""
+        self.wait()
         found = complete_checkpoints(self.root) if self.dist.is_main else None
         found = [path for s, path in broadcast_object(found) if s < step]
         return found[-1] if found else None

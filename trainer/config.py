@@ -8,6 +8,7 @@ import dataclasses
 import datetime
 import difflib
 import importlib.util
+import keyword
 import math
 import re
 import types
@@ -150,6 +151,10 @@ class CheckpointConfig:
     on_damaged: str = config_field("fail", "a checkpoint to load whose files fail their checksums or sizes: fail "
                                            "(one line naming the damaged file and the previous intact checkpoint) "
                                            "or previous (load that one instead)", ("fail", "previous"))
+    async_: bool = config_field(  # the key is checkpoint.async (a Python keyword: see key_name)
+        False, "save in the background (DCP async_save): training waits only while the state is copied to host "
+               "memory; at most one save in flight, the final and preemption checkpoints are waited for; "
+               "parallel.backend=deepspeed saves synchronously")
 
 
 @dataclass
@@ -241,8 +246,13 @@ class Config:
 
 # --- Loading -----------------------------------------------------------------------------------------------------
 
+def key_name(name: str) -> str:
+    """The config key of a field: a Python keyword is spelled with a trailing underscore in code (async_)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
 def _fields(section: Any) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(section)}
+    return {key_name(f.name): f for f in dataclasses.fields(section)}
 
 
 def all_keys(cfg: Config | None = None) -> list[str]:
@@ -324,9 +334,9 @@ def set_key(cfg: Config, key: str, value: Any) -> None:
         return
     if len(parts) != 2 or parts[0] not in _fields(cfg) or parts[1] not in _fields(getattr(cfg, parts[0])):
         raise _unknown_key(key, all_keys(cfg))
-    section = getattr(cfg, parts[0])
-    hint = typing.get_type_hints(type(section))[parts[1]]
-    setattr(section, parts[1], _coerce(key, value, _fields(section)[parts[1]], hint))
+    section, field = getattr(cfg, parts[0]), _fields(getattr(cfg, parts[0]))[parts[1]]
+    hint = typing.get_type_hints(type(section))[field.name]
+    setattr(section, field.name, _coerce(key, value, field, hint))
 
 
 def _set_free_form(mapping: dict, path: list[str], value: Any) -> None:
@@ -386,7 +396,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
 
 
 def config_to_dict(cfg: Config) -> dict:
-    return dataclasses.asdict(cfg)
+    return {section: values if section in FREE_FORM_SECTIONS else {key_name(k): v for k, v in values.items()}
+            for section, values in dataclasses.asdict(cfg).items()}
 
 
 def config_from_dict(data: dict) -> Config:
@@ -413,7 +424,7 @@ def describe_keys() -> str:
             continue
         lines.append(f"{section}:")
         for name, field in _fields(getattr(cfg, section)).items():
-            default = getattr(getattr(cfg, section), name)
+            default = getattr(getattr(cfg, section), field.name)
             choices, bounds = field.metadata.get("choices"), field.metadata.get("bounds", {})
             extra = f" [{'|'.join(map(str, choices))}]" if choices else ""
             symbols = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}

@@ -40,7 +40,7 @@ from parallel.mesh import ParallelDims
 from parallel.parallelize import ParallelModel, Precision, clip_grad_norm, gradient_sync, parallelize
 from parallel.pipeline import build_schedule, clip_grad_norm_pipelined, merged_view
 from parallel.zero import DeepSpeedEngine
-from trainer.checkpoint import load_dcp, load_model_weights, save_dcp
+from trainer.checkpoint import AsyncSave, load_dcp, load_model_weights, save_dcp
 from trainer.config import Config, deepspeed_config, micro_batching
 from trainer.data.batches import TokenStream, stack_windows
 from trainer.loss import cross_entropy, micro_batch_objective
@@ -72,7 +72,9 @@ class Engine(Protocol):
 
     def local_state_elements(self) -> tuple[int, int]: ...
 
-    def save_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
+    def save_checkpoint(self, path: Path, train_state: Stateful, async_with: AsyncSave | None = None):
+        """Write a checkpoint into `path`; DCP engines (checkpoint_format "dcp") also in the background: with
+        `async_with` they return the write's future once the state is staged."""
 
     def load_checkpoint(self, path: Path, train_state: Stateful) -> None: ...
 
@@ -165,8 +167,8 @@ class TorchEngine(WholeModelSteps):
         params = {id(p): p for p in self.model.parameters()}.values()
         return sum(local_tensor(p).numel() for p in params), optimizer_state_elements(self.optimizer)
 
-    def save_checkpoint(self, path: Path, train_state: Stateful) -> None:
-        save_dcp(path, self.model, self.optimizer, train_state)
+    def save_checkpoint(self, path: Path, train_state: Stateful, async_with: AsyncSave | None = None):
+        return save_dcp(path, self.model, self.optimizer, train_state, async_with)
 
     def load_checkpoint(self, path: Path, train_state: Stateful) -> None:
         load_dcp(path, self.model, self.optimizer, train_state)

@@ -161,13 +161,14 @@ class TrainLoop:
                         do_save = False
                 if do_eval:
                     val_loss = self.evaluate_and_log(metrics, step)
-                if do_save:
-                    saved = self.checkpointer.save(step, self.engine, state, self.extra_files)
-                    LOG.info(f"checkpoint {saved}")
+                if do_save:  # checkpoint.async: in the background, except the last one and a preemption's
+                    saved = self.checkpointer.save(step, self.engine, state, self.extra_files,
+                                                   wait=final or preempted) or saved
                 if preempted:  # returned, not raised: a traceback would keep the model alive past shutdown
                     return TrainResult(self.run_dir, step, val_loss, saved, preempted=True)
                 if do_eval or do_save:  # keep their time out of the next tokens/s
                     self.interval_start, self.interval_step = time.time(), step
+            saved = self.checkpointer.wait() or saved  # a save still in flight (the last step was not saved)
             if not math.isfinite(val_loss):  # nothing was trained in this call: report the finished model
                 val_loss = self.evaluate_all()[0]
         finally:

@@ -20,7 +20,7 @@ from trainer.metrics import LOG
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Set by launch/torchrun.sh: torchrun reports any failing worker as exit code 1, so the workers leave this file to say
-# that they stopped for a requeue.
+# that they stopped for a requeue, and exit 0: with --max-restarts torchrun would restart workers that exit non-zero.
 MARKER_ENV = "NORMTRON_PREEMPTED_FILE"
 
 
@@ -55,9 +55,11 @@ class PreemptionWatch:
 
 
 def requeue_exit(step: int, checkpoint: Path) -> int:
-    """The exit code for a run stopped by a signal; leaves the launcher's marker file when one was asked for."""
+    """The exit code for a run stopped by a signal; under a launcher that asked for a marker file: the file, and 0
+    (the launcher exits with EXIT_REQUEUE)."""
     LOG.info(f"stopped by a signal after step {step}; checkpoint {checkpoint} holds the run; exit code "
              f"{EXIT_REQUEUE}: requeue the job (or re-run the command) to resume")
     if marker := os.environ.get(MARKER_ENV):
         Path(marker).touch()
+        return 0
     return EXIT_REQUEUE

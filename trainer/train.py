@@ -67,7 +67,8 @@ def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     if cfg.deepspeed and cfg.parallel.backend != "deepspeed":
         LOG.warning(f"the deepspeed: section is ignored with parallel.backend={cfg.parallel.backend}")
     parallel = parallelize_model(cfg, model, dims, mesh)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, dist_info, cfg.checkpoint.on_damaged)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint.keep_last, dist_info, cfg.checkpoint.on_damaged,
+                                cfg.checkpoint.async_)
     checkpointer.remove_partial()
     latest = checkpointer.latest()
     # A new run may start from another checkpoint's weights; a run with checkpoints of its own resumes from them.
