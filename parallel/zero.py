@@ -148,9 +148,9 @@ class DeepSpeedEngine:
 
 @torch.no_grad()
 def normalize_hypersphere_masters_(model: nn.Module) -> None:
-    """nGPT's post-step projection (models/hypersphere.py, paper Sec. 2.6) under DeepSpeed, where the optimizer
-    steps fp32 master copies that the model's weights are only refreshed from at the next step: each hypersphere
-    weight's master is gathered whole, renormalized along its dim, written back to this rank's master partition
+    """nGPT's post-step projection (models/hypersphere.py, paper Sec. 2.6) under DeepSpeed, whose step updates fp32
+    master partitions and then copies them into the model's weights, so the projection must reach both: each
+    hypersphere weight's master is gathered whole, renormalized along its dim, written back to this rank's master partition
     (DeepSpeed's safe_get/set_full_fp32_param), and the same unit vectors go into the working weight that the next
     forward uses (ZeRO-1/2: the whole weight on every rank; ZeRO-3: its partition, through GatheredParameters).
     Whole-weight gathers, because ZeRO's flat partitions may cut a row anywhere. A collective: every rank calls it."""
