@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.hypersphere import hypersphere_weights, l2_normalize
+
 # Entries normtron derives from its own config; a `deepspeed:` section may not contradict them.
 OWNED_KEYS = {
     "train_batch_size": "training.batch_size",
@@ -94,7 +96,8 @@ class DeepSpeedEngine:
     checkpoint_format = "deepspeed"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, config: dict[str, Any],
-                 backend: str | None):
+                 backend: str | None, hypersphere: bool = False):
+        self.hypersphere = hypersphere  # nGPT: renormalize the hypersphere weights after every optimizer step
         deepspeed = import_deepspeed()
         deepspeed.init_distributed(dist_backend=backend or "gloo")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -111,6 +114,8 @@ class DeepSpeedEngine:
 
     def step(self, max_norm: float, skip_nonfinite: bool = False) -> torch.Tensor:
         self.engine.step()  # clipping (gradient_clipping), optimizer, scheduler, zero_grad
+        if self.hypersphere:
+            normalize_hypersphere_masters_(self.engine.module)
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float("nan") if norm is None else float(norm))
 
@@ -139,6 +144,28 @@ class DeepSpeedEngine:
         if loaded is None or "train" not in (client_state or {}):
             raise ValueError("DeepSpeed found no complete checkpoint there")
         train_state.load_state_dict(client_state["train"])
+
+
+@torch.no_grad()
+def normalize_hypersphere_masters_(model: nn.Module) -> None:
+    """nGPT's post-step projection (models/hypersphere.py, paper Sec. 2.6) under DeepSpeed, whose step updates fp32
+    master partitions and then copies them into the model's weights, so the projection must reach both: each
+    hypersphere weight's master is gathered whole, renormalized along its dim, written back to this rank's master partition
+    (DeepSpeed's safe_get/set_full_fp32_param), and the same unit vectors go into the working weight that the next
+    forward uses (ZeRO-1/2: the whole weight on every rank; ZeRO-3: its partition, through GatheredParameters).
+    Whole-weight gathers, because ZeRO's flat partitions may cut a row anywhere. A collective: every rank calls it."""
+    from deepspeed.runtime.zero import GatheredParameters
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+    for weight, dim in hypersphere_weights(model):
+        master = safe_get_full_fp32_param(weight)
+        if master is None:  # stage 0 in fp32: the torch optimizer stepped the model's weight itself
+            weight.copy_(l2_normalize(weight, dim))
+            continue
+        unit = l2_normalize(master.view(getattr(weight, "ds_shape", weight.shape)), dim)
+        safe_set_full_fp32_param(weight, unit)
+        partitioned = hasattr(weight, "ds_id")  # ZeRO-3: gather, overwrite, and re-partition from rank 0's copy
+        with GatheredParameters([weight], modifier_rank=0) if partitioned else contextlib.nullcontext():
+            weight.copy_(unit)
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:

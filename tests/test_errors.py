@@ -223,7 +223,6 @@ def test_impossible_parallel_layouts(unchanged, overrides, message):
 @pytest.mark.parametrize("overrides,message", [
     (["model.layer_placements=ngpt,pre"], "mixes ngpt with other placements; nGPT keeps every hidden state"),
     (["model.placement=ngpt", "model.qk_norm=true"], "model.qk_norm=true does not apply to placement ngpt"),
-    (["model.placement=ngpt", "parallel.backend=deepspeed"], "ngpt is not available with parallel.backend=deepspeed"),
 ])
 def test_ngpt_combinations_it_cannot_run(unchanged, overrides, message):
     args = ["train", "--check", TINY, f"data.dir={unchanged / 'data'}", f"run.output_dir={unchanged / 'runs'}",

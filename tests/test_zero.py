@@ -11,6 +11,7 @@ from helpers import (MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, diagnos
                      state_counts, step_losses)
 
 from models import Transformer
+from models.hypersphere import hypersphere_weights
 from trainer.config import load_config
 
 STEPS = ("training.steps=8", "checkpoint.every=4", "eval.every=4", "checkpoint.keep_last=0")
@@ -176,3 +177,26 @@ def test_checkpoint_of_one_backend_is_refused_by_the_other(runs, shakespeare_dat
                      f"data.dir={shakespeare_data}", *MICRO_MODEL, *STEPS, "parallel.backend=fsdp", check=False)
     assert result.returncode == 2
     assert "was written by parallel.backend=deepspeed" in result.stderr
+
+
+def test_ngpt_under_deepspeed_zero2_and_zero3(runs, tmp_path):
+    """nGPT's post-step renormalization reaches DeepSpeed's fp32 master partitions and the working weights: ZeRO-2
+    and ZeRO-3 on 2 ranks match one process step for step, and the consolidated checkpoint holds the single
+    process's weights, each hypersphere weight a unit vector along its dim (norms taken here in float64)."""
+    steps = ("training.steps=6", "checkpoint.every=6", "eval.every=6")  # as test_ngpt_resumes_bitwise_...'s
+    reference = runs("single_ngpt", 1, "model.placement=ngpt", "checkpoint.every=3", common=steps)
+    single = load_model(reference / "checkpoints" / "step_00000006")
+    for stage in (2, 3):
+        run_dir = runs(f"zero{stage}_ngpt", 2, "parallel.backend=deepspeed", f"parallel.zero_stage={stage}",
+                       "model.placement=ngpt", "checkpoint.every=3", common=steps)
+        assert_same_losses(run_dir, reference)
+        out = tmp_path / f"zero{stage}"
+        run_cli("convert", "consolidate", str(run_dir / "checkpoints" / "step_00000006"), str(out))
+        gathered = load_model(out)
+        for (name, got), want in zip(gathered.named_parameters(), single.parameters()):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=name)
+        spheres = hypersphere_weights(gathered)
+        assert len(spheres) >= 1 + 4 * 2  # the embedding (tied head) and each layer's q/k/v/o... at least
+        for weight, dim in spheres:
+            norms = weight.double().norm(dim=dim)
+            torch.testing.assert_close(norms, torch.ones_like(norms), rtol=0, atol=1e-5)

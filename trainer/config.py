@@ -21,7 +21,6 @@ import torch
 import yaml
 
 from models.config import ModelConfig, bounds_error, config_field
-from models.placement import uses_hypersphere
 from parallel.distributed import pick_device
 from parallel.float8 import FP8_RECIPES, float8_problem
 from parallel.config import ParallelConfig
@@ -453,10 +452,6 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     if cfg.stability.nonfinite == "skip" and cfg.parallel.backend == "deepspeed":
         raise UserError("stability.nonfinite=skip is not available with parallel.backend=deepspeed (DeepSpeed "
                         "steps the optimizer inside its engine); use stop or log")
-    if cfg.parallel.backend == "deepspeed" and uses_hypersphere(cfg.model):
-        raise UserError("model.placement=ngpt is not available with parallel.backend=deepspeed: nGPT renormalizes "
-                        "weights after every optimizer step, and ZeRO's fp32 master weights are flat partitions that "
-                        "split weight rows across ranks; use parallel.backend=fsdp or ddp")
     if cfg.stability.on_spike == "rollback" and cfg.stability.spike_window == 0:
         raise UserError("stability.on_spike=rollback needs loss-spike detection; set stability.spike_window > 0 "
                         "(e.g. 100)")

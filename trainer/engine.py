@@ -326,7 +326,8 @@ def build_engine(cfg: Config, parallel: ParallelModel, dims: ParallelDims, mesh:
     if p.backend == "deepspeed":  # DeepSpeed wraps the initialized model, with the optimizer, in its engine
         optimizer = build_optimizer(parallel.model, t, cfg.model)
         engine = ZeroEngine(parallel.model, optimizer, build_lr_scheduler(optimizer, t),
-                            deepspeed_config(cfg, dist_info.world_size), dist_info.backend)
+                            deepspeed_config(cfg, dist_info.world_size), dist_info.backend,
+                            hypersphere=uses_hypersphere(cfg.model))
         engine.setup_steps(cfg, device, micro_batch, accum_steps)
         return engine
     after_step = precompute_float8_scales if uses_float8_all_gather(t.precision, t.fp8_recipe, p.backend,
