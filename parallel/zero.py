@@ -113,10 +113,17 @@ class DeepSpeedEngine:
             self.engine.step()  # advances DeepSpeed's micro-step count; the optimizer steps only at the boundary
 
     def step(self, max_norm: float, skip_nonfinite: bool = False) -> torch.Tensor:
+        # Without ZeRO (stage 0) and without mixed precision DeepSpeed computes no global gradient norm (it reports
+        # None): take it here, from the gradients its backward has already all-reduced, before step() zeroes them.
+        own_norm = None
+        if self.engine.zero_optimization_stage() == 0:
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            own_norm = torch.nn.utils.get_total_norm(grads) if grads else None
         self.engine.step()  # clipping (gradient_clipping), optimizer, scheduler, zero_grad
         if self.hypersphere:
             normalize_hypersphere_masters_(self.engine.module)
         norm = self.engine.get_global_grad_norm()
+        norm = own_norm if norm is None else norm
         return torch.as_tensor(float("nan") if norm is None else float(norm))
 
     @property

@@ -30,6 +30,7 @@ SHARDED = [
     ("fsdp_2_zero2like_accum", 2, ["parallel.backend=fsdp", "parallel.reshard_after_forward=false",
                                    "training.micro_batch_size=2"], 1 / 2, 1 / 2),
     ("hsdp_2x2", 4, ["parallel.backend=fsdp", "parallel.dp_replicate=2", "parallel.dp_shard=2"], 1 / 2, 1 / 2),
+    ("zero0_2", 2, ["parallel.backend=deepspeed", "parallel.zero_stage=0"], 1, 1),  # DeepSpeed's plain DP, fp32
     ("zero1_2", 2, ["parallel.backend=deepspeed", "parallel.zero_stage=1"], 1, 1 / 2),
     ("zero2_2_accum", 2, ["parallel.backend=deepspeed", "parallel.zero_stage=2", "training.micro_batch_size=2"],
      1, 1 / 2),
