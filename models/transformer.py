@@ -264,7 +264,10 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, head: Callable | None = None):
+        """`head(hidden, head_weight, logit_scale)`, if given, replaces the output projection and its result is
+        returned (the trainer's chunked loss computes the logits chunk by chunk from the weight); called here, inside
+        the forward, where FSDP2 has the weight gathered."""
         h = tokens
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
@@ -283,6 +286,8 @@ class Transformer(nn.Module):
             h = h + residual
         if self.output is None:
             return h
+        if head is not None:
+            return head(h, self.output.weight, self.logit_scale)
         logits = self.output(h)
         if isinstance(self.logit_scale, nn.Module):
             return self.logit_scale(logits)

@@ -81,7 +81,7 @@ ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output
         "parallel.backend": "fsdp", "parallel.dp_replicate": 2, "parallel.dp_shard": 1, "parallel.compile": True,
         "training.optimizer": "muon", "training.muon_lr": 0.01, "training.muon_momentum": 0.9,
         "training.muon_nesterov": False, "training.muon_ns_steps": 4, "training.muon_adjust_lr_fn": "original",
-        "training.muon_weight_decay": 0.01, "training.muon_ns_dtype": "fp32"}),
+        "training.muon_weight_decay": 0.01, "training.muon_ns_dtype": "fp32", "training.loss_chunk_size": 64}),
 }
 
 

@@ -43,7 +43,7 @@ from parallel.zero import DeepSpeedEngine
 from trainer.checkpoint import AsyncSave, load_dcp, load_model_weights, save_dcp
 from trainer.config import Config, deepspeed_config, micro_batching
 from trainer.data.batches import TokenStream, stack_windows
-from trainer.loss import cross_entropy, micro_batch_objective
+from trainer.loss import chunked_head_objective, cross_entropy, micro_batch_objective
 from trainer.optim import build_lr_scheduler, build_optimizer
 
 
@@ -91,17 +91,23 @@ class WholeModelSteps:
         self.seq_len, self.z_coefficient = cfg.data.seq_len, cfg.stability.z_loss
         self.autocast = compute_context(cfg, device)
         self.loss_context = loss_context  # loss parallel under tp: the logits are vocabulary-sharded DTensors
+        self.loss_chunk_size = loss_chunk_size(cfg)
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
                          probe: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
         loss_sum = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(zip(inputs.split(self.micro_batch_size), targets.split(self.micro_batch_size))):
             last = i == self.accum_steps - 1
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with self.micro_batch(last), self.loss_context():
                 with self.autocast, probe if probe is not None and i == 0 else contextlib.nullcontext():
-                    logits = self.model(x.to(self.device, non_blocking=True))
-                loss, objective = micro_batch_objective(logits, y.to(self.device, non_blocking=True),
-                                                        self.accum_steps, self.z_coefficient)
+                    if self.loss_chunk_size:  # the head and the loss together, chunk by chunk
+                        loss, objective = self.model(x, head=chunked_head_objective(
+                            y, self.accum_steps, self.z_coefficient, self.loss_chunk_size))
+                    else:
+                        logits = self.model(x)
+                if not self.loss_chunk_size:
+                    loss, objective = micro_batch_objective(logits, y, self.accum_steps, self.z_coefficient)
                 self.backward(objective, last)
             loss_sum += local_tensor(loss.detach())  # a replicated DTensor under loss parallel
         return loss_sum
@@ -365,6 +371,17 @@ def uses_loss_parallel(cfg: Config) -> bool:
     pipeline's last stage hands them to the schedule's loss; the z-loss takes a logsumexp over all of them)."""
     p = cfg.parallel
     return p.tp > 1 and p.loss_parallel and p.pp == 1 and not cfg.stability.z_loss
+
+
+def loss_chunk_size(cfg: Config) -> int:
+    """training.loss_chunk_size where the whole head runs on each rank inside the model's forward: not under tensor
+    parallelism (the loss-parallel path keeps the logits vocabulary-sharded instead), a pipeline (the schedule's loss
+    takes the last stage's logits), DeepSpeed ZeRO-3 (the head weight is gathered only inside its own module's
+    forward) or nGPT (its learned per-token logit scale); 0 there, the full logits as before."""
+    p = cfg.parallel
+    if p.tp > 1 or p.pp > 1 or (p.backend == "deepspeed" and p.zero_stage == 3) or uses_hypersphere(cfg.model):
+        return 0
+    return cfg.training.loss_chunk_size
 
 
 def compute_context(cfg: Config, device: torch.device):

@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from trainer.chunked_loss import linear_cross_entropy
+
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Token-level cross entropy, always in fp32 (targets -100 are not counted)."""
@@ -41,6 +43,21 @@ def micro_batch_objective(logits: torch.Tensor, targets: torch.Tensor, n_microba
     token cross entropy (what is logged); the objective adds the z-loss term (what is trained on)."""
     loss = cross_entropy(logits, targets) / n_microbatches
     objective = loss + z_coefficient * z_loss(logits) / n_microbatches if z_coefficient else loss
+    return _with_fault(loss, objective)
+
+
+def chunked_head_objective(targets: torch.Tensor, n_microbatches: int, z_coefficient: float, chunk_size: int):
+    """The same (loss, objective) as micro_batch_objective, as a `head` for the model's forward
+    (models/transformer.py): from the final hidden states and the head weight, `chunk_size` tokens at a time
+    (trainer/chunked_loss.py), so the full logits are never held."""
+    def head(hidden: torch.Tensor, weight: torch.Tensor, scale) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, objective = linear_cross_entropy(hidden, weight, targets, 1.0 if scale is None else scale,
+                                               z_coefficient, chunk_size)
+        return _with_fault(loss / n_microbatches, objective / n_microbatches)
+    return head
+
+
+def _with_fault(loss: torch.Tensor, objective: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if _fault_factor is not None:
         return loss * _fault_factor, objective * _fault_factor
     return loss, objective
