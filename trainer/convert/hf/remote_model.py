@@ -5,8 +5,9 @@ placement, config, transformer), with the `models.*` imports removed: the folder
 `trust_remote_code=True` and never imports normtron. Parameter names are the training checkpoint's own
 (`model.layers.0.attention.q_proj.weight`), since the Transformer sits at `self.model`.
 
-Generation recomputes the whole prefix at each step (no KV cache): the model's attention has no cache, and a
-converted model is meant for evaluation and sampling of small studies rather than serving.
+Generation keeps a KV cache (transformers' Cache API: `past_key_values`, a DynamicCache unless the caller passes
+another): the Transformer's `cache` argument takes any object with the Cache's `update`/`get_seq_length`, so each
+step runs only the new tokens, for every placement.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from models.config import ModelConfig
@@ -67,14 +68,14 @@ class NormtronForCausalLM(PreTrainedModel, GenerationMixin):
             module.reset_parameters()
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+                labels: torch.LongTensor | None = None, past_key_values=None, use_cache: bool | None = None,
+                **kwargs) -> CausalLMOutputWithPast:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("NormtronForCausalLM has no padding support: pass unpadded sequences of equal length")
-        logits = self.model(input_ids)
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        logits = self.model(input_ids, cache=past_key_values if use_cache or past_key_values is not None else None)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.model.cfg.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None, **kwargs) -> dict:
-        return {"input_ids": input_ids, "attention_mask": attention_mask}  # the whole prefix: there is no cache
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values if use_cache else None)
