@@ -71,3 +71,26 @@ def test_top_p_samples_only_from_the_nucleus():
     full = torch.stack([next_token(logits, 1.0, 1.0, generator) for _ in range(4000)]).flatten()
     torch.testing.assert_close(torch.bincount(full, minlength=4).double() / 4000,
                                torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64), atol=0.03, rtol=0)
+
+
+# --- The exported NormtronForCausalLM: transformers' generate with its Cache ---------------------------------------
+
+@pytest.mark.parametrize("case", ["post", "peri", "ngpt", "dyt", "layers"])
+def test_hf_generate_with_cache_equals_without_and_native(case):
+    from trainer.convert.hf.mapping import hf_config
+    from trainer.convert.hf.remote_config import NormtronConfig
+    from trainer.convert.hf.remote_model import NormtronForCausalLM
+
+    native = micro_model(**CASES[case])
+    hf_model = NormtronForCausalLM(NormtronConfig(**hf_config(native.cfg, torch.float32, None, None))).eval()
+    hf_model.model.load_state_dict(native.state_dict())
+    prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
+    expected = torch.cat([prompt, full_forward_greedy(native, prompt, 20)], dim=1)
+    kwargs = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 20, "min_new_tokens": 20,
+              "do_sample": False}
+    with torch.no_grad():
+        cached = hf_model.generate(prompt, use_cache=True, return_dict_in_generate=True, **kwargs)
+        recomputed = hf_model.generate(prompt, use_cache=False, **kwargs)
+    cache = getattr(cached, "cache", None) or cached.past_key_values  # the field's name before transformers 5.2x
+    assert cache.get_seq_length() == expected.shape[1] - 1  # the cache was used and grew
+    assert torch.equal(cached.sequences, expected) and torch.equal(recomputed, expected)
