@@ -94,3 +94,41 @@ def test_hf_generate_with_cache_equals_without_and_native(case):
     cache = getattr(cached, "cache", None) or cached.past_key_values  # the field's name before transformers 5.2x
     assert cache.get_seq_length() == expected.shape[1] - 1  # the cache was used and grew
     assert torch.equal(cached.sequences, expected) and torch.equal(recomputed, expected)
+
+
+# --- `normtron generate` -------------------------------------------------------------------------------------------
+
+def test_cli_generates_the_native_greedy_continuation(micro_args, tmp_path):
+    import sentencepiece as spm
+    from helpers import TINY, native_model, run_cli
+
+    from trainer.config import load_config
+    from trainer.train import train
+
+    checkpoint = train(load_config(TINY, micro_args("gen", "training.steps=3", "checkpoint.every=3", "eval.every=3",
+                                                    "model.placement=peri", "model.qk_norm=true"))).checkpoint
+    prompt = "To be, or not to be"
+    out = run_cli("generate", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "12")
+    # The reference: sentencepiece itself, and the model loaded by DCP directly, decoded by full forwards.
+    sp = spm.SentencePieceProcessor(model_file=str(checkpoint / "tokenizer.model"))
+    ids = [sp.bos_id(), *sp.encode(prompt)]
+    new = full_forward_greedy(native_model(checkpoint), torch.tensor([ids]), 12)[0].tolist()
+    new = new[:new.index(sp.eos_id())] if sp.eos_id() in new else new
+    assert out.stdout == prompt + sp.decode(ids + new)[len(sp.decode(ids)):] + "\n"
+    assert "tokens/s" in out.stderr and "greedy" in out.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["MISSING", "--prompt", "x"], "does not exist"),
+    (["CKPT", "--prompt", "  "], "--prompt is empty"),
+    (["CKPT", "--prompt", "x", "--temperature", "-1"], "--temperature must be"),
+    (["CKPT", "--prompt", "x", "--top-p", "0"], "--top-p must be"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
+    from trainer.cli import main
+
+    (tmp_path / "ckpt").mkdir()
+    args = [a.replace("MISSING", str(tmp_path / "nope")).replace("CKPT", str(tmp_path / "ckpt")) for a in args]
+    assert main(["generate", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("normtron: error: ") and message in err[0], err

@@ -82,7 +82,8 @@ def generate_command(checkpoint: str, prompt: str, max_new_tokens: int = 64, tem
     new = new.tolist()
     if tok.eos_id is not None and tok.eos_id in new:
         new = new[:new.index(tok.eos_id)]
-    text = decode(tok, new)
+    # Decoded with the prompt, then cut: a tokenizer drops the leading space of a text's first word.
+    text = decode(tok, ids + new)[len(decode(tok, ids)):]
     print(prompt + text, flush=True)
     print(f"generated {len(new)} tokens in {seconds:.2f}s ({len(new) / max(seconds, 1e-9):.1f} tokens/s, "
           f"{'greedy' if temperature == 0 else f'temperature {temperature:g}, top-p {top_p:g}, seed {seed}'})",
