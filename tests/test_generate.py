@@ -41,9 +41,9 @@ def full_forward_greedy(model: Transformer, prompt: torch.Tensor, new: int) -> t
 def test_cached_greedy_equals_recompute_and_full_forward(case):
     model = micro_model(**CASES[case])
     prompt = torch.randint(0, 97, (2, 7), generator=torch.Generator().manual_seed(1))
-    reference = full_forward_greedy(model, prompt, 30)
-    assert torch.equal(generate(model, prompt, 30, use_cache=False), reference)
-    assert torch.equal(generate(model, prompt, 30), reference)
+    reference = full_forward_greedy(model, prompt, 16)
+    assert torch.equal(generate(model, prompt, 16, use_cache=False), reference)
+    assert torch.equal(generate(model, prompt, 16), reference)
     # The cached logits themselves, position by position, against one full forward (fp32 round-off only).
     tokens = torch.cat([prompt, reference], dim=1)
     cache = KVCache()
@@ -85,8 +85,8 @@ def test_hf_generate_with_cache_equals_without_and_native(case):
     hf_model = NormtronForCausalLM(NormtronConfig(**hf_config(native.cfg, torch.float32, None, None))).eval()
     hf_model.model.load_state_dict(native.state_dict())
     prompt = torch.randint(0, 97, (1, 6), generator=torch.Generator().manual_seed(3))
-    expected = torch.cat([prompt, full_forward_greedy(native, prompt, 20)], dim=1)
-    kwargs = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 20, "min_new_tokens": 20,
+    expected = torch.cat([prompt, full_forward_greedy(native, prompt, 16)], dim=1)
+    kwargs = {"attention_mask": torch.ones_like(prompt), "max_new_tokens": 16, "min_new_tokens": 16,
               "do_sample": False}
     with torch.no_grad():
         cached = hf_model.generate(prompt, use_cache=True, return_dict_in_generate=True, **kwargs)
