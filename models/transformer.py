@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import zlib
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +42,22 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     x1, x2 = x32.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache(Protocol):
+    """What attention needs from a generation cache: transformers' Cache classes (DynamicCache ...) offer it, and so
+    does models.generation.KVCache. Tensors are (batch, kv_heads, seq, head_dim)."""
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this step's keys/values of layer `layer_idx`; return all of that layer's keys/values so far."""
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions cached so far."""
+
+
+def causal_mask(queries: int, keys: int, device=None) -> torch.Tensor:
+    """(queries, keys) boolean mask: the queries are the last positions of the keys, each sees itself and before."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).tril(diagonal=keys - queries)
 
 
 def norm_layer(cfg: ModelConfig, dim: int, present: bool = True, attention_input: bool = False) -> nn.Module:
@@ -95,9 +111,9 @@ class Attention(nn.Module):
     """Causal grouped-query self-attention with optional per-head QK-norm, and where the wiring asks, per-head
     gains and an inner norm on the attention output before o_proj."""
 
-    def __init__(self, cfg: ModelConfig, wiring: NormWiring = NormWiring()):
+    def __init__(self, cfg: ModelConfig, wiring: NormWiring = NormWiring(), layer_id: int = 0):
         super().__init__()
-        self.head_dim = cfg.head_dim
+        self.head_dim, self.layer_id = cfg.head_dim, layer_id
         self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
@@ -118,13 +134,17 @@ class Attention(nn.Module):
             self.qk_scale = ScaledVector(cfg.n_heads * cfg.head_dim, 1.0, cfg.dim ** -0.5, column_indexed=True)
             self.softmax_scale = math.sqrt(cfg.head_dim)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds a slice of the heads.
         q = self.q_norm(self.q_proj(x).view(batch, seq, -1, self.head_dim))
         k = self.k_norm(self.k_proj(x).view(batch, seq, -1, self.head_dim))
         v = self.v_proj(x).view(batch, seq, -1, self.head_dim)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        mask = None
+        if cache is not None:  # generation: this layer's keys/values of earlier positions, then these
+            k, v = (t.transpose(1, 2) for t in cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_id))
+            mask = causal_mask(seq, k.shape[1], x.device)
         # Each key/value head serves n_heads/n_kv_heads consecutive query heads. Expanding them here (rather than
         # SDPA's enable_gqa) keeps every fused attention backend available, fp32 included.
         repeats = q.shape[2] // k.shape[2]
@@ -132,8 +152,8 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(repeats, dim=2), v.repeat_interleave(repeats, dim=2)
         if self.qk_scale is not None:  # per query head (a shared key head is scaled by each query head's s_qk)
             q, k = (self.qk_scale(l2_normalize(t).flatten(2)).view_as(t) for t in (q, k))
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                             scale=self.softmax_scale)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                             is_causal=mask is None, scale=self.softmax_scale)
         out = self.head_scale(out.transpose(1, 2))
         return self.o_proj(self.inner_norm(out.reshape(batch, seq, -1)))
 
@@ -216,14 +236,14 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_id: int):
         super().__init__()
         wiring = layer_wiring(cfg, layer_id)
-        self.attention = Attention(cfg, wiring.branch("attention"))
+        self.attention = Attention(cfg, wiring.branch("attention"), layer_id)
         self.attention_norms = SublayerNorms(wiring.branch("attention"), cfg, attention=True)
         self.feed_forward = FeedForward(cfg, wiring.branch("mlp"))
         self.ffn_norms = SublayerNorms(wiring.branch("mlp"), cfg)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, residual: torch.Tensor | None = None,
-                defer_add: bool = False):
-        x, residual = self.attention_norms(x, lambda h: self.attention(h, rope), residual, defer_add=True)
+                defer_add: bool = False, cache: KVCache | None = None):
+        x, residual = self.attention_norms(x, lambda h: self.attention(h, rope, cache), residual, defer_add=True)
         return self.ffn_norms(x, self.feed_forward, residual, defer_add)
 
 
@@ -264,22 +284,24 @@ class Transformer(nn.Module):
         if self.cfg.tie_embeddings and self.tok_embeddings is not None and self.output is not None:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: torch.Tensor, head: Callable | None = None):
+    def forward(self, tokens: torch.Tensor, head: Callable | None = None, cache: KVCache | None = None):
         """`head(hidden, head_weight, logit_scale)`, if given, replaces the output projection and its result is
         returned (the trainer's chunked loss computes the logits chunk by chunk from the weight); called here, inside
-        the forward, where FSDP2 has the weight gathered."""
+        the forward, where FSDP2 has the weight gathered. `cache` (generation only): the keys/values of the
+        positions before `tokens`, extended in place."""
         h = tokens
         if self.tok_embeddings is not None:
             h = self.tok_embeddings(tokens)
             h = self.embed_scale(h) if self.embed_scale is not None else h
             h = self.embed_norm(h) if self.embed_norm is not None else h
-        seq = h.shape[1]
+        start = 0 if cache is None else cache.get_seq_length()
+        seq = start + h.shape[1]
         if seq > self.rope.shape[0]:
             raise ValueError(f"sequence length {seq} exceeds model.max_seq_len={self.rope.shape[0]}")
-        rope = self.rope[:seq]
+        rope = self.rope[start:seq]
         residual = None  # the last block's pending residual add, done by the final norm
         for layer in self.layers.values():
-            h, residual = layer(h, rope, residual, defer_add=True)
+            h, residual = layer(h, rope, residual, defer_add=True, cache=cache)
         if self.norm is not None:
             h = self.norm.add_forward(h, residual)[0]
         elif residual is not None:  # a pipeline stage without the final norm hands on the plain sum

@@ -171,6 +171,21 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
     c.add_argument("output", metavar="OUT_DIR", help="new directory for the consolidated checkpoint")
 
     p = sub.add_parser(
+        "generate", help="continue a prompt with a trained checkpoint (KV cache, one process)",
+        description="Load the checkpoint's model (fp32, CPU) and tokenizer and print the prompt and its continuation; "
+                    "greedy unless --temperature is positive. Stops at the tokenizer's EOS.")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
+                   help="RUN/checkpoints/step_XXXXXXXX (or a run directory: its newest checkpoint)")
+    p.add_argument("--prompt", required=True, metavar="TEXT", help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64, metavar="N", help="tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="0: greedy (default); above 0: sample from softmax(logits / T)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P",
+                   help="with --temperature: sample from the most likely tokens whose probability reaches P "
+                        "(default 1: all)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+
+    p = sub.add_parser(
         "checkpoint", help="check training checkpoints",
         description="verify: check every file of a checkpoint against the sizes and CRC32s recorded in its "
                     "checksums.json when it was saved (older checkpoints: against DCP's .metadata and the "
@@ -268,6 +283,11 @@ def main(argv: list[str] | None = None) -> int:
                 consolidate(Path(args.checkpoint), Path(args.output))
             else:
                 from_hf(args.hf_dir, args.out_checkpoint)
+        elif args.command == "generate":
+            from trainer.generate import generate_command
+
+            generate_command(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                             args.seed)
         elif args.command == "checkpoint":
             from trainer.checkpoint import verify_command
 

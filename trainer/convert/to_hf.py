@@ -60,7 +60,7 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
             config["auto_map"] = write_remote_code(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(
-            {"bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": arch != mapping.NORMTRON}, indent=2) + "\n")
+            {"bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True}, indent=2) + "\n")
         write_hf_tokenizer(tok, tmp, cfg.max_seq_len)
     say(f"{out}: {arch} ({'no custom code' if arch != mapping.NORMTRON else 'load with trust_remote_code=True'}), "
          f"{total / 2**20:,.1f} MiB in {len(shards)} file(s)")

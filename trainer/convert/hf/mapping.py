@@ -91,7 +91,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, bos_id: int | None = 1, eos_
         return config.to_dict()
     fields = dataclasses.asdict(cfg)
     fields["ffn_hidden_dim"] = cfg.hidden_dim  # resolved, so the folder never depends on our rounding rule
-    return {"architectures": [NORMTRON], "model_type": "normtron", **fields, **common, "use_cache": False}
+    return {"architectures": [NORMTRON], "model_type": "normtron", **fields, **common, "use_cache": True}
 
 
 def model_config_from_hf(config: dict, where: str) -> ModelConfig:

@@ -5,8 +5,9 @@ placement, config, transformer), with the `models.*` imports removed: the folder
 `trust_remote_code=True` and never imports normtron. Parameter names are the training checkpoint's own
 (`model.layers.0.attention.q_proj.weight`), since the Transformer sits at `self.model`.
 
-Generation recomputes the whole prefix at each step (no KV cache): the model's attention has no cache, and a
-converted model is meant for evaluation and sampling of small studies rather than serving.
+Generation keeps a KV cache (transformers' Cache API: `cache`, called `past_key_values` before transformers 5.2x; a
+DynamicCache unless the caller passes another): the Transformer's `cache` argument takes any object with the Cache's `update`/`get_seq_length`, so each
+step runs only the new tokens, for every placement.
 """
 
 from __future__ import annotations
@@ -16,12 +17,15 @@ from typing import ClassVar
 
 import torch
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from models.config import ModelConfig
 from models.transformer import Transformer, rope_table
 from trainer.convert.hf.remote_config import NormtronConfig
+
+
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def model_config_from(config: NormtronConfig) -> ModelConfig:
@@ -67,14 +71,15 @@ class NormtronForCausalLM(PreTrainedModel, GenerationMixin):
             module.reset_parameters()
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None = None,
-                labels: torch.LongTensor | None = None, **kwargs) -> CausalLMOutputWithPast:
+                labels: torch.LongTensor | None = None, cache=None, past_key_values=None,
+                use_cache: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("NormtronForCausalLM has no padding support: pass unpadded sequences of equal length")
-        logits = self.model(input_ids)
+        cache = cache if cache is not None else past_key_values
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        logits = self.model(input_ids, cache=cache if use_cache or cache is not None else None)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.model.cfg.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
-
-    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, attention_mask=None, **kwargs) -> dict:
-        return {"input_ids": input_ids, "attention_mask": attention_mask}  # the whole prefix: there is no cache
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{_CACHE_FIELD: cache if use_cache else None})
