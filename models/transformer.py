@@ -243,7 +243,7 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, residual: torch.Tensor | None = None,
                 defer_add: bool = False, cache: KVCache | None = None):
-        x, residual = self.attention_norms(x, lambda h: self.attention(h, rope, cache), residual, defer_add=True)
+        x, residual = self.attention_norms(x, lambda h: self.attention(h, rope, cache=cache), residual, defer_add=True)
         return self.ffn_norms(x, self.feed_forward, residual, defer_add)
 
 
