@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_norm import _acc_dtype, _backward_programs, _load_sum, _rows
+from kernels.triton_norm import _acc_dtype, _backward_buffers, _backward_programs, _load_sum, _rows
 
 MAX_BLOCK = 4096  # columns per tile; wider rows go in several column tiles
 
@@ -144,11 +144,7 @@ class _FusedDyT(torch.autograd.Function):
     def backward(ctx, dy, dh):
         h, alpha, weight, bias = ctx.saved_tensors
         (m, n), device = h.shape, h.device
-        dy2 = _rows(dy) if dy is not None else torch.zeros((m, n), dtype=h.dtype, device=device)
-        dh2 = _rows(dh) if dh is not None else dy2
-        dx = torch.empty((m, n), dtype=ctx.x_dtype, device=device)
-        store_dr = ctx.r_dtype is not None and ctx.r_dtype != ctx.x_dtype
-        dr = torch.empty((m, n), dtype=ctx.r_dtype, device=device) if store_dr else dx
+        dy2, dh2, dx, dr, store_dr = _backward_buffers(ctx, h, dy, dh)
         block, rows, warps = backward_layout(n, ctx.max_block)
         rows_per_program = triton.cdiv(triton.cdiv(m, _backward_programs(m, device)), rows) * rows
         programs = triton.cdiv(m, rows_per_program) if m else 0

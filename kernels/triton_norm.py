@@ -246,6 +246,19 @@ def _backward_programs(rows: int, device: torch.device) -> int:
     return max(1, min(rows, slots))
 
 
+def _backward_buffers(ctx, h: torch.Tensor, dy: torch.Tensor | None, dh: torch.Tensor | None):
+    """A fused norm's backward inputs and outputs as (rows, hidden) tensors: dy (zeros if None), dh (the gradient of
+    the returned sum x + residual; dy alone if None), dx in the input's dtype and dresidual in the residual's where
+    that differs (else dx itself, store_dr False)."""
+    (m, n), device = h.shape, h.device
+    dy2 = _rows(dy) if dy is not None else torch.zeros((m, n), dtype=h.dtype, device=device)
+    dh2 = _rows(dh) if dh is not None else dy2
+    dx = torch.empty((m, n), dtype=ctx.x_dtype, device=device)
+    store_dr = ctx.r_dtype is not None and ctx.r_dtype != ctx.x_dtype
+    dr = torch.empty((m, n), dtype=ctx.r_dtype, device=device) if store_dr else dx
+    return dy2, dh2, dx, dr, store_dr
+
+
 class _FusedNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, rms, residual_in_fp32, max_block):
@@ -283,11 +296,7 @@ class _FusedNorm(torch.autograd.Function):
     def backward(ctx, dy, dh):
         h, weight, bias, mean, rstd = ctx.saved_tensors
         (m, n), device = h.shape, h.device
-        dy2 = _rows(dy) if dy is not None else torch.zeros((m, n), dtype=h.dtype, device=device)
-        dh2 = _rows(dh) if dh is not None else dy2
-        dx = torch.empty((m, n), dtype=ctx.x_dtype, device=device)
-        store_dr = ctx.r_dtype is not None and ctx.r_dtype != ctx.x_dtype
-        dr = torch.empty((m, n), dtype=ctx.r_dtype, device=device) if store_dr else dx
+        dy2, dh2, dx, dr, store_dr = _backward_buffers(ctx, h, dy, dh)
         block, rows, warps = backward_layout(n, ctx.max_block)
         rows_per_program = triton.cdiv(m, _backward_programs(m, device))
         if rows:  # whole tiles per program, so that only the last program has a partial one

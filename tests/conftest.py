@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import MICRO_MODEL, run_cli
 from slurm_cluster import LocalSlurm, SlurmUnavailable
 
@@ -44,3 +45,22 @@ def slurm():
         if os.environ.get("CI") == "true":
             pytest.fail(f"CI must run the Slurm tests: {err}")
         pytest.skip(f"no Slurm: {err}")
+
+
+@pytest.fixture
+def float64():
+    """Tensors the test creates default to float64 (the exact reference formulas)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def poisoned():
+    """torch.empty returns NaN-filled memory while this is active: an element a kernel forgets to write fails."""
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.use_deterministic_algorithms(previous)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from trainer.data.format import split_files
 
@@ -266,3 +267,9 @@ def run_with_kills(cmd: list[str], run_dir: Path, steps: int, kills: int, seed: 
         if kill is None:
             break
     return attempts
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in float64; NaN (an unwritten element) fails any bound."""
+    got, want = got.double(), want.double()
+    return ((got - want).norm() / want.norm()).item()

@@ -14,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # read when a kernel is defined,
 
 import pytest
 import torch
+from helpers import rel_err
 
 from kernels.triton_dyt import add_dyt, dyt
 from models import ModelConfig, Transformer
@@ -21,21 +22,6 @@ from models.norms import DyT
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative 2-norm error, as in test_kernels.py
-
-
-@pytest.fixture
-def poisoned():
-    """torch.empty returns NaN-filled memory while this is active: an element a kernel forgets to write fails."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    got, want = got.double(), want.double()
-    return ((got - want).norm() / want.norm()).item()
 
 
 def reference(x, residual, alpha, weight, bias):

@@ -18,7 +18,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
-from helpers import REPO, TINY, read_metrics, run_cli
+from helpers import REPO, TINY, read_metrics, rel_err, run_cli
 
 import kernels
 from kernels.triton_norm import BWD_MAX_BLOCK, FWD_MAX_BLOCK, add_norm, norm
@@ -27,22 +27,6 @@ from models import ModelConfig, Transformer
 # Relative error (2-norm) bounds; bf16 results are ~4e-3 off here, partly because the interpreter's casts to bf16
 # truncate where a GPU rounds to nearest.
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
-
-
-@pytest.fixture
-def poisoned():
-    """torch.empty returns NaN-filled memory while this is active."""
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    torch.utils.deterministic.fill_uninitialized_memory = True
-    yield
-    torch.use_deterministic_algorithms(previous)
-
-
-def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
-    """||got - want|| / ||want|| in float64; NaN (an unwritten element) fails any bound."""
-    got, want = got.double(), want.double()
-    return ((got - want).norm() / want.norm()).item()
 
 
 def reference(x, residual, weight, bias, eps, rms):

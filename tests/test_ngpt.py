@@ -17,12 +17,8 @@ from trainer.engine import renormalize_then
 from trainer.optim import build_optimizer
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+# the reference formulas are float64: so is every tensor the tests create (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def make_cfg(**kw) -> ModelConfig:

@@ -12,12 +12,8 @@ from models.placement import num_mix_post_layers
 from models.transformer import rope_table
 
 
-@pytest.fixture(autouse=True)
-def float64():
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(previous)
+# the reference formulas are float64: so is every tensor the tests create (fixture in conftest.py)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def rms_norm(x, weight, eps):
