@@ -72,16 +72,16 @@ ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output
         "parallel.offload_optimizer": True, "deepspeed.wall_clock_breakdown": True,
         "stability.nonfinite": "rollback", "stability.on_spike": "rollback", "stability.rollback_skip_batches": 5,
         "stability.max_rollbacks": 2, "stability.rollback_window": 50, "checkpoint.on_damaged": "previous",
-        "debug.nan_at_step": 1000, "debug.spike_at_step": 999}),
+        "debug.nan_at_step": 1000, "debug.spike_at_step": 999,
+        "logging.wandb": "offline", "logging.wandb_project": "p", "logging.wandb_entity": "e",
+        "logging.wandb_name": "n", "logging.wandb_group": "g"}),
     "hsdp_compiled_from_tp_pp": (2, {
         "data.dir": "{data}", "data.seq_len": 32, "training.steps": 1, "training.batch_size": 8, "eval.steps": 1,
         "training.precision": "bf16", "checkpoint.init_from": "{runs}/tp_pp/checkpoints/step_00000001",
         "parallel.backend": "fsdp", "parallel.dp_replicate": 2, "parallel.dp_shard": 1, "parallel.compile": True,
         "training.optimizer": "muon", "training.muon_lr": 0.01, "training.muon_momentum": 0.9,
         "training.muon_nesterov": False, "training.muon_ns_steps": 4, "training.muon_adjust_lr_fn": "original",
-        "training.muon_weight_decay": 0.01, "training.muon_ns_dtype": "fp32", "training.loss_chunk_size": 64,
-        "logging.wandb": "offline", "logging.wandb_project": "p", "logging.wandb_entity": "e",
-        "logging.wandb_name": "n", "logging.wandb_group": "g"}),
+        "training.muon_weight_decay": 0.01, "training.muon_ns_dtype": "fp32", "training.loss_chunk_size": 64}),
 }
 
 

@@ -471,11 +471,6 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     if cfg.logging.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
         raise UserError(f"logging.wandb={cfg.logging.wandb} needs wandb: pip install 'normtron[wandb]' (or pip "
                         f"install wandb), or set logging.wandb=disabled")
-    if cfg.logging.wandb != "disabled" and cfg.parallel.backend == "deepspeed" and world_size > 1:
-        # Measured: a 2-rank DeepSpeed run with W&B on hangs before its first step (FSDP2 and one process do not);
-        # not yet understood, so refused rather than left to hang a job.
-        raise UserError("logging.wandb is not available yet with parallel.backend=deepspeed on several ranks (the "
-                        "run hangs at start); use parallel.backend=fsdp or ddp, or set logging.wandb=disabled")
     return dims
 
 
