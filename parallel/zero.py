@@ -89,6 +89,15 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def _skip_shared_memory_allreduce_build(deepspeed) -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce in init_distributed that only its
+    inference all-reduce uses. The build holds a lock file under TORCH_EXTENSIONS_DIR; a process killed while holding
+    it (a timeout, a fault-injection test, Ctrl-C) leaves the lock behind and every later DeepSpeed start waits on it
+    forever (torch.utils.file_baton). Training never calls that kernel, so the build is skipped; the probe result is
+    a module-level dict that DeepSpeed documents as editable."""
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """DeepSpeed's half of the trainer's `Engine` over a `deepspeed.DeepSpeedEngine`: micro-batch, backward, step,
     save/load (trainer/engine.py's ZeroEngine adds the step's micro-batches and evaluation)."""
@@ -99,6 +108,7 @@ class DeepSpeedEngine:
                  backend: str | None, hypersphere: bool = False):
         self.hypersphere = hypersphere  # nGPT: renormalize the hypersphere weights after every optimizer step
         deepspeed = import_deepspeed()
+        _skip_shared_memory_allreduce_build(deepspeed)
         deepspeed.init_distributed(dist_backend=backend or "gloo")
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=config)
