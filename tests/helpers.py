@@ -273,3 +273,18 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     """||got - want|| / ||want|| in float64; NaN (an unwritten element) fails any bound."""
     got, want = got.double(), want.double()
     return ((got - want).norm() / want.norm()).item()
+
+
+def flip_model_tensor_bytes(ckpt: Path, count: int = 16, mask: int = 0xFF,
+                            fqn: str = "model.layers.1.feed_forward.up_proj.weight") -> Path:
+    """XOR `count` bytes in the middle of one model tensor of a DCP checkpoint, in place; returns the file touched."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
+    info = next(v for k, v in storage.items() if k.fqn == fqn)
+    with open(ckpt / info.relative_path, "r+b") as f:
+        f.seek(info.offset + info.length // 2)
+        chunk = f.read(count)
+        f.seek(info.offset + info.length // 2)
+        f.write(bytes(b ^ mask for b in chunk))
+    return ckpt / info.relative_path

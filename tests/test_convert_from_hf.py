@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from helpers import all_tensors, comparable_config, read_metrics, run_cli, tree_digest
+from helpers import all_tensors, comparable_config, flip_model_tensor_bytes, read_metrics, run_cli, tree_digest
 
 from trainer.cli import main
 from trainer.data.batches import TrainBatches, load_data_meta, open_tokens
@@ -131,18 +131,6 @@ def damaged_copy(src: Path, dst: Path, damage) -> Path:
 def truncate(file: Path) -> None:
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
-
-
-def flip_model_tensor_bytes(ckpt: Path) -> None:
-    from torch.distributed.checkpoint import FileSystemReader
-
-    storage = FileSystemReader(str(ckpt)).read_metadata().storage_data
-    info = next(v for k, v in storage.items() if k.fqn == "model.layers.1.feed_forward.up_proj.weight")
-    with open(ckpt / info.relative_path, "r+b") as f:
-        f.seek(info.offset + info.length // 2)
-        chunk = f.read(16)
-        f.seek(info.offset + info.length // 2)
-        f.write(bytes(b ^ 0xFF for b in chunk))
 
 
 def test_to_hf_errors(converted, tmp_path, capsys):

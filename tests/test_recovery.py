@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, run_torchrun, step_losses, tree_digest
+from helpers import TINY, flip_model_tensor_bytes, run_torchrun, step_losses, tree_digest
 
 from trainer.cli import main
 
@@ -153,18 +153,10 @@ def test_damaged_checkpoint_is_refused_or_skipped_and_verify_reports_it(micro_ar
     shutil.copytree(previous, legacy)
     (legacy / "checksums.json").unlink()
     assert main(["checkpoint", "verify", str(legacy)]) == 0
-    from torch.distributed.checkpoint import FileSystemReader
-
-    storage = FileSystemReader(str(legacy)).read_metadata().storage_data
-    info = next(v for k, v in storage.items() if k.fqn == "model.layers.1.feed_forward.up_proj.weight")
-    with open(legacy / info.relative_path, "r+b") as f:
-        f.seek(info.offset + info.length // 2)
-        byte = f.read(1)
-        f.seek(info.offset + info.length // 2)
-        f.write(bytes([byte[0] ^ 0x01]))
+    flipped = flip_model_tensor_bytes(legacy, count=1, mask=0x01)
     capsys.readouterr()
     assert main(["checkpoint", "verify", str(legacy)]) == 1
-    assert f"{legacy / info.relative_path} fails its checksum" in capsys.readouterr().out
+    assert f"{flipped} fails its checksum" in capsys.readouterr().out
 
 
 def test_study_report_counts_rollbacks_per_cell(shakespeare_data, tmp_path):
