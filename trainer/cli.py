@@ -186,6 +186,26 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
 
     p = sub.add_parser(
+        "eval", help="evaluate a checkpoint or Hugging Face folder on lm-eval tasks (lm-evaluation-harness)",
+        description="A training checkpoint is exported to a temporary Hugging Face folder (as `convert to-hf`) and "
+                    "evaluated with lm-eval's `hf` model (fp32). Prints the results table, writes "
+                    "<CHECKPOINT>.lm-eval.json beside it (metrics and every item's log-likelihoods) and, for a run's "
+                    "checkpoint, appends eval/<task>/<metric> at its step to the run's metrics.jsonl. Several GPUs: "
+                    "--parallelize (one model over all GPUs), or `accelerate launch -m trainer eval ...` (one "
+                    "model per GPU, the requests split between them).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT_OR_HF_DIR",
+                   help="RUN/checkpoints/step_XXXXXXXX, a run directory (its newest checkpoint) or a Hugging Face "
+                        "model folder (config.json)")
+    p.add_argument("--tasks", required=True, metavar="T1,T2", help="lm-eval task names, comma-separated")
+    p.add_argument("--num-fewshot", type=int, default=None, metavar="K", help="few-shot examples (default: the task's)")
+    p.add_argument("--batch-size", type=int, default=1, metavar="B", help="requests per forward (default 1)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate at most N documents per task")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="folder of local task YAMLs (e.g. `dataset_path: json` with local data_files: offline)")
+    p.add_argument("--parallelize", action="store_true",
+                   help="spread the model's layers over the visible GPUs (accelerate device map)")
+
+    p = sub.add_parser(
         "checkpoint", help="check training checkpoints",
         description="verify: check every file of a checkpoint against the sizes and CRC32s recorded in its "
                     "checksums.json when it was saved (older checkpoints: against DCP's .metadata and the "
@@ -288,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
 
             generate_command(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                              args.seed)
+        elif args.command == "eval":
+            from trainer.downstream import eval_command
+
+            eval_command(args.checkpoint, args.tasks.split(","), args.num_fewshot, args.batch_size, args.limit,
+                         args.include_path, args.parallelize)
         elif args.command == "checkpoint":
             from trainer.checkpoint import verify_command
 

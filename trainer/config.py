@@ -165,6 +165,16 @@ class EvalConfig:
     every: int = config_field(250, "evaluate on val.bin every N steps (and at the end)", ge=1)
     steps: int = config_field(10, "batches of training.batch_size sequences per evaluation (capped by val.bin)",
                               ge=1)
+    tasks: Optional[list[str]] = config_field(
+        None, "lm-eval tasks (list or comma-separated) run on the live model during training, every rank taking "
+              "part; logged as eval/<task>/<metric> (trainer/downstream_live.py)")
+    tasks_every: Optional[int] = config_field(None, "run eval.tasks every N steps and at the end (default: "
+                                                    "eval.every)", ge=1)
+    tasks_include_path: Optional[str] = config_field(None, "directory of local lm-eval task YAMLs (offline tasks)")
+    tasks_limit: Optional[int] = config_field(None, "evaluate at most N documents per task", ge=1)
+    tasks_num_fewshot: Optional[int] = config_field(None, "few-shot examples per document (default: the task's)",
+                                                    ge=0)
+    tasks_batch_size: int = config_field(8, "requests per forward in eval.tasks", ge=1)
 
 
 @dataclass
@@ -468,6 +478,10 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
                         f"{torch.__version__}")
     validate_pipeline(cfg, dims)  # the micro-batch split too, with or without a pipeline
     validate_precision(cfg)
+    if cfg.eval.tasks:
+        from trainer.downstream import check_live_tasks
+
+        check_live_tasks(cfg)
     if cfg.logging.wandb != "disabled" and importlib.util.find_spec("wandb") is None:
         raise UserError(f"logging.wandb={cfg.logging.wandb} needs wandb: pip install 'normtron[wandb]' (or pip "
                         f"install wandb), or set logging.wandb=disabled")

@@ -105,6 +105,11 @@ class TrainLoop:
         # debug.*: step -> loss factor, each fired once (popped) the first time its step runs in this process
         self.faults = {step: factor for step, factor in ((cfg.debug.nan_at_step, float("nan")),
                                                          (cfg.debug.spike_at_step, 1000.0)) if step is not None}
+        self.live_tasks = None  # eval.tasks: lm-eval tasks on the live model (trainer/downstream_live.py)
+        if cfg.eval.tasks:
+            from trainer.downstream_live import LiveTasks
+
+            self.live_tasks = LiveTasks(cfg, engine, tokenizer, run_dir, dist_info.device, dist_info.is_main)
         if cfg.diagnostics.every and cfg.parallel.backend == "deepspeed":
             LOG.info("diagnostics under DeepSpeed: activation statistics and max attention logits per layer; "
                      "per-layer grad norms and update/weight ratios need parallel.backend=ddp or fsdp")
@@ -161,12 +166,15 @@ class TrainLoop:
                         do_save = False
                 if do_eval:
                     val_loss = self.evaluate_and_log(metrics, step)
+                do_tasks = self.live_tasks is not None and self.live_tasks.due(step, final)
+                if do_tasks:
+                    self.run_live_tasks(metrics, step)
                 if do_save:  # checkpoint.async: in the background, except the last one and a preemption's
                     saved = self.checkpointer.save(step, self.engine, state, self.extra_files,
                                                    wait=final or preempted) or saved
                 if preempted:  # returned, not raised: a traceback would keep the model alive past shutdown
                     return TrainResult(self.run_dir, step, val_loss, saved, preempted=True)
-                if do_eval or do_save:  # keep their time out of the next tokens/s
+                if do_eval or do_save or do_tasks:  # keep their time out of the next tokens/s
                     self.interval_start, self.interval_step = time.time(), step
             saved = self.checkpointer.wait() or saved  # a save still in flight (the last step was not saved)
             if not math.isfinite(val_loss):  # nothing was trained in this call: report the finished model
@@ -280,6 +288,13 @@ class TrainLoop:
                 row.update({f"val_loss/{name}": loss, f"val_ppl/{name}": perplexity(loss)})
         metrics.log(row)
         return val_loss
+
+    def run_live_tasks(self, metrics: MetricsLogger, step: int) -> None:
+        started = time.time()
+        row = self.live_tasks.run(step)
+        metrics.log(row, quiet=True)
+        LOG.info(f"tasks step {step} | " + " | ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in row.items()
+                                                      if k != "step") + f" | {time.time() - started:.1f}s")
 
     def evaluate(self, tokens: TokenStream, windows: np.ndarray) -> float:
         """Mean token loss over fixed validation windows, summed over all ranks."""
