@@ -26,14 +26,20 @@ def require_lm_eval() -> None:
                         f"pip install 'normtron[eval]'") from None
 
 
-def task_manager(include_path: str | None):
-    """lm-eval's task index, with the task YAMLs of `include_path` (offline, local tasks) added."""
+def task_manager(include_path: str | None, tasks: list[str]):
+    """lm-eval's task index with the task YAMLs of `include_path` (offline, local tasks); only those when they hold
+    every task asked for (indexing lm-eval's thousands of built-in tasks takes seconds)."""
     require_lm_eval()
     from lm_eval.tasks import TaskManager
 
-    if include_path is not None and not Path(include_path).is_dir():
-        raise UserError(f"--include-path {include_path} is not a directory; pass the folder holding the task YAMLs")
-    return TaskManager(verbosity="ERROR", include_path=include_path)
+    if include_path is not None:
+        if not Path(include_path).is_dir():
+            raise UserError(f"--include-path (eval.tasks_include_path) {include_path} is not a directory; pass the "
+                            f"folder holding the task YAMLs")
+        local = TaskManager(include_path=include_path, include_defaults=False)
+        if set(tasks) <= set(local.all_tasks):
+            return local
+    return TaskManager(include_path=include_path)
 
 
 def check_tasks(tasks: list[str], manager) -> list[str]:
@@ -53,7 +59,7 @@ def check_live_tasks(cfg) -> None:
     if cfg.parallel.pp > 1:
         raise UserError("eval.tasks does not run under pipeline parallelism yet (parallel.pp > 1); evaluate the "
                         "run's checkpoints with `normtron eval` instead")
-    check_tasks(cfg.eval.tasks, task_manager(cfg.eval.tasks_include_path))
+    check_tasks(cfg.eval.tasks, task_manager(cfg.eval.tasks_include_path, cfg.eval.tasks))
 
 
 def metric_rows(results: dict) -> dict[str, float]:
@@ -115,7 +121,8 @@ def eval_command(target: str, tasks: list[str], num_fewshot: int | None = None, 
                         f"or a Hugging Face model folder")
     if batch_size < 1 or (limit is not None and limit < 1) or (num_fewshot is not None and num_fewshot < 0):
         raise UserError("--batch-size and --limit must be at least 1, --num-fewshot at least 0")
-    manager = task_manager(include_path)
+    tasks = [t.strip() for t in tasks if t.strip()]
+    manager = task_manager(include_path, tasks)
     tasks = check_tasks(tasks, manager)  # before any export: a typo costs nothing
     settings = {"num_fewshot": num_fewshot, "batch_size": batch_size, "limit": limit}
     if (path / "config.json").is_file():

@@ -99,8 +99,8 @@ class LiveTasks:
         self.cfg, self.engine, self.run_dir, self.is_main = cfg, engine, run_dir, is_main
         e = cfg.eval
         self.every = e.tasks_every or e.every
-        self.manager = task_manager(e.tasks_include_path)
         self.tasks = list(e.tasks)
+        self.manager = task_manager(e.tasks_include_path, self.tasks)
         self.settings = {"num_fewshot": e.tasks_num_fewshot, "batch_size": e.tasks_batch_size, "limit": e.tasks_limit}
         multiple = cfg.parallel.tp if cfg.parallel.tp > 1 else 1
         self.lm = live_lm(engine, hf_tokenizer(tokenizer_file, cfg.model.max_seq_len), cfg.model.max_seq_len,
@@ -122,6 +122,8 @@ class LiveTasks:
                     bootstrap_iters=0, num_fewshot=self.settings["num_fewshot"], limit=self.settings["limit"])
         finally:
             self.engine.model.train()
+        if results is None:  # lm-eval reports on the first process of each node only
+            return {"step": step}
         if self.is_main:
             out = self.run_dir / "lm-eval"
             out.mkdir(exist_ok=True)
