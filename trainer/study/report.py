@@ -61,7 +61,16 @@ def read_run(study: Study, cell: Cell) -> dict:
             "final_val_loss": final_val if not diverged else None,
             "final_train_loss": train[-1][1] if train else None, "step": train[-1][0] if train else 0,
             "rollbacks": sum(r.get("event") == "rollback" for r in rows),
-            "train_curve": train, "val_curve": evals, "diagnostics": diags}
+            "train_curve": train, "val_curve": evals, "diagnostics": diags, **task_metrics(rows)}
+
+
+def task_metrics(rows: list[dict]) -> dict[str, float]:
+    """The newest value of each downstream-task metric (eval/<task>/<metric>: eval.tasks or `normtron eval`)."""
+    return {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+
+
+def task_columns(runs: list[dict]) -> list[str]:
+    return sorted({k for r in runs for k in r if k.startswith("eval/")})
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -83,12 +92,13 @@ def aggregate(study: Study, runs: list[dict]) -> list[dict]:
                       if r["diagnostics"] and "max_attn_logit" in r["diagnostics"][-1] and not r["diverged"]]
         mean, std = _mean_std(finals)
         published = _published_value(study, key)
+        tasks = {k: _mean_std([r[k] for r in group if k in r and not r["diverged"]])[0] for k in task_columns(group)}
         cells.append({**key, "runs": len(group), "done": sum(r["status"] in ENDED for r in group),
                       "diverged": sum(r["diverged"] for r in group), "rollbacks": sum(r["rollbacks"] for r in group),
                       "val_loss_mean": mean, "val_loss_std": std,
                       "steps_to_divergence": statistics.fmean(div_steps) if div_steps else None,
                       "max_attn_logit_end": statistics.fmean(end_logits) if end_logits else None,
-                      "measured": _measured(study, mean), "published": published})
+                      "measured": _measured(study, mean), "published": published, **tasks})
     return cells
 
 
@@ -341,13 +351,14 @@ def write_report(study: Study) -> Path:
     cells = aggregate(study, runs)
     axes = [a for a in study.axes if a != SEED_KEY]
     run_columns = ["name", *study.axes, "status", "step", "diverged", "steps_to_divergence", "final_val_loss",
-                   "final_train_loss", "rollbacks"]
+                   "final_train_loss", "rollbacks", *task_columns(runs)]
     with open(out / "runs.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=run_columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(runs)
     cell_columns = [*axes, "runs", "done", "diverged", "rollbacks", "val_loss_mean", "val_loss_std",
-                    "steps_to_divergence", "max_attn_logit_end", *(["measured", "published"] if study.published else [])]
+                    "steps_to_divergence", "max_attn_logit_end", *(["measured", "published"] if study.published else []),
+                    *task_columns(runs)]
     with open(out / "cells.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=cell_columns, extrasaction="ignore")
         writer.writeheader()
@@ -368,15 +379,16 @@ def write_report(study: Study) -> Path:
              "| " + " | ".join(a.split(".")[-1] for a in axes) + " | runs done | diverged | rollbacks | "
              "final val loss | "
              + (f"measured {metric} | published {metric} | " if published else "")
-             + "steps to divergence | max attn logit (end) |",
-             "|" + "---|" * (len(axes) + 6 + 2 * bool(published))]
+             + "steps to divergence | max attn logit (end) |"
+             + "".join(f" {k.removeprefix('eval/')} |" for k in task_columns(runs)),
+             "|" + "---|" * (len(axes) + 6 + 2 * bool(published) + len(task_columns(runs)))]
     for c in cells:
         loss = "–" if c["val_loss_mean"] is None else f"{c['val_loss_mean']:.4f} ± {c['val_loss_std']:.4f}"
         side = f"{_fmt(c['measured'])} | {_fmt(c['published'])} | " if published else ""
         lines.append("| " + " | ".join(_fmt(c[a]) for a in axes) + f" | {c['done']}/{c['runs']} | "
                      f"{diverged_text(c, study)} | {c['rollbacks']} | {loss} | {side}"
                      f"{_fmt(c['steps_to_divergence'])} | "
-                     f"{_fmt(c['max_attn_logit_end'], 3)} |")
+                     f"{_fmt(c['max_attn_logit_end'], 3)} |" + "".join(f" {_fmt(c.get(k))} |" for k in task_columns(runs)))
     if published:
         lines += ["", f"Published {metric}: {published.get('source') or 'as given in the study file'} "
                       f"(by `{published['axis']}`)."]
