@@ -83,7 +83,8 @@ def test_normtron_eval_equals_lm_eval_hf_model_on_the_exported_folder(setup, tmp
     want = lm_eval.simple_evaluate(  # lm-eval's own Hugging Face model, its own batching (one request at a time)
         model="hf", model_args={"pretrained": str(hf), "trust_remote_code": True, "dtype": "float32",
                                 "device": "cpu"},
-        tasks=TASKS.split(","), batch_size=1, task_manager=TaskManager(include_path=str(setup["tasks"])))
+        tasks=TASKS.split(","), batch_size=1,
+        task_manager=TaskManager(include_path=str(setup["tasks"]), include_defaults=False))
     record = setup["record"]
     assert_same_items(record["items"], item_loglikelihoods(want))
     for task, metrics in want["results"].items():
@@ -129,11 +130,29 @@ def test_bad_input_is_one_line_and_damages_nothing(setup, tmp_path):
         (["eval", str(tmp_path / "nope"), "--tasks", TASKS], "does not exist"),
         (["eval", str(setup["checkpoint"]), "--tasks", "shakespeare_mc,no_such_task", "--include-path",
           str(setup["tasks"])], "unknown lm-eval task(s) no_such_task"),
-        (["train", "--check", TINY, *setup["common"], "eval.tasks=no_such_task",
-          f"eval.tasks_include_path={setup['tasks']}"], "unknown lm-eval task(s) no_such_task"),
+        (["train", "--check", TINY, *setup["common"], "eval.tasks=shakespeare_mc", "eval.tasks_include_path=/nope"],
+         "eval.tasks_include_path) /nope is not a directory"),
     ]:
         result = run_cli(*args, check=False, env=setup["env"])
         assert result.returncode == 2, result.stderr
         assert result.stderr.strip().startswith("normtron: error:") and words in result.stderr, result.stderr
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert tree_digest(run) == before
+
+
+def test_study_report_has_a_column_per_task_metric():
+    """Each run's newest eval/<task>/<metric>; a cell's value is the mean over its seeds that did not diverge."""
+    import types
+
+    from trainer.study.report import aggregate, task_metrics
+
+    rows = [{"step": 2, "eval/mc/acc": 0.25}, {"step": 2, "val_loss": 3.0}, {"step": 4, "eval/mc/acc": 0.5}]
+    assert task_metrics(rows) == {"eval/mc/acc": 0.5}
+    study = types.SimpleNamespace(grid={"training.lr": [0.1], "run.seed": [0, 1, 2]}, axes=("training.lr", "run.seed"),
+                                  published={})
+    runs = [{"training.lr": 0.1, "run.seed": seed, "status": "finished", "diverged": diverged, "rollbacks": 0,
+             "final_val_loss": None if diverged else 3.0, "steps_to_divergence": 3 if diverged else None,
+             "diagnostics": [], "eval/mc/acc": acc} for seed, (acc, diverged) in enumerate(
+                 [(0.5, False), (0.75, False), (0.0, True)])]
+    cell, = aggregate(study, runs)
+    assert cell["eval/mc/acc"] == pytest.approx(0.625)
