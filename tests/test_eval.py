@@ -2,7 +2,7 @@
 and a rolling log-likelihood task over the same lines, both local YAMLs over a local JSON-lines file. `normtron eval`
 on a trained micro model gives the accuracies and every item's log-likelihoods of lm-eval's own `hf` model run
 directly on the exported folder, and the in-loop evaluation (eval.tasks) of the same weights under 2-rank FSDP2 and
-TP=2 gives them too."""
+TP=2 and PP=2 gives them too."""
 
 from __future__ import annotations
 
@@ -102,13 +102,18 @@ def test_normtron_eval_equals_lm_eval_hf_model_on_the_exported_folder(setup, tmp
     assert row == {"step": 20, **record["metrics"]}
 
 
-@pytest.mark.parametrize("layout", ["fsdp2", "tp2"])
-def test_in_loop_evaluation_under_fsdp2_and_tp_equals_normtron_eval(setup, layout):
+# A pipeline's stages run sequences of data.seq_len tokens, the longest context it can score: the whole max_seq_len
+# here, as `normtron eval` scores (the longest item is 35 tokens).
+LAYOUTS = {"fsdp2": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2", "data.seq_len=64"]}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_in_loop_evaluation_under_fsdp2_tp_and_pp_equals_normtron_eval(setup, layout):
     """The checkpoint's weights as a new run's start (a learning rate of 1e-30 leaves them bit for bit), the tasks
     evaluated after its one step on 2 ranks, each holding half of the model."""
     name = f"live_{layout}"
     run_torchrun(2, "train", TINY, *setup["common"], f"run.name={name}", "training.steps=1", "training.lr=1e-30",
-                 "training.precision=fp32", "parallel.backend=fsdp", *(["parallel.tp=2"] if layout == "tp2" else []),
+                 "training.precision=fp32", "parallel.backend=fsdp", *LAYOUTS[layout],
                  f"checkpoint.init_from={setup['checkpoint']}", f"eval.tasks={TASKS}",
                  f"eval.tasks_include_path={setup['tasks']}", "eval.tasks_batch_size=3", env=setup["env"])
     run = setup["root"] / "runs" / name

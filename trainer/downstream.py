@@ -56,9 +56,6 @@ def check_tasks(tasks: list[str], manager) -> list[str]:
 
 def check_live_tasks(cfg) -> None:
     """eval.tasks in a training config: lm-eval present, the tasks known, a layout the live model supports."""
-    if cfg.parallel.pp > 1:
-        raise UserError("eval.tasks does not run under pipeline parallelism yet (parallel.pp > 1); evaluate the "
-                        "run's checkpoints with `normtron eval` instead")
     check_tasks(cfg.eval.tasks, task_manager(cfg.eval.tasks_include_path, cfg.eval.tasks))
 
 

@@ -35,11 +35,16 @@ def hf_tokenizer(tokenizer_file: Path, max_seq_len: int):
         return AutoTokenizer.from_pretrained(tmp)
 
 
-def sharded_logits(model: torch.nn.Module, tokens: torch.Tensor, device: torch.device, multiple: int) -> torch.Tensor:
+def sharded_logits(engine, tokens: torch.Tensor, device: torch.device, multiple: int) -> torch.Tensor:
     """Whole fp32 logits of `tokens` from the (sharded) training model; every rank calls this with the same tokens.
     The sequence is padded on the right to a multiple of `multiple` (sequence parallelism splits it over the tensor-
-    parallel ranks); a causal model's logits before the padding do not depend on it."""
-    length = tokens.shape[1]
+    parallel ranks); a causal model's logits before the padding do not depend on it. A pipeline runs the batch in
+    pieces of training's batch shape (PipelineEngine.forward_logits)."""
+    if hasattr(engine, "forward_logits"):
+        rows = engine.micro_batch_size * engine.accum_steps
+        with torch.compiler.set_stance("force_eager"):
+            return torch.cat([engine.forward_logits(part) for part in tokens.split(rows)])
+    model, length = engine.model, tokens.shape[1]
     pad = -length % multiple
     if pad:
         tokens = torch.cat([tokens, tokens[:, -1:].expand(-1, pad)], dim=1)
@@ -68,7 +73,7 @@ def live_lm(engine, tokenizer, max_length: int, batch_size: int, device: torch.d
 
     class LiveHFLM(HFLM):
         def _model_call(self, inps, attn_mask=None, labels=None):
-            return sharded_logits(engine.model, inps, device, multiple)
+            return sharded_logits(engine, inps, device, multiple)
 
         def generate_until(self, requests, disable_tqdm: bool = False):
             raise UserError("eval.tasks runs log-likelihood tasks (multiple choice, perplexity) on the live model; "
@@ -103,7 +108,9 @@ class LiveTasks:
         self.manager = task_manager(e.tasks_include_path, self.tasks)
         self.settings = {"num_fewshot": e.tasks_num_fewshot, "batch_size": e.tasks_batch_size, "limit": e.tasks_limit}
         multiple = cfg.parallel.tp if cfg.parallel.tp > 1 else 1
-        self.lm = live_lm(engine, hf_tokenizer(tokenizer_file, cfg.model.max_seq_len), cfg.model.max_seq_len,
+        # A pipeline's stages run sequences of data.seq_len tokens: the longest context lm-eval may send there.
+        max_length = cfg.data.seq_len if cfg.parallel.pp > 1 else cfg.model.max_seq_len
+        self.lm = live_lm(engine, hf_tokenizer(tokenizer_file, cfg.model.max_seq_len), max_length,
                           e.tasks_batch_size, device, multiple)
 
     def due(self, step: int, final: bool) -> bool:

@@ -200,7 +200,8 @@ class PipelineEngine(TorchEngine):
         self.has_first, self.has_last = 0 in stages, n_stages - 1 in stages
         self.n_microbatches, self.z_coefficient = n_microbatches, cfg.stability.z_loss
         self.seq_len = cfg.data.seq_len
-        self.evaluating, self.recorded = False, []
+        self.evaluating, self.recorded, self.captured = False, [], None
+        self.vocab_size = cfg.model.vocab_size
         # torch 2.13's ZBVZeroBubble cannot run forward only (its eval still schedules input-gradient steps): it
         # evaluates with a backward whose gradients are dropped.
         self.forward_only_eval = cfg.parallel.pp_schedule != "ZBVZeroBubble"
@@ -219,6 +220,11 @@ class PipelineEngine(TorchEngine):
         """Called by the schedule on the last stage for each micro-batch: its share of the step's objective, as
         without a pipeline (trainer/loss.py); in evaluation the summed cross entropy. The cross entropy alone is
         recorded for the logged loss."""
+        if self.captured is not None:  # forward_logits: keep the logits, a zero loss for the schedule
+            self.captured.append((logits.full_tensor() if isinstance(logits, DTensor) else logits).detach().float())
+            loss = logits.sum() * 0
+            self.recorded.append(loss)
+            return loss
         if self.evaluating:
             loss = cross_entropy(logits, targets, reduction="sum")
             self.recorded.append(loss)
@@ -266,6 +272,24 @@ class PipelineEngine(TorchEngine):
             self.evaluating = False
             if not self.forward_only_eval:
                 self.optimizer.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def forward_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """fp32 logits of up to a rank's batch of sequences of up to data.seq_len tokens (in-loop lm-eval tasks),
+        on every rank: padded to training's shape (the stages know that shape) and run through the pipeline; the last
+        stage's logits go to the other stages by a sum over the pipeline group."""
+        n, length = tokens.shape
+        x = torch.zeros(self.micro_batch_size * self.accum_steps, self.seq_len, dtype=torch.long)
+        x[:n, :length] = tokens
+        self.captured = []
+        try:
+            self.evaluate_batch(x, torch.zeros_like(x))
+            logits = (torch.cat(self.captured[-self.n_microbatches:]) if self.has_last else
+                      torch.zeros(*x.shape, self.vocab_size, device=self.device))
+        finally:
+            self.captured = None
+        torch.distributed.all_reduce(logits, group=self.group)
+        return logits[:n, :length]
 
     def _run(self, run: Callable, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.recorded = []
