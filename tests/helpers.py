@@ -288,3 +288,23 @@ def flip_model_tensor_bytes(ckpt: Path, count: int = 16, mask: int = 0xFF,
         f.seek(info.offset + info.length // 2)
         f.write(bytes(b ^ mask for b in chunk))
     return ckpt / info.relative_path
+
+
+def write_lm_eval_tasks(out: Path, items: list[dict]) -> Path:
+    """Local lm-eval tasks over `items` ({context, choices, label, text}) in `out`, read with `dataset_path: json`
+    (no hub): shakespeare_mc (multiple choice: which ending follows the context) and shakespeare_ppl (rolling
+    log-likelihood of each text)."""
+    out.mkdir()
+    (out / "lines.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
+    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {out / 'lines.jsonl'}\ntest_split: test\n"
+    (out / "mc.yaml").write_text(
+        "task: shakespeare_mc\n" + data + "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n"
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n")
+    (out / "ppl.yaml").write_text(
+        "task: shakespeare_ppl\n" + data + "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+        "doc_to_target: '{{text}}'\nmetric_list:\n"
+        "  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}\n"
+        "  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}\n")
+    return out

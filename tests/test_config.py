@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from helpers import REPO, TINY, run_cli, run_torchrun
+from helpers import REPO, TINY, run_cli, run_torchrun, write_lm_eval_tasks
 
 from trainer.config import (Config, all_keys, config_from_dict, config_to_dict, deepspeed_config, load_config,
                             micro_batching, pipeline_stages, validate)
@@ -81,7 +81,9 @@ ROUND_TRIP_RUNS = {  # run name -> (ranks, overrides beyond run.name, run.output
         "parallel.backend": "fsdp", "parallel.dp_replicate": 2, "parallel.dp_shard": 1, "parallel.compile": True,
         "training.optimizer": "muon", "training.muon_lr": 0.01, "training.muon_momentum": 0.9,
         "training.muon_nesterov": False, "training.muon_ns_steps": 4, "training.muon_adjust_lr_fn": "original",
-        "training.muon_weight_decay": 0.01, "training.muon_ns_dtype": "fp32", "training.loss_chunk_size": 64}),
+        "training.muon_weight_decay": 0.01, "training.muon_ns_dtype": "fp32", "training.loss_chunk_size": 64,
+        "eval.tasks": ["shakespeare_mc"], "eval.tasks_every": 1, "eval.tasks_include_path": "{runs}/tasks",
+        "eval.tasks_limit": 2, "eval.tasks_num_fewshot": 1, "eval.tasks_batch_size": 2}),
 }
 
 
@@ -89,6 +91,8 @@ def test_every_field_is_overridable_and_round_trips(shakespeare_data, tmp_path):
     """Every config key, set on the command line to a value other than its default, is what the run directory's
     config.yaml says after a real 1-step run (three layouts, since no single one accepts every key)."""
     defaults, runs = config_to_dict(Config()), {}
+    write_lm_eval_tasks(tmp_path / "tasks", [{"context": "To be, or", "choices": [" not to be", " Denmark"],
+                                              "label": 0, "text": "To be, or not to be"}] * 3)
     for name, (nproc, overrides) in ROUND_TRIP_RUNS.items():
         wanted = {"run.name": name, "run.output_dir": str(tmp_path), **ROUND_TRIP_MODEL, **overrides}
         runs[name] = nproc, {k: _fill(v, data=shakespeare_data, runs=tmp_path) for k, v in wanted.items()}

@@ -10,7 +10,7 @@ import json
 import random
 
 import pytest
-from helpers import MICRO_MODEL, TINY, run_cli, run_torchrun, tree_digest
+from helpers import MICRO_MODEL, TINY, run_cli, run_torchrun, tree_digest, write_lm_eval_tasks
 
 TASKS = "shakespeare_mc,shakespeare_ppl"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -30,20 +30,7 @@ def write_tasks(shakespeare_dir, out):
         label = rng.randrange(4)
         items.append({"context": context, "choices": others[:label] + [ending] + others[label:], "label": label,
                       "text": line})
-    out.mkdir()
-    (out / "lines.jsonl").write_text("".join(json.dumps(x) + "\n" for x in items))
-    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {out / 'lines.jsonl'}\ntest_split: test\n"
-    (out / "mc.yaml").write_text(
-        "task: shakespeare_mc\n" + data + "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
-        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\ntarget_delimiter: ''\nmetric_list:\n"
-        "  - {metric: acc, aggregation: mean, higher_is_better: true}\n"
-        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}\n")
-    (out / "ppl.yaml").write_text(
-        "task: shakespeare_ppl\n" + data + "output_type: loglikelihood_rolling\ndoc_to_text: ''\n"
-        "doc_to_target: '{{text}}'\nmetric_list:\n"
-        "  - {metric: word_perplexity, aggregation: weighted_perplexity, higher_is_better: false}\n"
-        "  - {metric: bits_per_byte, aggregation: bits_per_byte, higher_is_better: false}\n")
-    return out
+    return write_lm_eval_tasks(out, items)
 
 
 @pytest.fixture(scope="module")

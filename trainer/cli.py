@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             generate_command(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                              args.seed)
         elif args.command == "eval":
-            from trainer.downstream import eval_command
+            from trainer.downstream_command import eval_command
 
             eval_command(args.checkpoint, args.tasks.split(","), args.num_fewshot, args.batch_size, args.limit,
                          args.include_path, args.parallelize)
