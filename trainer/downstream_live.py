@@ -11,6 +11,7 @@ scoring are exactly those of `normtron eval` on an exported checkpoint. Only ran
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 import tempfile
 from pathlib import Path
@@ -102,6 +103,8 @@ class LiveTasks:
 
     def __init__(self, cfg, engine, tokenizer_file: Path, run_dir: Path, device: torch.device, is_main: bool):
         self.cfg, self.engine, self.run_dir, self.is_main = cfg, engine, run_dir, is_main
+        if not is_main:  # lm-eval's notices once, from rank 0
+            logging.getLogger("lm_eval").setLevel(logging.ERROR)
         e = cfg.eval
         self.every = e.tasks_every or e.every
         self.tasks = list(e.tasks)
