@@ -4,6 +4,7 @@ in one process: tokens/s, the median step and the ratio, with the chunked loss o
     python bench/throughput.py                                   # CPU: a small model, fp32, eager
     python bench/throughput.py --dim 512 --layers 8 --seq 512 --batch 4 --loss-chunk 0 1024
     python bench/throughput.py --config configs/1b.yaml --seq 2048 --batch 4    # GPU: bf16 autocast
+    python bench/throughput.py model.tie_embeddings=true                        # any config override
 
 normtron's step is `normtron train`'s in one process (trainer/engine.py's TorchEngine: forward and backward, the
 chunked loss where training.loss_chunk_size is set, gradient clipping, AdamW, the schedule). The HF model is built
@@ -11,8 +12,8 @@ from the same config (trainer/convert/hf/mapping.py: the config `normtron conver
 initialized weights copied in under their HF names, and takes the same step: logits, the same fp32 cross entropy,
 clipping, the same AdamW param groups and schedule. Before timing, the two models' logits on the batch must agree.
 Both run eagerly (no torch.compile), fp32 on CPU and bf16 autocast over fp32 weights on a GPU. Each variant times
-`--steps` steps after `--warmup` untimed ones, normtron's and HF's in turns, and reports the medians. Only a Llama-shaped model (pre-norm RMSNorm,
-no QK-norm) has an HF counterpart.
+`--steps` steps after `--warmup` untimed ones, all variants in turns (the same machine load for each), and reports
+the medians. Only a Llama-shaped model (pre-norm RMSNorm, no QK-norm) has an HF counterpart.
 
 On a GPU, the step time `normtron plan` predicts is printed too where trainer/plan provides one.
 """
@@ -59,6 +60,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loss-chunk", type=int, nargs="+", default=[0, 1024],
                    help="training.loss_chunk_size values to run normtron with (0 = full logits; default: 0 1024)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("overrides", nargs="*", help="further config overrides, as for normtron train (KEY=VALUE)")
     return p.parse_args()
 
 
@@ -72,7 +74,7 @@ def build_config(args: argparse.Namespace, device: torch.device):
     overrides = [f"{key}={sizes[name]}" for name, key in keys.items() if sizes[name] is not None]
     overrides += ["parallel.backend=ddp", f"training.precision={'bf16' if gpu else 'fp32'}", "parallel.compile=false",
                   f"data.seq_len={seq}", f"training.batch_size={batch}", "training.micro_batch_size=null",
-                  "training.warmup_steps=0", f"run.seed={args.seed}"]
+                  "training.warmup_steps=0", f"run.seed={args.seed}", *args.overrides]
     cfg = load_config(args.config or str(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"), overrides)
     cfg.model.max_seq_len = max(cfg.model.max_seq_len, seq)
     if architecture(cfg.model) != LLAMA:
