@@ -41,9 +41,9 @@ from parallel.parallelize import ParallelModel, Precision, clip_grad_norm, gradi
 from parallel.pipeline import build_schedule, clip_grad_norm_pipelined, merged_view
 from parallel.zero import DeepSpeedEngine
 from trainer.checkpoint import AsyncSave, load_dcp, load_model_weights, save_dcp
+from trainer.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 from trainer.config import Config, deepspeed_config, micro_batching
 from trainer.data.batches import TokenStream, stack_windows
-from trainer.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 from trainer.loss import chunked_head_objective, cross_entropy, micro_batch_objective
 from trainer.optim import build_lr_scheduler, build_optimizer
 
