@@ -15,12 +15,14 @@ Both run eagerly (no torch.compile), fp32 on CPU and bf16 autocast over fp32 wei
 `--steps` steps after `--warmup` untimed ones, all variants in turns (the same machine load for each), and reports
 the medians. Only a Llama-shaped model (pre-norm RMSNorm, no QK-norm) has an HF counterpart.
 
-On a GPU, the step time `normtron plan` predicts is printed too where trainer/plan provides one.
+On a GPU, the step time `normtron plan` predicts (trainer/plan, where present) is printed against the measured
+one of the first normtron variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import importlib.util
 import statistics
@@ -85,6 +87,7 @@ def build_config(args: argparse.Namespace, device: torch.device):
 
 def normtron_engine(cfg, chunk: int, dist_info):
     """`normtron train`'s engine in one process, with training.loss_chunk_size = `chunk`."""
+    cfg = copy.deepcopy(cfg)
     cfg.training.loss_chunk_size = chunk
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -166,17 +169,21 @@ def median_step_seconds(steps: dict, n: int, warmup: int, device: torch.device) 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def plan_prediction(cfg, device: torch.device) -> str:
-    """The step time `normtron plan` predicts for this run on this GPU, or why there is none."""
+def plan_prediction(cfg, device: torch.device, measured_s: float) -> str:
+    """The step time `normtron plan` predicts for this run on this GPU against the measured one, or why not."""
     if device.type != "cuda":
         return "no GPU: no plan column"
     if importlib.util.find_spec("trainer.plan") is None:
         return "trainer/plan absent in this checkout: no plan column"
-    import trainer.plan as plan
-    predict = getattr(plan, "predict_step_seconds", None)
-    if predict is None:
-        return "trainer/plan has no predict_step_seconds(cfg, gpus, gpu_name): no plan column"
-    return f"{predict(cfg, 1, torch.cuda.get_device_name(device)):.4f} s/step predicted by normtron plan"
+    try:  # trainer/plan (issue 19's planner): make_plan(cfg, world_size, gpu).time.step_s
+        from trainer.plan import device_in_use, make_plan
+        gpu = device_in_use()
+        predicted = make_plan(cfg, 1, gpu).time.step_s
+    except (ImportError, AttributeError) as err:
+        return f"trainer/plan has no make_plan(cfg, world_size, gpu).time.step_s ({err}): no plan column"
+    return (f"normtron plan predicts {predicted:.4f} s/step on {gpu.name} for normtron's step "
+            f"(loss_chunk_size={cfg.training.loss_chunk_size}); measured {measured_s:.4f} s "
+            f"(measured / predicted {measured_s / predicted:.2f})")
 
 
 def main() -> None:
@@ -212,7 +219,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for name, seconds in medians.items():
         print(f"| {name} | {seconds:.4f} | {batch * seq / seconds:,.0f} | {hf_seconds / seconds:.2f}x |")
-    print(f"\n{plan_prediction(cfg, device)}")
+    cfg.training.loss_chunk_size = args.loss_chunk[0]  # the plan for the first normtron variant
+    print(f"\n{plan_prediction(cfg, device, medians[next(iter(medians))])}")
 
 
 if __name__ == "__main__":

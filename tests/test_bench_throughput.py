@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import REPO, _env
 
 MICRO = ["--dim", "64", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "128", "--vocab", "512",
@@ -27,8 +29,9 @@ def test_times_normtron_and_hugging_face_on_the_same_weights():
                       result.stdout, re.M)
     assert [name for name, *_ in rows] == ["normtron, loss_chunk_size=0", "normtron, loss_chunk_size=16",
                                            "HF LlamaForCausalLM"], result.stdout
-    for _, seconds, tokens_per_s in rows:  # 2 x 32 tokens per step
-        assert float(seconds) > 0 and abs(int(tokens_per_s.replace(",", "")) - 64 / float(seconds)) <= 1
+    for _, seconds, tokens_per_s in rows:  # 2 x 32 tokens per step; seconds are printed to 4 decimals
+        assert float(seconds) > 0
+        assert int(tokens_per_s.replace(",", "")) == pytest.approx(64 / float(seconds), rel=0.05)
     assert "no GPU: no plan column" in result.stdout
 
 
