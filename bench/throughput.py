@@ -62,7 +62,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--loss-chunk", type=int, nargs="+", default=[0, 1024],
                    help="training.loss_chunk_size values to run normtron with (0 = full logits; default: 0 1024)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("overrides", nargs="*", help="further config overrides, as for normtron train (KEY=VALUE)")
+    p.add_argument("overrides", nargs="*", help="further config overrides, as for normtron train (KEY=VALUE; before "
+                                                "--loss-chunk, or after --)")
     return p.parse_args()
 
 
