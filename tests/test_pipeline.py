@@ -60,6 +60,20 @@ def test_pipelined_training_matches_single_process(runs, name, nproc, placement,
     assert optim == [2 * p for p in params]
 
 
+def test_chunked_loss_on_the_last_stage_equals_unchunked(runs):
+    """training.loss_chunk_size under a pipeline: the last stage hands on its hidden states and head weight and the
+    schedule's loss computes the head 16 tokens at a time. GPipe (a straddling Post-/Pre-LN split) equals the
+    unchunked pipeline within 1e-6 and the single process; 1F1B with z-loss and µP's logit multiplier equals the
+    single process, every step's loss and both evaluations."""
+    chunked = "training.loss_chunk_size=16"
+    name, _, placement, overrides = PIPELINED[0]
+    gpipe = runs(f"{name}_chunked", 2, *PLACEMENTS[placement], *overrides, chunked)
+    assert_same_losses(gpipe, runs(name, 2, *PLACEMENTS[placement], *overrides), rel=1e-6)
+    assert_same_losses(gpipe, runs(f"single_{placement}", 1, *PLACEMENTS[placement]))
+    one_f_one_b = runs("1f1b_peri_chunked", 2, *PLACEMENTS["peri"], *PP, "parallel.pp_schedule=1F1B", chunked)
+    assert_same_losses(one_f_one_b, runs("single_peri", 1, *PLACEMENTS["peri"]))
+
+
 def step_rows(run_dir):
     return read_metrics(run_dir)[0]
 

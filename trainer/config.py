@@ -123,8 +123,9 @@ class TrainingConfig:
                                             "emulate them in high precision (for testing; slower than bf16)")
     loss_chunk_size: int = config_field(0, "compute the output head and the loss together, this many tokens at a "
                                            "time, so the full logits and their gradient are never held (0 = off, the "
-                                           "default for now; e.g. 1024; not used with parallel.tp > 1, pp > 1, "
-                                           "deepspeed ZeRO-3 or nGPT, which compute the full logits)", ge=0)
+                                           "default; e.g. 1024; with parallel.pp > 1 on the last stage; not used with "
+                                           "parallel.tp > 1, deepspeed ZeRO-3 or nGPT, which compute the full "
+                                           "logits)", ge=0)
     optimizer: str = config_field("adamw", "adamw, or muon: Muon for the 2-D weights inside the blocks (attention and MLP "
                                            "projections), AdamW for embeddings, head, norms and biases",
                                   ("adamw", "muon"))

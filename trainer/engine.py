@@ -41,6 +41,7 @@ from parallel.parallelize import ParallelModel, Precision, clip_grad_norm, gradi
 from parallel.pipeline import build_schedule, clip_grad_norm_pipelined, merged_view
 from parallel.zero import DeepSpeedEngine
 from trainer.checkpoint import AsyncSave, load_dcp, load_model_weights, save_dcp
+from trainer.chunked_loss import IGNORE_INDEX, linear_cross_entropy
 from trainer.config import Config, deepspeed_config, micro_batching
 from trainer.data.batches import TokenStream, stack_windows
 from trainer.loss import chunked_head_objective, cross_entropy, micro_batch_objective
@@ -207,6 +208,9 @@ class PipelineEngine(TorchEngine):
         self.forward_only_eval = cfg.parallel.pp_schedule != "ZBVZeroBubble"
         self.schedule = build_schedule(parts, stages, n_stages, cfg.parallel.pp_schedule, n_microbatches,
                                        self.micro_batch_loss, device, self.group)
+        # Chunked loss (setup_steps sets loss_chunk_size): the last stage hands on its hidden states and its gathered
+        # head weight (models/transformer.py's `head` hook), the loss computes the head chunk by chunk from them.
+        self.logit_scale = parts[stages.index(n_stages - 1)].logit_scale if self.has_last else None
 
     def infer_shapes(self, batch: int, seq_len: int) -> None:
         """One throw-away forward and backward on a batch of zeros: on its first run each stage infers its input and
@@ -216,22 +220,46 @@ class PipelineEngine(TorchEngine):
         self.forward_backward(tokens, tokens)
         self.optimizer.zero_grad(set_to_none=True)
 
-    def micro_batch_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def micro_batch_loss(self, output, targets: torch.Tensor) -> torch.Tensor:
         """Called by the schedule on the last stage for each micro-batch: its share of the step's objective, as
         without a pipeline (trainer/loss.py); in evaluation the summed cross entropy. The cross entropy alone is
-        recorded for the logged loss."""
+        recorded for the logged loss. `output`: the logits, or with a chunked loss (hidden states, head weight)."""
         if self.captured is not None:  # forward_logits: keep the logits, a zero loss for the schedule
-            self.captured.append((logits.full_tensor() if isinstance(logits, DTensor) else logits).detach().float())
+            logits = self.whole_logits(output)
+            self.captured.append(logits.detach().float())
             loss = logits.sum() * 0
             self.recorded.append(loss)
             return loss
         if self.evaluating:
-            loss = cross_entropy(logits, targets, reduction="sum")
+            loss = self.summed_cross_entropy(output, targets)
             self.recorded.append(loss)
             return loss
-        loss, objective = micro_batch_objective(logits, targets, self.n_microbatches, self.z_coefficient)
+        if self.loss_chunk_size:
+            loss, objective = chunked_head_objective(targets, self.n_microbatches, self.z_coefficient,
+                                                     self.loss_chunk_size)(*output, self.logit_scale)
+        else:
+            loss, objective = micro_batch_objective(output, targets, self.n_microbatches, self.z_coefficient)
         self.recorded.append(loss.detach())
         return objective
+
+    def whole_logits(self, output) -> torch.Tensor:
+        """The last stage's full logits from what it returns (forward_logits: eval.tasks on the live model)."""
+        if self.loss_chunk_size:
+            hidden, weight = output
+            logits = hidden @ weight.t()
+            return logits if self.logit_scale is None else logits * self.logit_scale
+        return output.full_tensor() if isinstance(output, DTensor) else output
+
+    def summed_cross_entropy(self, output, targets: torch.Tensor) -> torch.Tensor:
+        if not self.loss_chunk_size:
+            return cross_entropy(output, targets, reduction="sum")
+        hidden, weight = output
+        scale = 1.0 if self.logit_scale is None else self.logit_scale
+        # the objective (without z-loss: the mean cross entropy) stays differentiable: ZBVZeroBubble's evaluation
+        # runs a backward
+        _, mean = linear_cross_entropy(hidden, weight, targets, scale, 0.0, self.loss_chunk_size)
+        counted = (targets != IGNORE_INDEX).sum()
+        return torch.where(counted > 0, mean * counted, 0.0)  # a micro-batch of padding only: its mean is 0/0
 
     def forward_backward(self, inputs: torch.Tensor, targets: torch.Tensor,
                          probe: contextlib.AbstractContextManager | None = None) -> torch.Tensor:
@@ -294,8 +322,9 @@ class PipelineEngine(TorchEngine):
     def _run(self, run: Callable, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         self.recorded = []
         args = (inputs.to(self.device, non_blocking=True),) if self.has_first else ()
+        head = {"head": hidden_states_and_head_weight} if self.loss_chunk_size else {}  # used by the last stage only
         run(*args, target=targets.to(self.device, non_blocking=True) if self.has_last else None,
-            return_outputs=False)
+            return_outputs=False, **head)
         # The last n: on its first call a stage infers its shapes from a forward (and loss) of its own. Only the rank
         # holding the last stage has the losses: a sum over the pipeline group gives them to every rank.
         recorded = self.recorded[-self.n_microbatches:]
@@ -305,6 +334,13 @@ class PipelineEngine(TorchEngine):
 
     def clip(self, max_norm: float) -> torch.Tensor:
         return clip_grad_norm_pipelined(list(self.model.parameters()), max_norm, self.group)
+
+
+def hidden_states_and_head_weight(hidden: torch.Tensor, weight: torch.Tensor, _scale) -> tuple[torch.Tensor, ...]:
+    """The last pipeline stage's `head`: its output is the final hidden states and the head weight as used in the
+    forward (gathered by FSDP2), for the schedule's loss to compute the head chunk by chunk. A view, so that hooks
+    FSDP2 puts on the stage's outputs belong to this micro-batch's graph, not to the parameter."""
+    return hidden, weight.view_as(weight)
 
 
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
@@ -398,12 +434,13 @@ def uses_loss_parallel(cfg: Config) -> bool:
 
 
 def loss_chunk_size(cfg: Config) -> int:
-    """training.loss_chunk_size where the whole head runs on each rank inside the model's forward: not under tensor
-    parallelism (the loss-parallel path keeps the logits vocabulary-sharded instead), a pipeline (the schedule's loss
-    takes the last stage's logits), DeepSpeed ZeRO-3 (the head weight is gathered only inside its own module's
-    forward) or nGPT (its learned per-token logit scale); 0 there, the full logits as before."""
+    """training.loss_chunk_size where the whole head runs on one rank: inside the model's forward, or on a pipeline's
+    last stage in the schedule's loss (from the stage's hidden states and head weight). Not under tensor parallelism
+    (the loss-parallel path keeps the logits vocabulary-sharded instead), DeepSpeed ZeRO-3 (the head weight is
+    gathered only inside its own module's forward) or nGPT (its learned per-token logit scale); 0 there, the full
+    logits as before."""
     p = cfg.parallel
-    if p.tp > 1 or p.pp > 1 or (p.backend == "deepspeed" and p.zero_stage == 3) or uses_hypersphere(cfg.model):
+    if p.tp > 1 or (p.backend == "deepspeed" and p.zero_stage == 3) or uses_hypersphere(cfg.model):
         return 0
     return cfg.training.loss_chunk_size
 
