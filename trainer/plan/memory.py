@@ -157,10 +157,11 @@ def loss_buffer_bytes(cfg: Config, dims: ParallelDims, tokens: int) -> tuple[flo
         per_chunk = rows * m.vocab_size * (4 + (matmul if matmul != 4 else 0) + 4)  # logits (+ fp32 copy), grad
         buffers = tokens * m.dim * stream + m.vocab_size * m.dim * 4  # grad of hidden states, fp32 grad of weight
         return per_chunk + buffers, f"chunks of {chunk} tokens: one chunk's logits and gradient, d hidden, d head"
-    # unchunked: the logits (matmul dtype), their fp32 copy, log-softmax saved by the cross entropy, and in backward
-    # the fp32 gradient and its cast back (fp32: the copy and the cast are the same tensors)
-    per_token = 4 * 3 if compute_mode(cfg) == "fp32" else 2 + 4 + 4 + 4 + 2
-    return tokens * vocab * per_token, "logits, fp32 copy, log-softmax and their gradients"
+    # unchunked, at the peak (the cross entropy's backward): the logits, the log-softmax the cross entropy saved, the
+    # gradient of the log-softmax and of the logits, fp32 (16 B/token/vocab entry); in bf16 the logits are bf16
+    # and their fp32 copy is gone by then (2 + 4 + 4 + 4)
+    per_token = 16 if compute_mode(cfg) == "fp32" else 14
+    return tokens * vocab * per_token, "logits, log-softmax and both their gradients (the cross entropy's backward)"
 
 
 def in_flight_microbatches(cfg: Config, pp_rank: int, n_micro: int) -> float:
@@ -202,8 +203,8 @@ def rank_memory(cfg: Config, dims: ParallelDims, counts: ParamCounts, pp_rank: i
         add("parameters", 4 * params, "fp32")
         add("gradients", 4 * params, "fp32")
         add("optimizer state", moments * params, "fp32 moments")
-        if dims.world_size > 1:
-            add("buffers: DDP gradient buckets", 4 * params, "fp32 buckets next to .grad (gradient_as_bucket_view off)")
+        # DDP's reducer buckets: no separate copy measured on torch 2.13 (bench/plan_accuracy.py, row ddp2): the
+        # gradients, allocated fresh each step (zero_grad(set_to_none)), are views into them
     elif p.backend == "fsdp":
         on_gpu = 0 if p.offload_params else 1
         add("parameters", on_gpu * 4 * params / shard, f"fp32 shard 1/{shard}" + (" (offloaded)" * (1 - on_gpu)))
@@ -251,16 +252,20 @@ def rank_memory(cfg: Config, dims: ParallelDims, counts: ParamCounts, pp_rank: i
     in_flight = in_flight_microbatches(cfg, pp_rank, n_micro)
     stream = 2 if compute_mode(cfg) == "bf16" else 4
     edges = (tokens * 8 if first else 0) + (tokens * m.dim * (3 * 4 + stream) if last else 0)  # ids; final norm
-    add("activations", in_flight * (tokens * per_layer * len(layer_ids) + edges) + recompute,
+    add("activations", in_flight * (tokens * per_layer * len(layer_ids) + edges),
         f"{len(layer_ids)} blocks x {tokens} tokens x {per_layer:.0f} B/token"
         + (f" x {in_flight:g} micro-batches in flight ({p.pp_schedule})" if p.pp > 1 else "")
-        + (f", {p.activation_checkpoint} checkpointing (+1 block recomputed)" if recompute else ""))
+        + (f", {p.activation_checkpoint} checkpointing" if p.activation_checkpoint != "none" else ""))
     if t.precision != "fp32" and p.backend == "ddp":
         add("activations: autocast weight copies", 2 * (params - root_params + counts.head / tp * last),
             "bf16 casts of the matmul weights, kept for backward")
-    if last:
-        value, note = loss_buffer_bytes(cfg, dims, tokens)
-        add("logits and loss", value, note)
+    # the loss's buffers and a checkpointed block's recomputation are not held at the same time: the larger counts
+    loss, loss_note = loss_buffer_bytes(cfg, dims, tokens) if last else (0.0, "")
+    if recompute > loss:
+        add("activations: block recomputed", recompute, "one block's activations re-made in backward"
+            + (f" (more than the logits/loss buffers, {loss / 2**30:.2f} GiB, held before it)" if last else ""))
+    elif last:
+        add("logits and loss", loss, loss_note)
     return mem
 
 
