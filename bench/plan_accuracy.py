@@ -8,7 +8,8 @@ build_engine), trains two steps on random tokens and measures the second, in ste
 
     measured peak = VmHWM during step 2 - VmRSS before the model was materialized
 
-i.e. the growth of the process's resident set from just before the model existed to the high-water mark of the
+i.e. the growth of the process's resident set from just before the model existed (the backends' libraries, e.g.
+DeepSpeed and torch.distributed.pipelining with Triton, already imported) to the high-water mark of the
 step: parameters, gradients, optimizer state, every framework buffer (also those only C++ holds, such as DDP's
 buckets), activations and the logits, plus what the allocator and libraries add (that is error the planner does
 not model, on purpose: it is what a user would see). glibc is told to serve allocations above 128 KiB with mmap
@@ -86,6 +87,12 @@ def worker(name: str, out: Path) -> None:
     dims = parallel_dims(cfg, world)
     model = build_model_on_meta(cfg)
     mesh = build_mesh(cfg, dims, dist_info.device)
+    # Libraries the backends load on first use count towards the process but are no tensor the planner models:
+    # loaded before the baseline.
+    import torch.distributed.pipelining  # noqa: F401  (imports Triton)
+    import torch.distributed.tensor.parallel  # noqa: F401
+    if cfg.parallel.backend == "deepspeed":
+        import deepspeed  # noqa: F401
     gc.collect()
     base = _status("VmRSS:")
     parallel = parallelize_model(cfg, model, dims, mesh)

@@ -210,13 +210,16 @@ def rank_memory(cfg: Config, dims: ParallelDims, counts: ParamCounts, pp_rank: i
         add("parameters", on_gpu * 4 * params / shard, f"fp32 shard 1/{shard}" + (" (offloaded)" * (1 - on_gpu)))
         add("gradients", on_gpu * 4 * params / shard, f"fp32 shard 1/{shard}")
         add("optimizer state", on_gpu * moments * params / shard, f"fp32 moments, shard 1/{shard}")
-        if shard > 1 or p.offload_params:
-            keep_all = not p.reshard_after_forward or p.pp_schedule in ZERO_BUBBLE_SCHEDULES and p.pp > 1
-            gathered_blocks = len(layer_ids) if keep_all else min(2, len(layer_ids))
-            add("buffers: FSDP2 all-gather", compute_bytes * (root_params + gathered_blocks * block_params),
-                f"gathered {'all' if keep_all else 'current + prefetched'} blocks and the root (embedding/head) in "
-                f"{'bf16' if compute_bytes == 2 else 'fp32'}")
-            add("buffers: FSDP2 reduce-scatter", 4 * block_params, "one block's unsharded fp32 gradients")
+        # FSDP2 computes on gathered copies even over one shard (dp_shard=1 under tp or pp)
+        keep_all = not p.reshard_after_forward or p.pp_schedule in ZERO_BUBBLE_SCHEDULES and p.pp > 1
+        gathered_blocks = len(layer_ids) if keep_all else min(2, len(layer_ids))
+        add("buffers: FSDP2 all-gather", compute_bytes * (root_params + gathered_blocks * block_params),
+            f"gathered {'all' if keep_all else 'current + prefetched'} blocks and the root (embedding/head) in "
+            f"{'bf16' if compute_bytes == 2 else 'fp32'}")
+        # unsharded gradients of the largest FSDP unit (the root: embedding and head) before their reduce-scatter,
+        # in the compute dtype and cast to fp32 (reduce_dtype)
+        add("buffers: FSDP2 reduce-scatter", (4 + (compute_bytes if compute_bytes != 4 else 0))
+            * max(root_params, block_params), "the largest unit's unsharded gradients (compute dtype + fp32)")
     else:  # deepspeed: bf16 (or fp32) weights and gradients, an fp32 master partition and the moments
         n, stage = dims.world_size, p.zero_stage
         weights = 2 if t.precision == "bf16" else 4
@@ -266,6 +269,10 @@ def rank_memory(cfg: Config, dims: ParallelDims, counts: ParamCounts, pp_rank: i
             + (f" (more than the logits/loss buffers, {loss / 2**30:.2f} GiB, held before it)" if last else ""))
     elif last:
         add("logits and loss", loss, loss_note)
+    if last and p.pp > 1 and in_flight > 1:  # earlier micro-batches' logits and log-softmax wait for their backward
+        waiting = (in_flight - 1) * tokens * m.vocab_size * (8 if compute_mode(cfg) == "fp32" else 6)
+        add("logits and loss: micro-batches in flight", waiting, f"{in_flight - 1:g} more micro-batches' logits "
+            f"and log-softmax ({p.pp_schedule} runs their backward later)")
     return mem
 
 
