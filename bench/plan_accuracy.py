@@ -92,7 +92,7 @@ def worker(name: str, out: Path) -> None:
     import torch.distributed.pipelining  # noqa: F401  (imports Triton)
     import torch.distributed.tensor.parallel  # noqa: F401
     if cfg.parallel.backend == "deepspeed":
-        import deepspeed  # noqa: F401
+        import deepspeed  # noqa: F401  # pyflakes: loaded for its memory only
     gc.collect()
     base = _status("VmRSS:")
     parallel = parallelize_model(cfg, model, dims, mesh)

@@ -4,7 +4,6 @@ measured CPU training step (bench/plan_accuracy.py), the roofline's arithmetic, 
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
 import sys

@@ -92,8 +92,8 @@ def check_memory_line(cfg: Config, world_size: int) -> str:
     gpu = device_in_use()
     dims = check_layout(cfg, world_size)
     ranks = plan_memory(cfg, dims)
-    return memory_line(Plan(cfg, dims, gpu, ranks, None)) + f" [a prediction, not a measurement; " \
-        f"`normtron plan` for the breakdown and other GPUs]"
+    return memory_line(Plan(cfg, dims, gpu, ranks, None)) + " [a prediction, not a measurement; " \
+        "`normtron plan` for the breakdown and other GPUs]"
 
 
 def gib(value: float) -> str:

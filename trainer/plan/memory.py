@@ -12,7 +12,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from models.transformer import Transformer
 from parallel.mesh import ParallelDims

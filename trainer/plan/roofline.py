@@ -16,16 +16,19 @@ from parallel.mesh import ParallelDims
 from parallel.pipeline import ZERO_BUBBLE_SCHEDULES, stages_per_rank
 from trainer.config import Config, micro_batching, pipeline_stages
 from trainer.plan.gpus import GPU
+from trainer.plan.memory import checkpointed_layer_bytes_per_token, layer_activation_bytes_per_token
 
 MATMUL_EFFICIENCY = 0.55     # achieved / peak dense bf16 on large transformer matmuls (torchtitan Llama-3 8B on
                              # H100 reports 38-45% MFU end to end; the matmuls alone run higher)
 FP32_SLOWDOWN = 2.0          # fp32 runs as TF32 on tensor cores: half the bf16 rate
 FP8_SPEEDUP = 1.28           # torchtitan's measured tokens/s gain of FP8 over bf16 (Llama-3.1-8B, H100)
 BANDWIDTH_EFFICIENCY = 0.7   # achieved / datasheet bandwidth of NCCL ring collectives
+HBM_EFFICIENCY = 0.8         # achieved / datasheet memory bandwidth of element-wise kernels
 ZERO_BUBBLE_FRACTION = 1 / 3  # zero-bubble schedules leave about a third of 1F1B's bubble (Qi et al. 2023, ZB-H1)
 
 ASSUMPTIONS = (f"matmuls at {MATMUL_EFFICIENCY:.0%} of peak dense bf16 (fp32 at 1/{FP32_SLOWDOWN:g}, fp8 "
-               f"x{FP8_SPEEDUP}); collectives at {BANDWIDTH_EFFICIENCY:.0%} of NVLink inside a node and of the NIC "
+               f"x{FP8_SPEEDUP}); selective checkpointing's element-wise recomputation reads and writes what it "
+               f"recomputes once at {HBM_EFFICIENCY:.0%} of HBM bandwidth; collectives at {BANDWIDTH_EFFICIENCY:.0%} of NVLink inside a node and of the NIC "
                f"between nodes (ring volumes); FSDP/ZeRO/DDP traffic overlaps compute, tp and pp traffic does not; "
                f"pipeline bubble (pp-1)/(m+pp-1) for GPipe/1F1B, divided by the stages per rank for interleaved "
                f"schedules, x{ZERO_BUBBLE_FRACTION:.2f} more for zero-bubble ones")
@@ -65,6 +68,9 @@ def step_time(cfg: Config, dims: ParallelDims, gpu: GPU, params_per_rank: float)
     rate = gpu.bf16_tflops * 1e12 * MATMUL_EFFICIENCY
     rate = rate / FP32_SLOWDOWN if t.precision == "fp32" else rate * (FP8_SPEEDUP if t.precision == "fp8" else 1)
     compute = model_flops * recompute / rate
+    if p.activation_checkpoint == "selective" and gpu.hbm_gbps:
+        remade = layer_activation_bytes_per_token(cfg, dims) - checkpointed_layer_bytes_per_token(cfg, dims)
+        compute += 2 * remade * tokens_per_rank * m.n_layers / dims.pp / (gpu.hbm_gbps * 1e9 * HBM_EFFICIENCY)
 
     grad_bytes, weight_bytes = 4, (2 if t.precision != "fp32" else 4)
     if t.precision == "fp8" and p.backend == "fsdp" and cfg.training.fp8_recipe == "tensorwise":
