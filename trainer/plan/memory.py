@@ -268,10 +268,14 @@ def rank_memory(cfg: Config, dims: ParallelDims, counts: ParamCounts, pp_rank: i
             + (f" (more than the logits/loss buffers, {loss / 2**30:.2f} GiB, held before it)" if last else ""))
     elif last:
         add("logits and loss", loss, loss_note)
-    if last and p.pp > 1 and in_flight > 1:  # earlier micro-batches' logits and log-softmax wait for their backward
-        waiting = (in_flight - 1) * tokens * m.vocab_size * (8 if compute_mode(cfg) == "fp32" else 6)
-        add("logits and loss: micro-batches in flight", waiting, f"{in_flight - 1:g} more micro-batches' logits "
-            f"and log-softmax ({p.pp_schedule} runs their backward later)")
+    if last and p.pp > 1 and in_flight > 1:  # earlier micro-batches' saved loss tensors wait for their backward
+        if loss_chunk_size(cfg):  # the chunked loss saves its hidden-state and fp32 head-weight gradients
+            per_micro, what = tokens * m.dim * stream + m.vocab_size * m.dim * 4, "gradient buffers of the chunked loss"
+        else:
+            per_micro = tokens * m.vocab_size * (8 if compute_mode(cfg) == "fp32" else 6)
+            what = "logits and log-softmax"
+        add("logits and loss: micro-batches in flight", (in_flight - 1) * per_micro,
+            f"{in_flight - 1:g} more micro-batches' {what} ({p.pp_schedule} runs their backward later)")
     return mem
 
 
