@@ -274,7 +274,7 @@ def rank_memory(cfg: Config, dims: ParallelDims, counts: ParamCounts, pp_rank: i
         else:
             per_micro = tokens * m.vocab_size * (8 if compute_mode(cfg) == "fp32" else 6)
             what = "logits and log-softmax"
-        add("logits and loss: micro-batches in flight", (in_flight - 1) * per_micro,
+        add("logits and loss: waiting micro-batches", (in_flight - 1) * per_micro,
             f"{in_flight - 1:g} more micro-batches' {what} ({p.pp_schedule} runs their backward later)")
     return mem
 
