@@ -87,6 +87,19 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                    help="override a config value (parsed as YAML)")
 
     p = sub.add_parser(
+        "plan", help="predict per-GPU memory and step time of a config on N GPUs; --search the layouts that fit",
+        description="Print, per rank, the predicted memory of parameters, gradients, optimizer state, framework "
+                    "buffers, activations and logits/loss for the config's layout on --gpus GPUs of kind --gpu, and "
+                    "the step time and MFU of a roofline model (assumptions printed). Nothing is run or written.")
+    p.add_argument("config", metavar="CONFIG.yaml", help="training config")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a config value")
+    p.add_argument("--gpus", type=int, required=True, metavar="N", help="number of GPUs (ranks)")
+    p.add_argument("--gpu", default="h100", metavar="KIND", help="h100 (default), h200, a100, a100-40gb, b200")
+    p.add_argument("--search", action="store_true",
+                   help="list the FSDP2 layouts (dp_replicate/dp_shard/tp/pp, activation checkpointing, micro-batch) "
+                        "that fit, fastest first")
+
+    p = sub.add_parser(
         "mup-check", help="coordinate check of µP: activation sizes across widths, standard vs mup",
         description="Train the config's model for a few steps at several widths (model.dim; the SwiGLU hidden size "
                     "in proportion) under parametrization standard and mup (base width model.mup_base_dim, else "
@@ -269,6 +282,17 @@ def main(argv: list[str] | None = None) -> int:
                 result = train(cfg)
                 if result.preempted:
                     return requeue_exit(result.step, result.checkpoint)
+        elif args.command == "plan":
+            from trainer.config import load_config
+            from trainer.plan import format_plan, format_search, make_plan, search
+
+            if args.gpus < 1:
+                raise UserError(f"--gpus must be at least 1, not {args.gpus}")
+            cfg = load_config(args.config, args.overrides)
+            if args.search:
+                print(format_search(search(cfg, args.gpus, args.gpu), args.gpus, args.gpu))
+            else:
+                print(format_plan(make_plan(cfg, args.gpus, args.gpu)))
         elif args.command == "mup-check":
             from trainer.config import load_config
             from trainer.mup_check import mup_check

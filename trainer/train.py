@@ -102,9 +102,12 @@ def check(cfg: Config, world_size: int) -> str:
     """`normtron train --check`: every check a launch would make, without writing anything; returns a summary."""
     dims, inputs = check_inputs(cfg, world_size, rank=0)
     model = build_model_on_meta(cfg)
+    from trainer.plan import check_memory_line
+
     return (f"config OK for {world_size} rank(s) ({describe_parallel(cfg, dims)}): "
             f"{describe_model(cfg, model)}\n{describe_data(inputs.sources)}\n"
-            f"run directory {cfg.run_dir}{' (exists: the run will resume)' if cfg.run_dir.exists() else ''}")
+            f"run directory {cfg.run_dir}{' (exists: the run will resume)' if cfg.run_dir.exists() else ''}\n"
+            f"{check_memory_line(cfg, world_size)}")
 
 
 def describe_data(sources: list[Source]) -> str:
