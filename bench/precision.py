@@ -20,13 +20,13 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.timing import timed
 from models import Transformer, flops_per_token
 from parallel.distributed import init_distributed, shutdown_distributed
 from parallel.float8 import FP8_RECIPES, float8_problem
@@ -87,13 +87,7 @@ def measure(args, precision: str, device: torch.device) -> dict:
         step()
     times = []
     for _ in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(timed(step, device))
     tokens_per_s = args.batch * args.seq / statistics.median(times)
     peak = device_peak_flops(device, None)
     result = {"precision": precision, "tokens_per_s": tokens_per_s,

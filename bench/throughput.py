@@ -24,16 +24,15 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import importlib.util
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from bench.timing import timed
 from models import Transformer
 from parallel.distributed import init_distributed
 from trainer.config import load_config, parallel_dims
@@ -151,22 +150,13 @@ def check_same_logits(engine, hf, x: torch.Tensor) -> float:
 def median_step_seconds(steps: dict, n: int, warmup: int, device: torch.device) -> dict[str, float]:
     """The median time of each of `steps` (name -> step function), timed in turns (one step of each, n rounds), so
     that both see the same load on a shared machine."""
-    def timed(step) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
     for _ in range(warmup):
         for step in steps.values():
             step()
     times = {name: [] for name in steps}
     for _ in range(n):
         for name, step in steps.items():
-            times[name].append(timed(step))
+            times[name].append(timed(step, device))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -174,14 +164,10 @@ def plan_prediction(cfg, device: torch.device, measured_s: float) -> str:
     """The step time `normtron plan` predicts for this run on this GPU against the measured one, or why not."""
     if device.type != "cuda":
         return "no GPU: no plan column"
-    if importlib.util.find_spec("trainer.plan") is None:
-        return "trainer/plan absent in this checkout: no plan column"
-    try:  # trainer/plan (issue 19's planner): make_plan(cfg, world_size, gpu).time.step_s
-        from trainer.plan import device_in_use, make_plan
-        gpu = device_in_use()
-        predicted = make_plan(cfg, 1, gpu).time.step_s
-    except (ImportError, AttributeError) as err:
-        return f"trainer/plan has no make_plan(cfg, world_size, gpu).time.step_s ({err}): no plan column"
+    from trainer.plan import device_in_use, make_plan
+
+    gpu = device_in_use()
+    predicted = make_plan(cfg, 1, gpu).time.step_s
     return (f"normtron plan predicts {predicted:.4f} s/step on {gpu.name} for normtron's step "
             f"(loss_chunk_size={cfg.training.loss_chunk_size}); measured {measured_s:.4f} s "
             f"(measured / predicted {measured_s / predicted:.2f})")
