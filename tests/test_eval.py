@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
 
 import pytest
-from helpers import MICRO_MODEL, TINY, run_cli, run_torchrun, tree_digest, write_lm_eval_tasks
+from helpers import MICRO_MODEL, REPO, TINY, _env, run_cli, run_torchrun, tree_digest, write_lm_eval_tasks
 
 TASKS = "shakespeare_mc,shakespeare_ppl"
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -89,6 +94,39 @@ def test_normtron_eval_equals_lm_eval_hf_model_on_the_exported_folder(setup, tmp
     assert row == {"step": 20, **record["metrics"]}
 
 
+def test_data_parallel_eval_under_accelerate_launch_equals_one_process(setup, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m trainer eval` on a CPU machine (accelerate 1.15's only
+    launcher that starts several local processes without MPI; its `--cpu` starts one): two gloo processes split the
+    requests, and the first writes the one JSON file and the one metrics row, equal to the one-process `normtron
+    eval` of the same checkpoint."""
+    run = tmp_path / "run"
+    shutil.copytree(setup["checkpoint"], run / "checkpoints" / setup["checkpoint"].name)
+    (run / "metrics.jsonl").write_text("")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), "-m", "trainer", "eval", str(run), "--tasks", TASKS, "--include-path", str(setup["tasks"]),
+           "--batch-size", "4"]
+    result = subprocess.run(cmd, cwd=REPO, env=_env(setup["env"]), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    log = result.stdout + result.stderr
+    # The first process scored half of the 96 multiple-choice requests (24 documents x 4 endings; lm-eval draws the
+    # progress bars of the first only), the results below hold all 24 documents: the other half was the second's.
+    done = re.findall(r"Running loglikelihood requests: 100%\|[^|]*\| (\d+)/\d+", log)
+    assert "48" in done and "96" not in done, done
+    assert result.stdout.count("results: ") == 1 and result.stdout.count("|shakespeare_mc ") == 1, result.stdout
+    files = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert files == ["step_00000020", "step_00000020.lm-eval.json"], files
+    got, want = json.loads((run / "checkpoints" / files[1]).read_text()), setup["record"]
+    assert_same_items(got["items"], want["items"])
+    for key, value in want["metrics"].items():
+        assert got["metrics"][key] == pytest.approx(value, rel=1e-5), key
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 20, **got["metrics"]}]
+
+
 # A pipeline's stages run sequences of data.seq_len tokens, the longest context it can score: the whole max_seq_len
 # here, as `normtron eval` scores (the longest item is 35 tokens).
 LAYOUTS = {"fsdp2": [], "tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2", "data.seq_len=64"]}
@@ -122,6 +160,8 @@ def test_bad_input_is_one_line_and_damages_nothing(setup, tmp_path):
         (["eval", str(tmp_path / "nope"), "--tasks", TASKS], "does not exist"),
         (["eval", str(setup["checkpoint"]), "--tasks", "shakespeare_mc,no_such_task", "--include-path",
           str(setup["tasks"])], "unknown lm-eval task(s) no_such_task"),
+        (["eval", str(setup["checkpoint"]), "--tasks", TASKS, "--include-path", str(setup["tasks"]),
+          "--parallelize"], "none is visible"),  # the test machines have no GPU
         (["train", "--check", TINY, *setup["common"], "eval.tasks=shakespeare_mc", "eval.tasks_include_path=/nope"],
          "eval.tasks_include_path) /nope is not a directory"),
     ]:

@@ -4,7 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
 import tempfile
+from contextlib import nullcontext
+from datetime import timedelta
 from pathlib import Path
 
 from trainer.downstream import STEP_NAME, check_tasks, metric_rows, record, results_table, task_manager, write_json
@@ -26,6 +29,11 @@ def eval_command(target: str, tasks: list[str], num_fewshot: int | None = None, 
     manager = task_manager(include_path, tasks)
     tasks = check_tasks(tasks, manager)  # before any export: a typo costs nothing
     settings = {"num_fewshot": num_fewshot, "batch_size": batch_size, "limit": limit}
+    import torch
+
+    if parallelize and not torch.cuda.is_available():
+        raise UserError("--parallelize spreads the model's layers over the visible GPUs and none is visible; leave "
+                        "it out (one process), or launch several with `accelerate launch` for data parallelism")
     if (path / "config.json").is_file():
         checkpoint, results = path, run_hf(path, tasks, manager, parallelize, **settings)
     else:
@@ -53,14 +61,41 @@ def eval_command(target: str, tasks: list[str], num_fewshot: int | None = None, 
 def run_hf(hf_dir: Path, tasks: list[str], manager, parallelize: bool, num_fewshot: int | None, batch_size: int,
            limit: int | None) -> dict | None:
     """lm-eval's own Hugging Face model on `hf_dir` (fp32; parallelize=True spreads the layers over the visible
-    GPUs with an accelerate device map; under `accelerate launch` lm-eval splits the requests over the processes)."""
+    GPUs with an accelerate device map; under `accelerate launch` or torchrun lm-eval splits the requests over the
+    processes and gathers the results on the first)."""
     import lm_eval
-
     import torch
+    from lm_eval.models.huggingface import HFLM
 
     model_args = {"pretrained": str(hf_dir), "trust_remote_code": True, "dtype": "float32",
                   "device": "cuda" if torch.cuda.is_available() else "cpu"}
     if parallelize:
         model_args["parallelize"] = True
-    return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, num_fewshot=num_fewshot,
-                                   batch_size=batch_size, limit=limit, task_manager=manager, log_samples=True)
+    state = launched_processes()
+    # One process at a time: loading copies the folder's modeling code into the shared transformers modules cache.
+    with state.main_process_first() if state else nullcontext():
+        lm = HFLM.create_from_arg_obj(model_args, {"batch_size": batch_size})  # as simple_evaluate(model="hf") does
+    accelerator = getattr(lm, "accelerator", None)
+    if accelerator is not None and lm.world_size == 1 and accelerator.num_processes > 1:
+        # lm-eval goes data parallel only when it counts several GPUs; CPU processes (gloo) split the requests too.
+        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
+    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, batch_size=batch_size,
+                                      limit=limit, task_manager=manager, log_samples=True)
+    if state:
+        state.destroy_process_group()
+    return results
+
+
+def launched_processes():
+    """accelerate's process state when a launcher started several processes (WORLD_SIZE > 1), else None; the
+    Accelerator lm-eval's `hf` model creates joins it. Without GPUs accelerate only forms a process group (gloo)
+    when told to use the CPU, which `accelerate launch --cpu` does not do for a single machine's processes."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    import torch
+    from accelerate import PartialState
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # read by lm-eval's Accelerator()
+    return PartialState(cpu=cpu, timeout=timedelta(weeks=52))  # lm-eval's own timeout: rank 0 waits for the slowest
