@@ -205,7 +205,8 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                     "<CHECKPOINT>.lm-eval.json beside it (metrics and every item's log-likelihoods) and, for a run's "
                     "checkpoint, appends eval/<task>/<metric> at its step to the run's metrics.jsonl. Several GPUs: "
                     "--parallelize (one model over all GPUs), or `accelerate launch -m trainer eval ...` (one "
-                    "model per GPU, the requests split between them).")
+                    "model per GPU, the requests split between them; without GPUs `accelerate launch --multi_gpu "
+                    "--num_processes N` starts N CPU processes).")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_HF_DIR",
                    help="RUN/checkpoints/step_XXXXXXXX, a run directory (its newest checkpoint) or a Hugging Face "
                         "model folder (config.json)")

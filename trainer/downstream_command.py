@@ -89,7 +89,8 @@ def run_hf(hf_dir: Path, tasks: list[str], manager, parallelize: bool, num_fewsh
 def launched_processes():
     """accelerate's process state when a launcher started several processes (WORLD_SIZE > 1), else None; the
     Accelerator lm-eval's `hf` model creates joins it. Without GPUs accelerate only forms a process group (gloo)
-    when told to use the CPU, which `accelerate launch --cpu` does not do for a single machine's processes."""
+    when told to use the CPU, which `accelerate launch --multi_gpu` (the launcher that starts a machine's processes)
+    does not tell them."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return None
     import torch
