@@ -10,9 +10,9 @@ build_engine), trains two steps on random tokens and measures the second, in ste
 
 i.e. the growth of the process's resident set from just before the model existed (the backends' libraries, e.g.
 DeepSpeed with what its `initialize` imports on first use, and torch.distributed.pipelining with Triton, already
-imported) to the high-water mark of the step: parameters, gradients, optimizer state, every framework buffer (also those only C++ holds, such as DDP's
-buckets), activations and the logits, plus what the allocator and libraries add (that is error the planner does
-not model, on purpose: it is what a user would see). glibc is told to serve allocations above 128 KiB with mmap
+imported) to the high-water mark of the step: parameters, gradients, optimizer state, every framework buffer
+(also those only C++ holds, such as DDP's buckets), activations and the logits, plus what the allocator and
+libraries add (that is error the planner does not model, on purpose: it is what a user would see). glibc is told to serve allocations above 128 KiB with mmap
 (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set instead of staying in malloc's heap. Prints a
 Markdown table and writes it (with a CSV) to --out.
 """
@@ -76,13 +76,16 @@ def _load_deepspeed_libraries(cfg, world: int, backend: str | None) -> None:
     """`deepspeed.initialize` imports ~700 modules on first use (torch._dynamo's stack with sympy, networkx,
     jinja2 and Triton; setuptools/distutils for its op builder): ~50 MiB of resident set per rank, the same for any
     model size (measured for dim 256 and 512), so library code rather than a buffer. A throwaway engine over one
-    Linear, with the run's DeepSpeed config, loads them before the baseline; its tensors are freed again."""
+    Linear, with the run's DeepSpeed config, loads them before the baseline. DeepSpeed keeps that engine alive
+    (ZeRO-3 with its reduce bucket), so its bucket is made tiny: the baseline holds no buffer of the measured run."""
     import torch
 
     from parallel.zero import DeepSpeedEngine
     from trainer.config import deepspeed_config
+    config = deepspeed_config(cfg, world)
+    config["zero_optimization"]["reduce_bucket_size"] = 64
     tiny = torch.nn.Linear(8, 8)
-    DeepSpeedEngine(tiny, torch.optim.AdamW(tiny.parameters()), None, deepspeed_config(cfg, world), backend)
+    DeepSpeedEngine(tiny, torch.optim.AdamW(tiny.parameters()), None, config, backend)
     gc.collect()
 
 
