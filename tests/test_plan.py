@@ -68,8 +68,9 @@ def test_model_states_agree_with_the_readme_zero_table():
             assert states == pytest.approx(row["analytic"], abs=0.06), row
 
 
-# One-process ZeRO-3 run (gloo): DeepSpeed's own defaults, its reduce bucket as allocated, and the bytes of the
-# parameters it holds gathered at the end of the second step's forward (the first one gathers as it traces).
+# One-process ZeRO run (gloo): DeepSpeed's own defaults, its reduce bucket as allocated (ZeRO-1/2 take theirs
+# for each backward and release it after, so it is read just before), and under ZeRO-3 the bytes of the parameters
+# it holds gathered at the end of the second step's forward (the first one gathers as it traces).
 _ZERO3_PROBE = """
 import json, os, socket, torch
 with socket.socket() as s:
@@ -88,28 +89,37 @@ init_model(parallel, cfg, info.device, None)
 engine = build_engine(cfg, parallel, dims, None, info)
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
-module = engine.engine.module
-gathered = []
-module.output.register_forward_hook(lambda *_: gathered.append(sum(
-    p.ds_numel * p.element_size() for p in module.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE)))
+module, optimizer = engine.engine.module, engine.engine.optimizer
+gathered, buckets = [0], []
+def read_and_release(release):
+    def wrapped():
+        buckets.append(sum(t.numel() * t.element_size() for b in optimizer.ipg_buckets.values() for t in b.buffer))
+        release()
+    return wrapped
+if cfg.parallel.zero_stage == 3:
+    buckets.append(sum(b.buffer.numel() * b.buffer.element_size() for b in optimizer.ipg_buckets.values()))
+    module.output.register_forward_hook(lambda *_: gathered.append(sum(
+        p.ds_numel * p.element_size() for p in module.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE)))
+else:
+    optimizer._release_ipg_buffers = read_and_release(optimizer._release_ipg_buffers)
 tokens = torch.randint(0, cfg.model.vocab_size, (cfg.training.batch_size, cfg.data.seq_len + 1))
 for _ in range(2):
     engine.forward_backward(tokens[:, :-1], tokens[:, 1:])
     engine.step(1.0)
 defaults = DeepSpeedZeroConfig()
 print(json.dumps({"reduce_bucket_size": defaults.reduce_bucket_size, "max_live": defaults.max_live_parameters,
-                  "buckets": [b.buffer.numel() * b.buffer.element_size()
-                              for b in engine.engine.optimizer.ipg_buckets.values() if b.buffer is not None],
-                  "gathered": gathered[-1]}))
+                  "bucket": max(buckets), "gathered": gathered[-1]}))
 os._exit(0)
 """
 
 
-def test_zero3_buffers_are_the_ones_deepspeed_allocates():
-    """The planner's ZeRO-3 buffers against a real DeepSpeed engine: the reduce bucket (reduce_bucket_size
-    elements in normtron's fp32 communication dtype, allocated whole) and the parameters kept gathered from the
-    forward for the backward (all of a model under stage3_max_live_parameters); DeepSpeed's config defaults."""
-    overrides = [*MICRO_MODEL, "model.vocab_size=256", "parallel.backend=deepspeed", "parallel.zero_stage=3",
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_buffers_are_the_ones_deepspeed_allocates(stage):
+    """The planner's DeepSpeed buffers against a real engine: the reduce bucket, allocated whole (ZeRO-2: in bf16,
+    the weights' dtype; ZeRO-3: in normtron's fp32 communication dtype), and under ZeRO-3 the parameters kept
+    gathered from the forward for the backward (all of a model under stage3_max_live_parameters); DeepSpeed's
+    config defaults. The bucket (30000 elements) is smaller than the model (~107k parameters)."""
+    overrides = [*MICRO_MODEL, "model.vocab_size=256", "parallel.backend=deepspeed", f"parallel.zero_stage={stage}",
                  "training.precision=bf16", "deepspeed.zero_optimization.reduce_bucket_size=30000"]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PROBE_OVERRIDES": json.dumps(overrides)}
     out = subprocess.run([sys.executable, "-c", _ZERO3_PROBE], env=env, cwd=REPO, capture_output=True, text=True,
@@ -118,8 +128,8 @@ def test_zero3_buffers_are_the_ones_deepspeed_allocates():
     assert (DEEPSPEED_BUCKET, DEEPSPEED_MAX_LIVE) == (deepspeed["reduce_bucket_size"], deepspeed["max_live"])
     cfg = load_config(None, overrides)
     mem = rank_memory(cfg, ParallelDims(1, 1, 1, 1), count_params(cfg))
-    assert mem.get("buffers: DeepSpeed reduce bucket") == sum(deepspeed["buckets"]) == 30000 * 4
-    assert mem.get("buffers: DeepSpeed gathered parameters") == deepspeed["gathered"]
+    assert mem.get("buffers: DeepSpeed reduce bucket") == deepspeed["bucket"] == 30000 * (4 if stage == 3 else 2)
+    assert mem.get("buffers: DeepSpeed gathered parameters") == deepspeed["gathered"]  # 0 below ZeRO-3
 
 
 def test_activation_and_loss_memory_match_a_measured_cpu_step():

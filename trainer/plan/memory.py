@@ -249,9 +249,12 @@ def rank_memory(cfg: Config, dims: ParallelDims, counts: ParamCounts, pp_rank: i
             live = min(float(zero.get("stage3_max_live_parameters", DEEPSPEED_MAX_LIVE)), params)
             add("buffers: DeepSpeed gathered parameters", weights * live,
                 f"{live:.3g} parameters gathered whole (stage3_max_live_parameters)")
-        elif stage in (1, 2) and n > 1:
-            add("buffers: DeepSpeed buckets", weights * min(bucket, params),
-                f"gradient bucket of min(reduce_bucket_size={bucket:.3g}, parameters) elements")
+        elif stage in (1, 2) and (zero.get("contiguous_gradients", True) or p.offload_optimizer):
+            # DeepSpeedZeroOptimizer.setup_buckets: each backward takes a bucket of reduce_bucket_size elements in
+            # the weights' dtype, whole; a second one with overlap_comm (off by default below ZeRO-3)
+            copies = 2 if zero.get("overlap_comm", False) else 1
+            add("buffers: DeepSpeed reduce bucket", copies * weights * bucket,
+                f"{copies} x reduce_bucket_size={bucket:.3g} elements, allocated whole")
     if t.precision == "fp8":
         add("FP8 extras", 2 * counts.layer_linear / tp,
             "one block's weights cast to float8 and transposed (torchao Float8Linear; dynamic scales are scalars)")
