@@ -9,10 +9,10 @@ build_engine), trains two steps on random tokens and measures the second, in ste
     measured peak = VmHWM during step 2 - VmRSS before the model was materialized
 
 i.e. the growth of the process's resident set from just before the model existed (the backends' libraries, e.g.
-DeepSpeed and torch.distributed.pipelining with Triton, already imported) to the high-water mark of the
-step: parameters, gradients, optimizer state, every framework buffer (also those only C++ holds, such as DDP's
-buckets), activations and the logits, plus what the allocator and libraries add (that is error the planner does
-not model, on purpose: it is what a user would see). glibc is told to serve allocations above 128 KiB with mmap
+DeepSpeed with what its `initialize` imports on first use, and torch.distributed.pipelining with Triton, already
+imported) to the high-water mark of the step: parameters, gradients, optimizer state, every framework buffer
+(also those only C++ holds, such as DDP's buckets), activations and the logits, plus what the allocator and
+libraries add (that is error the planner does not model, on purpose: it is what a user would see). glibc is told to serve allocations above 128 KiB with mmap
 (MALLOC_MMAP_THRESHOLD_), so freed tensors leave the resident set instead of staying in malloc's heap. Prints a
 Markdown table and writes it (with a CSV) to --out.
 """
@@ -72,6 +72,23 @@ def _status(field: str) -> int:
         return 1024 * int(next(line.split()[1] for line in f if line.startswith(field)))
 
 
+def _load_deepspeed_libraries(cfg, world: int, backend: str | None) -> None:
+    """`deepspeed.initialize` imports ~700 modules on first use (torch._dynamo's stack with sympy, networkx,
+    jinja2 and Triton; setuptools/distutils for its op builder): ~50 MiB of resident set per rank, the same for any
+    model size (measured for dim 256 and 512), so library code rather than a buffer. A throwaway engine over one
+    Linear, with the run's DeepSpeed config, loads them before the baseline. DeepSpeed keeps that engine alive
+    (ZeRO-3 with its reduce bucket), so its bucket is made tiny: the baseline holds no buffer of the measured run."""
+    import torch
+
+    from parallel.zero import DeepSpeedEngine
+    from trainer.config import deepspeed_config
+    config = deepspeed_config(cfg, world)
+    config["zero_optimization"]["reduce_bucket_size"] = 64
+    tiny = torch.nn.Linear(8, 8)
+    DeepSpeedEngine(tiny, torch.optim.AdamW(tiny.parameters()), None, config, backend)
+    gc.collect()
+
+
 def worker(name: str, out: Path) -> None:
     import torch
 
@@ -92,7 +109,7 @@ def worker(name: str, out: Path) -> None:
     import torch.distributed.pipelining  # noqa: F401  (imports Triton)
     import torch.distributed.tensor.parallel  # noqa: F401
     if cfg.parallel.backend == "deepspeed":
-        import deepspeed  # noqa: F401  # pyflakes: loaded for its memory only
+        _load_deepspeed_libraries(cfg, world, dist_info.backend)
     gc.collect()
     base = _status("VmRSS:")
     parallel = parallelize_model(cfg, model, dims, mesh)

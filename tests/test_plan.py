@@ -4,6 +4,8 @@ measured CPU training step (bench/plan_accuracy.py), the roofline's arithmetic, 
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import subprocess
 import sys
@@ -12,12 +14,12 @@ import pytest
 
 from models import count_parameters
 from parallel.mesh import ParallelDims
-from tests.helpers import REPO, TINY, run_cli
+from tests.helpers import MICRO_MODEL, REPO, TINY, run_cli
 from trainer.cli import main
 from trainer.config import load_config
 from trainer.plan import format_plan, make_plan, search
 from trainer.plan.gpus import GPUS
-from trainer.plan.memory import count_params, rank_memory
+from trainer.plan.memory import DEEPSPEED_BUCKET, DEEPSPEED_MAX_LIVE, count_params, rank_memory
 from trainer.train import build_model_on_meta
 
 SEVEN_B = str(REPO / "configs" / "7b.yaml")
@@ -64,6 +66,70 @@ def test_model_states_agree_with_the_readme_zero_table():
             assert states == pytest.approx(row["measured"], rel=0.03), row
         else:
             assert states == pytest.approx(row["analytic"], abs=0.06), row
+
+
+# One-process ZeRO run (gloo): DeepSpeed's own defaults, its reduce bucket as allocated (ZeRO-1/2 take theirs
+# for each backward and release it after, so it is read just before), and under ZeRO-3 the bytes of the parameters
+# it holds gathered at the end of the second step's forward (the first one gathers as it traces).
+_ZERO3_PROBE = """
+import json, os, socket, torch
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+from parallel.distributed import init_distributed
+from trainer.config import load_config, parallel_dims
+from trainer.engine import build_engine, init_model, parallelize_model
+from trainer.train import build_model_on_meta
+cfg = load_config(None, json.loads(os.environ["PROBE_OVERRIDES"]))
+info = init_distributed(needs_process_group=True)
+dims = parallel_dims(cfg, 1)
+parallel = parallelize_model(cfg, build_model_on_meta(cfg), dims, None)
+init_model(parallel, cfg, info.device, None)
+engine = build_engine(cfg, parallel, dims, None, info)
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+module, optimizer = engine.engine.module, engine.engine.optimizer
+gathered, buckets = [0], []
+def read_and_release(release):
+    def wrapped():
+        buckets.append(sum(t.numel() * t.element_size() for b in optimizer.ipg_buckets.values() for t in b.buffer))
+        release()
+    return wrapped
+if cfg.parallel.zero_stage == 3:
+    buckets.append(sum(b.buffer.numel() * b.buffer.element_size() for b in optimizer.ipg_buckets.values()))
+    module.output.register_forward_hook(lambda *_: gathered.append(sum(
+        p.ds_numel * p.element_size() for p in module.parameters() if p.ds_status == ZeroParamStatus.AVAILABLE)))
+else:
+    optimizer._release_ipg_buffers = read_and_release(optimizer._release_ipg_buffers)
+tokens = torch.randint(0, cfg.model.vocab_size, (cfg.training.batch_size, cfg.data.seq_len + 1))
+for _ in range(2):
+    engine.forward_backward(tokens[:, :-1], tokens[:, 1:])
+    engine.step(1.0)
+defaults = DeepSpeedZeroConfig()
+print(json.dumps({"reduce_bucket_size": defaults.reduce_bucket_size, "max_live": defaults.max_live_parameters,
+                  "bucket": max(buckets), "gathered": gathered[-1]}))
+os._exit(0)
+"""
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_buffers_are_the_ones_deepspeed_allocates(stage):
+    """The planner's DeepSpeed buffers against a real engine: the reduce bucket, allocated whole (ZeRO-2: in bf16,
+    the weights' dtype; ZeRO-3: in normtron's fp32 communication dtype), and under ZeRO-3 the parameters kept
+    gathered from the forward for the backward (all of a model under stage3_max_live_parameters); DeepSpeed's
+    config defaults. The bucket (30000 elements) is smaller than the model (~107k parameters)."""
+    overrides = [*MICRO_MODEL, "model.vocab_size=256", "parallel.backend=deepspeed", f"parallel.zero_stage={stage}",
+                 "training.precision=bf16", "deepspeed.zero_optimization.reduce_bucket_size=30000"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PROBE_OVERRIDES": json.dumps(overrides)}
+    out = subprocess.run([sys.executable, "-c", _ZERO3_PROBE], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    deepspeed = json.loads(out.strip().splitlines()[-1])
+    assert (DEEPSPEED_BUCKET, DEEPSPEED_MAX_LIVE) == (deepspeed["reduce_bucket_size"], deepspeed["max_live"])
+    cfg = load_config(None, overrides)
+    mem = rank_memory(cfg, ParallelDims(1, 1, 1, 1), count_params(cfg))
+    assert mem.get("buffers: DeepSpeed reduce bucket") == deepspeed["bucket"] == 30000 * (4 if stage == 3 else 2)
+    assert mem.get("buffers: DeepSpeed gathered parameters") == deepspeed["gathered"]  # 0 below ZeRO-3
 
 
 def test_activation_and_loss_memory_match_a_measured_cpu_step():

@@ -16,10 +16,14 @@ import torch
 from models.transformer import Transformer
 from parallel.mesh import ParallelDims
 from parallel.pipeline import ZERO_BUBBLE_SCHEDULES, layers_per_stage, stage_indices, stages_per_rank
-from trainer.config import Config, micro_batching, pipeline_stages
+from trainer.config import Config, deepspeed_config, micro_batching, pipeline_stages
 from trainer.engine import loss_chunk_size
 
-DEEPSPEED_BUCKET = 500_000_000  # reduce_bucket_size default, elements (DeepSpeed's zero config)
+# DeepSpeed's defaults for the zero_optimization keys that size its buffers, in elements (DeepSpeedZeroConfig,
+# deepspeed/runtime/zero/config.py; tests/test_plan.py reads them from DeepSpeed)
+DEEPSPEED_BUCKET = 500_000_000        # reduce_bucket_size
+DEEPSPEED_MAX_LIVE = 1_000_000_000    # stage3_max_live_parameters
+COMMUNICATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}  # DeepSpeed's communication_data_type values
 
 
 @dataclass
@@ -230,14 +234,27 @@ def rank_memory(cfg: Config, dims: ParallelDims, counts: ParamCounts, pp_rank: i
         add("optimizer state", 0 if p.offload_optimizer else optim * params / o_div,
             "fp32 master + moments" + (f", partition 1/{o_div}" if o_div > 1 else "")
             + (" (offloaded to CPU)" if p.offload_optimizer else ""))
-        zero = cfg.deepspeed.get("zero_optimization", {}) if isinstance(cfg.deepspeed, dict) else {}
+        ds = deepspeed_config(cfg, n)  # the JSON DeepSpeed gets: normtron's keys and the `deepspeed:` section
+        zero = ds["zero_optimization"]
         bucket = float(zero.get("reduce_bucket_size", DEEPSPEED_BUCKET))
         if stage == 3:
-            add("buffers: DeepSpeed buckets", weights * (bucket + 2 * block_params),
-                f"reduce bucket of {bucket:.3g} elements (allocated whole) + 2 gathered blocks")
-        elif stage in (1, 2) and n > 1:
-            add("buffers: DeepSpeed buckets", weights * min(bucket, params),
-                f"gradient bucket of min(reduce_bucket_size={bucket:.3g}, parameters) elements")
+            # contiguous_gradients (the default): DeepSpeedZeroOptimizer_Stage3 allocates its gradient bucket whole,
+            # reduce_bucket_size elements in the communication dtype (normtron: fp32; DeepSpeed's default: the
+            # weights' dtype)
+            comm = COMMUNICATION_BYTES.get(str(ds.get("communication_data_type")).lower(), weights)
+            add("buffers: DeepSpeed reduce bucket", comm * bucket,
+                f"reduce_bucket_size={bucket:.3g} elements in communication_data_type, allocated whole")
+            # parameters gathered for the forward are kept for their backward (stage3_max_reuse_distance, 1e9 by
+            # default) until stage3_max_live_parameters are resident
+            live = min(float(zero.get("stage3_max_live_parameters", DEEPSPEED_MAX_LIVE)), params)
+            add("buffers: DeepSpeed gathered parameters", weights * live,
+                f"{live:.3g} parameters gathered whole (stage3_max_live_parameters)")
+        elif stage in (1, 2) and (zero.get("contiguous_gradients", True) or p.offload_optimizer):
+            # DeepSpeedZeroOptimizer.setup_buckets: each backward takes a bucket of reduce_bucket_size elements in
+            # the weights' dtype, whole; a second one with overlap_comm (off by default below ZeRO-3)
+            copies = 2 if zero.get("overlap_comm", False) else 1
+            add("buffers: DeepSpeed reduce bucket", copies * weights * bucket,
+                f"{copies} x reduce_bucket_size={bucket:.3g} elements, allocated whole")
     if t.precision == "fp8":
         add("FP8 extras", 2 * counts.layer_linear / tp,
             "one block's weights cast to float8 and transposed (torchao Float8Linear; dynamic scales are scalars)")
