@@ -82,17 +82,14 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                         "before torchrun/sbatch, whose output buries a one-line error")
     p.add_argument("--world-size", type=int, default=None, metavar="N",
                    help="with --check: the number of ranks to check for (default $WORLD_SIZE or 1)")
-    p.add_argument("config", metavar="CONFIG.yaml", help="YAML file with any of the sections below")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="override a config value (parsed as YAML)")
+    _add_config_arguments(p, "YAML file with any of the sections below", "override a config value (parsed as YAML)")
 
     p = sub.add_parser(
         "plan", help="predict per-GPU memory and step time of a config on N GPUs; --search the layouts that fit",
         description="Print, per rank, the predicted memory of parameters, gradients, optimizer state, framework "
                     "buffers, activations and logits/loss for the config's layout on --gpus GPUs of kind --gpu, and "
                     "the step time and MFU of a roofline model (assumptions printed). Nothing is run or written.")
-    p.add_argument("config", metavar="CONFIG.yaml", help="training config")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a config value")
+    _add_config_arguments(p, "training config")
     p.add_argument("--gpus", type=int, required=True, metavar="N", help="number of GPUs (ranks)")
     p.add_argument("--gpu", default="h100", metavar="KIND", help="h100 (default), h200, a100, a100-40gb, b200")
     p.add_argument("--search", action="store_true",
@@ -106,8 +103,7 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                     "model.dim) at a constant training.lr, on the config's data, in this process, and record the "
                     "mean |x| of the embedding, each block's output and the logits. Under µP they stay flat across "
                     "widths. Writes coord.csv, coord.md and coord.png into --output.")
-    p.add_argument("config", metavar="CONFIG.yaml", help="training config (its data.dir must be prepared)")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="override a config value")
+    _add_config_arguments(p, "training config (its data.dir must be prepared)")
     p.add_argument("--widths", default=None, metavar="W1,W2,...",
                    help="model widths to compare (default: 1x, 2x, 3x, 4x the base width)")
     p.add_argument("--steps", type=int, default=5, metavar="N", help="training steps per width (default 5)")
@@ -229,6 +225,13 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
     c.add_argument("dir", metavar="DIR", help="a checkpoint (RUN/checkpoints/step_XXXXXXXX) or a run directory (all "
                                               "its complete checkpoints)")
     return parser
+
+
+def _add_config_arguments(p: argparse.ArgumentParser, config_help: str,
+                          overrides_help: str = "override a config value") -> None:
+    """CONFIG.yaml and its section.key=value overrides: the positional pair of every command that loads a config."""
+    p.add_argument("config", metavar="CONFIG.yaml", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=overrides_help)
 
 
 def _config_keys_help() -> str:
