@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def stalls(mode: str, args, out: Path) -> list[float]:
     """Seconds training waited for each periodic save of one run."""
-    cmd = [sys.executable, "-m", "trainer", "train", str(REPO / "configs" / "125m.yaml"), f"data.dir={args.data}",
+    cmd = [sys.executable, "-m", "normtron", "train", str(REPO / "configs" / "125m.yaml"), f"data.dir={args.data}",
            f"run.output_dir={out}", f"run.name={mode}", f"training.steps={args.steps}",
            f"training.batch_size={args.batch_size}", f"training.micro_batch_size={args.batch_size}",
            f"data.seq_len={args.seq_len}", "training.warmup_steps=1", "training.precision=fp32",

@@ -47,7 +47,7 @@ def main() -> None:
                       f"training.steps={args.steps}", "checkpoint.every=3", "eval.every=50", *extra]
             launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                         if nproc > 1 else [sys.executable])
-            cmd = lambda name, *more: [*launcher, "-m", "trainer", "train", TINY, f"run.name={name}",  # noqa: E731
+            cmd = lambda name, *more: [*launcher, "-m", "normtron", "train", TINY, f"run.name={name}",  # noqa: E731
                                        *common, *more]
             subprocess.run(cmd("reference"), cwd=REPO, check=True, capture_output=True)
             (tmp / "logs").mkdir()

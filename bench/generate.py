@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from models import ModelConfig, Transformer
-from models.generation import KVCache
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.models.generation import KVCache
 
 
 @torch.no_grad()

@@ -54,10 +54,10 @@ def parse_args() -> argparse.Namespace:
 
 def triton_impl(norm_type: str, weight, bias, eps: float, alpha=None):
     if norm_type == "dyt":
-        from kernels.triton_dyt import add_dyt, dyt
+        from normtron.kernels.triton_dyt import add_dyt, dyt
         return lambda x, residual: ((dyt(x, alpha, weight, bias),) if residual is None
                                     else add_dyt(x, residual, alpha, weight, bias))
-    from kernels.triton_norm import add_norm, norm
+    from normtron.kernels.triton_norm import add_norm, norm
 
     rms = norm_type == "rmsnorm"
 
@@ -69,7 +69,7 @@ def triton_impl(norm_type: str, weight, bias, eps: float, alpha=None):
 
 
 def eager_impl(norm_type: str, weight, bias, eps: float, alpha=None):
-    from models.norms import build_norm
+    from normtron.models.norms import build_norm
 
     module = build_norm(norm_type, weight.shape[0], eps, bias is not None, kernels="torch")
     module.weight, module.bias = weight, bias  # the shared parameters
@@ -191,14 +191,14 @@ def ptxas_report(hidden_sizes: list[int], arch: int = 90) -> list[str]:
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler import ASTSource
 
-    from kernels import triton_norm as K
+    from normtron.kernels import triton_norm as K
 
     target = GPUTarget("cuda", arch, 32)
     try:
         ptxas = get_ptxas(arch).path
     except TypeError:  # Triton < 3.9 has one ptxas for every architecture
         ptxas = get_ptxas().path
-    from kernels import triton_dyt as D
+    from normtron.kernels import triton_dyt as D
 
     stats = {"MEAN", "RSTD", "DW_PART", "DB_PART", "DA_PART"}
     lines = []

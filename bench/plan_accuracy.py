@@ -80,8 +80,8 @@ def _load_deepspeed_libraries(cfg, world: int, backend: str | None) -> None:
     (ZeRO-3 with its reduce bucket), so its bucket is made tiny: the baseline holds no buffer of the measured run."""
     import torch
 
-    from parallel.zero import DeepSpeedEngine
-    from trainer.config import deepspeed_config
+    from normtron.parallel.zero import DeepSpeedEngine
+    from normtron.trainer.config import deepspeed_config
     config = deepspeed_config(cfg, world)
     config["zero_optimization"]["reduce_bucket_size"] = 64
     tiny = torch.nn.Linear(8, 8)
@@ -92,11 +92,11 @@ def _load_deepspeed_libraries(cfg, world: int, backend: str | None) -> None:
 def worker(name: str, out: Path) -> None:
     import torch
 
-    from parallel.distributed import all_reduce_sum, barrier, init_distributed
-    from trainer.config import load_config, parallel_dims
-    from trainer.engine import build_engine, build_mesh, init_model, parallelize_model
-    from trainer.plan.memory import plan_memory
-    from trainer.train import build_model_on_meta
+    from normtron.parallel.distributed import all_reduce_sum, barrier, init_distributed
+    from normtron.trainer.config import load_config, parallel_dims
+    from normtron.trainer.engine import build_engine, build_mesh, init_model, parallelize_model
+    from normtron.trainer.plan.memory import plan_memory
+    from normtron.trainer.train import build_model_on_meta
 
     world = int(os.environ["WORLD_SIZE"])
     cfg = load_config(None, overrides(name, world))

@@ -27,13 +27,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.timing import timed
-from models import Transformer, flops_per_token
-from parallel.distributed import init_distributed, shutdown_distributed
-from parallel.float8 import FP8_RECIPES, float8_problem
-from trainer.config import load_config, parallel_dims
-from trainer.engine import build_engine, build_mesh, compute_context, init_model, parallelize_model
-from trainer.loss import cross_entropy
-from trainer.metrics import device_peak_flops
+from normtron.models.transformer import Transformer, flops_per_token
+from normtron.parallel.distributed import init_distributed, shutdown_distributed
+from normtron.parallel.float8 import FP8_RECIPES, float8_problem
+from normtron.trainer.config import load_config, parallel_dims
+from normtron.trainer.engine import build_engine, build_mesh, compute_context, init_model, parallelize_model
+from normtron.trainer.loss import cross_entropy
+from normtron.trainer.metrics import device_peak_flops
 
 PRECISIONS = ["bf16", *(f"fp8-{recipe}" for recipe in FP8_RECIPES)]
 CPU_MODEL = ["model.dim=256", "model.n_layers=2", "model.n_heads=4", "model.ffn_hidden_dim=1024",

@@ -37,7 +37,7 @@ OTHER_TOOLS = ("Megatron-LM's tools/preprocess_data.py is not run: it is not in 
 
 
 def shakespeare_documents() -> list[str]:
-    out = subprocess.run([sys.executable, "-m", "trainer", "download-corpus", "shakespeare"], cwd=REPO, check=True,
+    out = subprocess.run([sys.executable, "-m", "normtron", "download-corpus", "shakespeare"], cwd=REPO, check=True,
                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
     docs = []
     for path in sorted(Path(out).glob("*.txt")):
@@ -144,7 +144,7 @@ def disk_bytes(directory: Path) -> int:
 
 
 def prepare(corpus: Path, out: Path, tokenizer: Path, workers: int) -> dict:
-    return run_measured([sys.executable, "-m", "trainer", "prepare-data", "--input", str(corpus), "--output",
+    return run_measured([sys.executable, "-m", "normtron", "prepare-data", "--input", str(corpus), "--output",
                          str(out), "--tokenizer", str(tokenizer), "--workers", str(workers), "--shard-size",
                          f"{FILE_MB}MB"], out, {"PYTHONPATH": str(REPO)})
 
@@ -233,8 +233,8 @@ def datatrove_rows(root: Path, docs: list[str], corpus: Path, text_bytes: int, w
 
 def reads_gzip() -> bool:
     """Whether this normtron's prepare-data reads .jsonl.gz (tried on a one-line file)."""
-    from trainer.data.corpus import find_corpus_files, read_documents
-    from trainer.errors import UserError
+    from normtron.trainer.data.corpus import find_corpus_files, read_documents
+    from normtron.trainer.errors import UserError
 
     with tempfile.TemporaryDirectory() as tmp:
         probe = Path(tmp) / "probe.jsonl.gz"
@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=8192, help="sentencepiece vocabulary (default 8192)")
     parser.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary directory)")
     args = parser.parse_args()
-    from trainer.data.tokenizer import train_sentencepiece
+    from normtron.trainer.data.tokenizer import train_sentencepiece
 
     root = Path(args.keep or tempfile.mkdtemp(prefix="nt-bench-prepare-"))
     root.mkdir(parents=True, exist_ok=True)

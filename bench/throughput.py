@@ -33,13 +33,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from bench.timing import timed
-from models import Transformer
-from parallel.distributed import init_distributed
-from trainer.config import load_config, parallel_dims
-from trainer.convert.hf.mapping import LLAMA, architecture, hf_config, hf_names
-from trainer.engine import build_engine, build_mesh, compute_context, init_model, parallelize_model
-from trainer.loss import cross_entropy
-from trainer.optim import build_lr_scheduler, build_optimizer
+from normtron.models.transformer import Transformer
+from normtron.parallel.distributed import init_distributed
+from normtron.trainer.config import load_config, parallel_dims
+from normtron.trainer.convert.hf.mapping import LLAMA, architecture, hf_config, hf_names
+from normtron.trainer.engine import build_engine, build_mesh, compute_context, init_model, parallelize_model
+from normtron.trainer.loss import cross_entropy
+from normtron.trainer.optim import build_lr_scheduler, build_optimizer
 
 CPU_DEFAULTS = dict(dim=256, layers=4, heads=4, kv_heads=2, ffn=768, vocab=8192, seq=256, batch=4, steps=5)
 
@@ -164,7 +164,7 @@ def plan_prediction(cfg, device: torch.device, measured_s: float) -> str:
     """The step time `normtron plan` predicts for this run on this GPU against the measured one, or why not."""
     if device.type != "cuda":
         return "no GPU: no plan column"
-    from trainer.plan import device_in_use, make_plan
+    from normtron.trainer.plan import device_in_use, make_plan
 
     gpu = device_in_use()
     predicted = make_plan(cfg, 1, gpu).time.step_s

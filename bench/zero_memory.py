@@ -88,11 +88,11 @@ def worker(backend: str, out: Path) -> None:
     import torch
     import torch.nn.functional as F
 
-    from models import count_parameters
-    from parallel.distributed import all_reduce_sum, barrier, init_distributed
-    from trainer.config import load_config, parallel_dims
-    from trainer.engine import build_engine, build_mesh, compute_context, init_model, parallelize_model
-    from trainer.train import build_model_on_meta
+    from normtron.models.transformer import count_parameters
+    from normtron.parallel.distributed import all_reduce_sum, barrier, init_distributed
+    from normtron.trainer.config import load_config, parallel_dims
+    from normtron.trainer.engine import build_engine, build_mesh, compute_context, init_model, parallelize_model
+    from normtron.trainer.train import build_model_on_meta
 
     world = int(os.environ["WORLD_SIZE"])
     cfg = load_config(None, [*MODEL, *BACKENDS[backend], f"training.batch_size={world}"])

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_norm import _acc_dtype, _backward_buffers, _backward_programs, _load_sum, _rows
+from normtron.kernels.triton_norm import _acc_dtype, _backward_buffers, _backward_programs, _load_sum, _rows
 
 MAX_BLOCK = 4096  # columns per tile; wider rows go in several column tiles
 

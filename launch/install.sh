@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Create .venv (if missing) and install normtron into it.
-#   bash launch/install.sh            the package
-#   EXTRAS=dev bash launch/install.sh the package and the test tools
+# Create .venv (if missing) and install normtron into it, at the versions of launch/constraints.txt.
+#   bash launch/install.sh                          the package
+#   EXTRAS=dev bash launch/install.sh               the package and the test tools (what CI installs)
+#   NORMTRON_CONSTRAINTS=none bash launch/install.sh   the newest versions instead of the locked ones
 # torch: an installed torch (in the venv, or in $PYTHON's own site-packages) is kept as it is; otherwise the CUDA
 # build where an NVIDIA GPU is present and the CPU build torch==2.13.0 where none is (an unpinned torch on a CPU
-# machine would pull a multi-GB CUDA build).
+# machine would pull a multi-GB CUDA build). The lock holds no torch, and on a CUDA machine its triton line is left
+# out too: CUDA builds of torch pin their own.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${NORMTRON_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
+CONSTRAINTS=${NORMTRON_CONSTRAINTS:-launch/constraints.txt}
 
 if [ ! -x "$VENV/bin/python" ]; then
   if system_torch=$("$PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null); then
@@ -22,9 +25,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 pip_install() { "$VENV/bin/python" -m pip install --disable-pip-version-check -q "$@"; }
 
+cuda=""
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then cuda=1; fi
 if torch_version=$("$VENV/bin/python" -c "import torch; print(torch.__version__)" 2>/dev/null); then
   echo "keeping the installed torch $torch_version"
-elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+elif [ -n "$cuda" ]; then
   echo "NVIDIA GPU found: installing torch (CUDA build)"
   pip_install torch
 else
@@ -32,5 +37,15 @@ else
   pip_install torch==2.13.0
 fi
 
-echo "installing normtron${EXTRAS:+[$EXTRAS]} into $VENV"
-pip_install -e ".${EXTRAS:+[$EXTRAS]}"
+lock=()
+if [ "$CONSTRAINTS" != none ]; then
+  [ -f "$CONSTRAINTS" ] || { echo "normtron: error: install.sh: no constraints file $CONSTRAINTS (NORMTRON_CONSTRAINTS=none for the newest versions)" >&2; exit 2; }
+  used=$VENV/constraints-used.txt  # the lock as applied here
+  if [ -n "$cuda" ]; then grep -v '^triton==' "$CONSTRAINTS" > "$used"; else cp "$CONSTRAINTS" "$used"; fi
+  lock=(-c "$used")
+fi
+echo "installing normtron${EXTRAS:+[$EXTRAS]} into $VENV ($([ "$CONSTRAINTS" = none ] && echo "newest versions" || echo "versions of $CONSTRAINTS"))"
+pip_install -e ".${EXTRAS:+[$EXTRAS]}" "${lock[@]}"
+if [ "$CONSTRAINTS" != none ]; then
+  "$VENV/bin/python" launch/lock.py check "$used"
+fi

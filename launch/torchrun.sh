@@ -92,7 +92,7 @@ STOPPED=""
 trap 'STOPPED=USR1' USR1
 trap 'STOPPED=TERM' TERM
 # A bad config fails here with one line, not inside torchrun's report of failed workers.
-"$PYTHON" -m trainer train --check --world-size $((NNODES * NPROC_PER_NODE)) "$@"; rc=$?
+"$PYTHON" -m normtron train --check --world-size $((NNODES * NPROC_PER_NODE)) "$@"; rc=$?
 if [ -n "$STOPPED" ]; then echo "torchrun.sh: $STOPPED received before training started"; exit $EXIT_REQUEUE; fi
 [ "$rc" -eq 0 ] || exit "$rc"
 
@@ -102,7 +102,7 @@ export NORMTRON_PREEMPTED_FILE=$MARKER  # trainer/preemption.py leaves it when i
 # The agent is this subshell exec'ed, so its pid is $BASHPID: the workers check that it is their parent.
 ( trap '' USR1; export NORMTRON_AGENT_PID=$BASHPID
   exec "$PYTHON" -m torch.distributed.run "${RDZV[@]}" --nproc-per-node "$NPROC_PER_NODE" \
-    --max-restarts "$MAX_RESTARTS" -m trainer train "$@" ) &
+    --max-restarts "$MAX_RESTARTS" -m normtron train "$@" ) &
 AGENT=$!
 # A stop signal sent to this script alone is passed on to the workers (the agent's children).
 forward() { echo "torchrun.sh: $1 received: the workers checkpoint after their current step";

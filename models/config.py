@@ -6,10 +6,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
-from kernels import KERNEL_CHOICES
-from models.mup import PARAMETRIZATIONS
-from models.norms import NORM_TYPES
-from models.placement import PLACEMENTS, uses_hypersphere
+from normtron.kernels.dispatch import KERNEL_CHOICES
+from normtron.models.mup import PARAMETRIZATIONS
+from normtron.models.norms import NORM_TYPES
+from normtron.models.placement import PLACEMENTS, uses_hypersphere
 
 
 def config_field(default: Any, help: str, choices: Optional[tuple] = None, ge: float | None = None,

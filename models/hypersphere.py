@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from models.norms import at_least_fp32
+from normtron.models.norms import at_least_fp32
 
 
 def l2_normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:

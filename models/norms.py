@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import use_triton
+from normtron.kernels.dispatch import use_triton
 
 NORM_TYPES = ("rmsnorm", "layernorm", "dyt")
 
@@ -42,7 +42,7 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(self.kernels, x.device):  # Triton is imported only where it runs
-            from kernels.triton_norm import norm
+            from normtron.kernels.triton_norm import norm
             return norm(x, self.weight, self.bias, self.eps, rms=self.rms)
         return self.torch_forward(x)
 
@@ -51,7 +51,7 @@ class Norm(nn.Module):
         if residual is None:
             return self(x), x
         if use_triton(self.kernels, x.device):
-            from kernels.triton_norm import add_norm
+            from normtron.kernels.triton_norm import add_norm
             return add_norm(x, residual, self.weight, self.bias, self.eps, rms=self.rms)
         h = x + residual
         return self.torch_forward(h), h
@@ -113,7 +113,7 @@ class DyT(Norm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(self.kernels, x.device):
-            from kernels.triton_dyt import dyt
+            from normtron.kernels.triton_dyt import dyt
             return dyt(x, self.alpha, self.weight, self.bias)
         return self.torch_forward(x)
 
@@ -121,7 +121,7 @@ class DyT(Norm):
         if residual is None:
             return self(x), x
         if use_triton(self.kernels, x.device):
-            from kernels.triton_dyt import add_dyt
+            from normtron.kernels.triton_dyt import add_dyt
             return add_dyt(x, residual, self.alpha, self.weight, self.bias)
         h = x + residual
         return self.torch_forward(h), h

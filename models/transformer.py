@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.config import ModelConfig
-from models.hypersphere import L2Norm, ScaledVector, l2_normalize, normalize_hypersphere_
-from models.mup import attention_scale, init_std_scale, logit_scale
-from models.norms import NoNorm, at_least_fp32, build_norm
-from models.placement import NormWiring, layer_wiring, uses_hypersphere
+from normtron.models.config import ModelConfig
+from normtron.models.hypersphere import L2Norm, ScaledVector, l2_normalize, normalize_hypersphere_
+from normtron.models.mup import attention_scale, init_std_scale, logit_scale
+from normtron.models.norms import NoNorm, at_least_fp32, build_norm
+from normtron.models.placement import NormWiring, layer_wiring, uses_hypersphere
 
 # --- Rotary position embedding (the "rotate half" layout used by Hugging Face Llama checkpoints) ---------------
 

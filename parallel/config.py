@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from models.config import config_field
+from normtron.models.config import config_field
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import logging
 import warnings
 
@@ -84,18 +85,30 @@ def apply_float8(model: nn.Module, recipe: str, *, emulate: bool, fsdp_float8_al
     return converted
 
 
-def import_torchao_float8():
-    """torchao.float8, imported without the warnings torchao logs on import where its CUDA kernels cannot load
-    (CPU builds of torch) and torch's pytree deprecation notice: neither concerns the float8 training used here."""
+def import_torchao(module: str = "torchao"):
+    """A torchao module, imported without the warnings torchao logs on import where its CUDA kernels cannot load
+    (CPU builds of torch: "Failed to load ..._C_mxfp8...") and torch's pytree deprecation notice about torchao's
+    enums: neither concerns the float8 training used here. torchao logs them once, on its first import."""
     loggers = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     try:
-        return importlib.import_module("torchao.float8")
+        return importlib.import_module(module)
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+def import_torchao_float8():
+    return import_torchao("torchao.float8")
+
+
+def preload_torchao() -> None:
+    """transformers' model classes import its torchao quantizer, and so torchao, when torchao is installed (and
+    lm-eval imports those classes): import them first, here, with torchao's import-time warnings silenced."""
+    if importlib.util.find_spec("torchao") is not None and importlib.util.find_spec("transformers") is not None:
+        import_torchao("transformers.quantizers.quantizer_torchao")
 
 
 def is_float8_linear(module: nn.Module) -> bool:

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.distributed._composable.replicate import DDP, replicate
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -24,12 +26,12 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
-from parallel.config import ParallelConfig
-from parallel.float8 import apply_float8, uses_float8_all_gather
-from parallel.mesh import ParallelDims
-from parallel.pipeline import (ZERO_BUBBLE_SCHEDULES, layers_per_stage, pipeline_part, stage_indices,
+from normtron.parallel.config import ParallelConfig
+from normtron.parallel.float8 import apply_float8, uses_float8_all_gather
+from normtron.parallel.mesh import ParallelDims
+from normtron.parallel.pipeline import (ZERO_BUBBLE_SCHEDULES, layers_per_stage, pipeline_part, stage_indices,
                                stages_per_rank)
-from parallel.tensor_parallel import apply_tp
+from normtron.parallel.tensor_parallel import apply_tp
 
 LOG = logging.getLogger("normtron")
 
@@ -98,7 +100,10 @@ def apply_ddp(model: nn.Module) -> None:
     first forward, once the model is materialized (rank 0's initial weights are broadcast then)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     # The only buffer (the RoPE table) is computed identically everywhere: no need to broadcast it every forward.
-    replicate(model, device_id=device, broadcast_buffers=False)
+    # torch 2.13 deprecated DDP's broadcast_buffers (a FutureWarning per rank) for forward_sync_buffers.
+    ddp_args = inspect.signature(DistributedDataParallel.__init__).parameters
+    replicate(model, device_id=device,
+              **{"forward_sync_buffers" if "forward_sync_buffers" in ddp_args else "broadcast_buffers": False})
 
 
 def apply_fsdp(model: nn.Module, mesh: DeviceMesh, *, param_dtype: torch.dtype | None, reshard_after_forward: bool,

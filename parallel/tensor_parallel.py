@@ -31,9 +31,9 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_modul
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
-from models.hypersphere import ScaledVector
-from models.norms import Norm
-from models.transformer import Gain
+from normtron.models.hypersphere import ScaledVector
+from normtron.models.norms import Norm
+from normtron.models.transformer import Gain
 
 
 def apply_tp(model: nn.Module, tp_mesh: DeviceMesh, sequence_parallel: bool, loss_parallel: bool) -> None:

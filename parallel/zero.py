@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.hypersphere import hypersphere_weights, l2_normalize
+from normtron.models.hypersphere import hypersphere_weights, l2_normalize
 
 # Entries normtron derives from its own config; a `deepspeed:` section may not contradict them.
 OWNED_KEYS = {

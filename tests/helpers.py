@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data.format import split_files
+from normtron.trainer.data.format import split_files
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "configs" / "tiny.yaml")
@@ -41,7 +41,7 @@ def _env(extra: dict | None = None) -> dict:
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600,
             check: bool = True) -> subprocess.CompletedProcess:
     """`normtron ARGS` in a subprocess, as a user runs it."""
-    result = subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd or REPO, env=_env(env),
+    result = subprocess.run([sys.executable, "-m", "normtron", *args], cwd=cwd or REPO, env=_env(env),
                             capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"normtron {' '.join(args)} failed ({result.returncode}):\n"
@@ -51,9 +51,9 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 
 def run_torchrun(nproc: int, *args: str, env: dict | None = None, timeout: float = 600,
                  check: bool = True) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc-per-node N -m trainer ARGS`: the one launcher every multi-process test uses."""
+    """`torchrun --standalone --nproc-per-node N -m normtron ARGS`: the one launcher every multi-process test uses."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "trainer", *args]
+           "-m", "normtron", *args]
     result = subprocess.run(cmd, cwd=REPO, env=_env(env), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"torchrun x{nproc} {' '.join(args)} failed ({result.returncode}):\n"
@@ -190,9 +190,9 @@ def native_model(checkpoint: Path):
     """Our model with the checkpoint's weights, loaded by DCP directly (not by the converter)."""
     import torch.distributed.checkpoint as dcp
 
-    from models import Transformer
-    from trainer.checkpoint import single_process_ok
-    from trainer.convert.checkpoints import checkpoint_config
+    from normtron.models.transformer import Transformer
+    from normtron.trainer.checkpoint import single_process_ok
+    from normtron.trainer.convert.checkpoints import checkpoint_config
 
     cfg = checkpoint_config(checkpoint).model
     model = Transformer(cfg)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests.helpers import REPO, TINY, _env, read_metrics, run_cli
-from trainer.loss import chunked_head_objective
+from normtron.trainer.loss import chunked_head_objective
 
 
 def reference_objective(hidden, weight, targets, scale, z_coefficient):

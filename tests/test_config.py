@@ -9,9 +9,9 @@ import torch
 import yaml
 from helpers import REPO, TINY, run_cli, run_torchrun, write_lm_eval_tasks
 
-from trainer.config import (Config, all_keys, config_from_dict, config_to_dict, deepspeed_config, load_config,
+from normtron.trainer.config import (Config, all_keys, config_from_dict, config_to_dict, deepspeed_config, load_config,
                             micro_batching, pipeline_stages, validate)
-from trainer.errors import UserError
+from normtron.trainer.errors import UserError
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -289,7 +289,7 @@ def test_shipped_configs_load_and_validate(name):
     (["parallel.loss_parallel=false"], False),
 ])
 def test_the_parallel_summary_says_loss_parallel_exactly_when_it_is_used(overrides, loss_parallel):
-    from trainer.train import describe_parallel
+    from normtron.trainer.train import describe_parallel
     cfg = load_config(None, ["parallel.backend=fsdp", "parallel.tp=2", "model.n_layers=2", *overrides])
     dims = validate(cfg, world_size=4)
     assert ("loss parallel" in describe_parallel(cfg, dims)) == loss_parallel

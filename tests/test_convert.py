@@ -16,10 +16,10 @@ import transformers
 from helpers import TINY, native_model, run_cli, run_torchrun
 from safetensors.torch import load_file
 
-from models import Transformer
-from trainer.config import load_config
-from trainer.convert.to_hf import to_hf
-from trainer.train import train
+from normtron.models.transformer import Transformer
+from normtron.trainer.config import load_config
+from normtron.trainer.convert.to_hf import to_hf
+from normtron.trainer.train import train
 
 FEW_STEPS = ["training.steps=3", "checkpoint.every=3", "eval.every=3", "eval.steps=1", "training.warmup_steps=1"]
 

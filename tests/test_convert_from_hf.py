@@ -13,8 +13,8 @@ import torch.nn.functional as F
 import transformers
 from helpers import all_tensors, comparable_config, flip_model_tensor_bytes, read_metrics, run_cli, tree_digest
 
-from trainer.cli import main
-from trainer.data.batches import TrainBatches, load_data_meta, open_tokens
+from normtron.trainer.cli import main
+from normtron.trainer.data.batches import TrainBatches, load_data_meta, open_tokens
 
 
 def save_llama(out: Path, tokenizer: Path, tied: bool = False, dtype=torch.float32, shard: str | None = None):

@@ -17,10 +17,10 @@ import sentencepiece as spm
 import zstandard
 from helpers import tree_digest
 
-from trainer.cli import main
-from trainer.data.corpus import find_corpus_files, iter_documents, read_documents
-from trainer.data.format import read_meta, split_files
-from trainer.errors import UserError
+from normtron.trainer.cli import main
+from normtron.trainer.data.corpus import find_corpus_files, iter_documents, read_documents
+from normtron.trainer.data.format import read_meta, split_files
+from normtron.trainer.errors import UserError
 
 
 @pytest.fixture(scope="module")

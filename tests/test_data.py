@@ -10,9 +10,9 @@ import pytest
 import sentencepiece as spm
 from helpers import read_split, reassemble, run_cli, split_segments, tree_digest
 
-from trainer.data.batches import TrainBatches, eval_windows
-from trainer.data.format import split_files
-from trainer.data.tokenizer import token_dtype
+from normtron.trainer.data.batches import TrainBatches, eval_windows
+from normtron.trainer.data.format import split_files
+from normtron.trainer.data.tokenizer import token_dtype
 
 
 def test_shakespeare_prepared(shakespeare_data, shakespeare_dir):

@@ -13,11 +13,12 @@ import torch
 import torch.nn.functional as F
 from helpers import TINY, diagnostic_rows, run_cli, run_torchrun
 
-from models import ModelConfig, Transformer
-from models.transformer import apply_rope
-from trainer.diagnostics import Diagnostics
-from trainer.loss import z_loss
-from trainer.stability import SpikeDetector
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.models.transformer import apply_rope
+from normtron.trainer.diagnostics import Diagnostics
+from normtron.trainer.loss import z_loss
+from normtron.trainer.stability import SpikeDetector
 
 
 def tiny_model(**kw) -> Transformer:

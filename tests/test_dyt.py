@@ -16,9 +16,10 @@ import pytest
 import torch
 from helpers import rel_err
 
-from kernels.triton_dyt import add_dyt, dyt
-from models import ModelConfig, Transformer
-from models.norms import DyT
+from normtron.kernels.triton_dyt import add_dyt, dyt
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.models.norms import DyT
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative 2-norm error, as in test_kernels.py

@@ -8,7 +8,7 @@ import shutil
 import pytest
 from helpers import MICRO_MODEL, TINY, run_cli, tree_digest
 
-from trainer.data.format import split_files
+from normtron.trainer.data.format import split_files
 
 
 @pytest.fixture(scope="module")

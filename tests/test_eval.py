@@ -66,8 +66,8 @@ def test_normtron_eval_equals_lm_eval_hf_model_on_the_exported_folder(setup, tmp
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from trainer.convert.to_hf import to_hf
-    from trainer.downstream import item_loglikelihoods
+    from normtron.trainer.convert.to_hf import to_hf
+    from normtron.trainer.downstream import item_loglikelihoods
 
     for key, value in setup["env"].items():
         monkeypatch.setenv(key, value)
@@ -95,7 +95,7 @@ def test_normtron_eval_equals_lm_eval_hf_model_on_the_exported_folder(setup, tmp
 
 
 def test_data_parallel_eval_under_accelerate_launch_equals_one_process(setup, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2 -m trainer eval` on a CPU machine (accelerate 1.15's only
+    """`accelerate launch --multi_gpu --num_processes 2 -m normtron eval` on a CPU machine (accelerate 1.15's only
     launcher that starts several local processes without MPI; its `--cpu` starts one): two gloo processes split the
     requests, and the first writes the one JSON file and the one metrics row, equal to the one-process `normtron
     eval` of the same checkpoint."""
@@ -107,7 +107,7 @@ def test_data_parallel_eval_under_accelerate_launch_equals_one_process(setup, tm
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-           str(port), "-m", "trainer", "eval", str(run), "--tasks", TASKS, "--include-path", str(setup["tasks"]),
+           str(port), "-m", "normtron", "eval", str(run), "--tasks", TASKS, "--include-path", str(setup["tasks"]),
            "--batch-size", "4"]
     result = subprocess.run(cmd, cwd=REPO, env=_env(setup["env"]), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -176,7 +176,7 @@ def test_study_report_has_a_column_per_task_metric():
     """Each run's newest eval/<task>/<metric>; a cell's value is the mean over its seeds that did not diverge."""
     import types
 
-    from trainer.study.report import aggregate, task_metrics
+    from normtron.trainer.study.report import aggregate, task_metrics
 
     rows = [{"step": 2, "eval/mc/acc": 0.25}, {"step": 2, "val_loss": 3.0}, {"step": 4, "eval/mc/acc": 0.5}]
     assert task_metrics(rows) == {"eval/mc/acc": 0.5}

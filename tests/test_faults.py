@@ -21,7 +21,7 @@ COMMON = [*MICRO_MODEL, f"training.steps={STEPS}", "checkpoint.every=3", "eval.e
 def train_cmd(nproc: int, *args: str) -> list[str]:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
                 if nproc > 1 else [sys.executable])
-    return [*launcher, "-m", "trainer", "train", TINY, *args]
+    return [*launcher, "-m", "normtron", "train", TINY, *args]
 
 
 def per_step(run_dir) -> list[tuple]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models import PLACEMENTS, ModelConfig, Transformer
-from models.generation import KVCache, generate, next_token
+from normtron.models.placement import PLACEMENTS
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.models.generation import KVCache, generate, next_token
 
 # Every placement, the three norm types, QK-norm, per-layer placements and µP.
 CASES = {name: {"placement": name} for name in PLACEMENTS} | {
@@ -77,9 +79,9 @@ def test_top_p_samples_only_from_the_nucleus():
 
 @pytest.mark.parametrize("case", ["post", "peri", "ngpt", "dyt", "layers"])
 def test_hf_generate_with_cache_equals_without_and_native(case):
-    from trainer.convert.hf.mapping import hf_config
-    from trainer.convert.hf.remote_config import NormtronConfig
-    from trainer.convert.hf.remote_model import NormtronForCausalLM
+    from normtron.trainer.convert.hf.mapping import hf_config
+    from normtron.trainer.convert.hf.remote_config import NormtronConfig
+    from normtron.trainer.convert.hf.remote_model import NormtronForCausalLM
 
     native = micro_model(**CASES[case])
     hf_model = NormtronForCausalLM(NormtronConfig(**hf_config(native.cfg, torch.float32, None, None))).eval()
@@ -102,8 +104,8 @@ def test_cli_generates_the_native_greedy_continuation(micro_args, tmp_path):
     import sentencepiece as spm
     from helpers import TINY, native_model, run_cli
 
-    from trainer.config import load_config
-    from trainer.train import train
+    from normtron.trainer.config import load_config
+    from normtron.trainer.train import train
 
     checkpoint = train(load_config(TINY, micro_args("gen", "training.steps=3", "checkpoint.every=3", "eval.every=3",
                                                     "model.placement=peri", "model.qk_norm=true"))).checkpoint
@@ -125,7 +127,7 @@ def test_cli_generates_the_native_greedy_continuation(micro_args, tmp_path):
     (["CKPT", "--prompt", "x", "--top-p", "0"], "--top-p must be"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message, tmp_path, capsys):
-    from trainer.cli import main
+    from normtron.trainer.cli import main
 
     (tmp_path / "ckpt").mkdir()
     args = [a.replace("MISSING", str(tmp_path / "nope")).replace("CKPT", str(tmp_path / "ckpt")) for a in args]

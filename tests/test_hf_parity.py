@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers  # a dev extra: bash launch/test.sh installs it
 
-from models import ModelConfig, Transformer
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
 
 
 def hf_state_from(model: Transformer) -> dict[str, torch.Tensor]:

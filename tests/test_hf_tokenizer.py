@@ -17,10 +17,10 @@ import transformers
 from helpers import all_tensors, comparable_config, native_model, read_metrics, run_cli
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from trainer.cli import main
-from trainer.data.format import read_meta, split_files
-from trainer.data.tokenizer import load_tokenizer, token_dtype
-from trainer.errors import UserError
+from normtron.trainer.cli import main
+from normtron.trainer.data.format import read_meta, split_files
+from normtron.trainer.data.tokenizer import load_tokenizer, token_dtype
+from normtron.trainer.errors import UserError
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
 

@@ -3,7 +3,8 @@
 Every import counts: top level, inside functions and under `if TYPE_CHECKING:` alike, since each is a dependency a
 reader has to follow. Rules: `models` imports neither `parallel` nor `trainer`; `kernels` imports nothing of ours;
 `parallel` does not import `trainer`; no import cycle among the modules of a package, nor among the subpackages and
-modules directly inside `trainer/`.
+modules directly inside `trainer/`. And every import of ours, in the code, the tests and bench/, goes through the
+`normtron` namespace: a bare `import models` would work nowhere but in a checkout, and shadow others' packages.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ FORBIDDEN = {"kernels": ("models", "parallel", "trainer"), "models": ("parallel"
 
 
 def module_name(path: Path) -> str:
+    """The import name of a file: models/transformer.py is normtron.models.transformer (pyproject's package-dir)."""
     parts = path.relative_to(REPO).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+    return ".".join(("normtron", *(parts[:-1] if parts[-1] == "__init__" else parts)))
 
 
 @cache
@@ -53,16 +55,17 @@ def import_graph() -> dict[str, dict[str, int]]:
 
 
 def _top(module: str) -> str:
-    return module.split(".")[0]
+    """The layer of normtron.<layer>.x."""
+    return module.split(".")[1]
 
 
 def test_the_graph_sees_known_imports():
     """The reader finds imports of every form the project uses (so that an empty result means no violation)."""
     graph = import_graph()
-    assert "models.norms" in graph["models.transformer"]                  # from models.norms import ...
-    assert "trainer.convert.hf.mapping" in graph["trainer.convert.to_hf"]  # from trainer.convert.hf import mapping
-    assert "parallel.zero" in graph["trainer.convert.consolidate"]         # an import inside a function
-    assert "kernels" in graph["models.config"]                             # from a package's __init__
+    assert "normtron.models.norms" in graph["normtron.models.transformer"]  # from normtron.models.norms import ...
+    assert "normtron.trainer.convert.hf.mapping" in graph["normtron.trainer.convert.to_hf"]  # from pkg import module
+    assert "normtron.parallel.zero" in graph["normtron.trainer.convert.consolidate"]  # an import inside a function
+    assert "normtron.trainer.plan" in graph["normtron.trainer.cli"]  # from a package's __init__
 
 
 def test_layers_import_only_downwards():
@@ -115,13 +118,13 @@ def test_no_cycles_between_the_parts_of_trainer():
     """trainer/'s subpackages (convert/, data/, study/) and its modules, each taken as one node."""
 
     def part(module: str) -> str:
-        return ".".join(module.split(".")[:2])
+        return ".".join(module.split(".")[:3])
 
     graph: dict[str, set[str]] = {}
     for module, edges in import_graph().items():
-        if _top(module) == "trainer" and module != "trainer":
+        if _top(module) == "trainer":
             graph.setdefault(part(module), set()).update(
-                part(t) for t in edges if _top(t) == "trainer" and t != "trainer" and part(t) != part(module))
+                part(t) for t in edges if _top(t) == "trainer" and part(t) != part(module))
     cycles = _cycles(graph)
     assert not cycles, "import cycles between the parts of trainer/:\n" + "\n".join(" <-> ".join(c) for c in cycles)
 
@@ -129,3 +132,25 @@ def test_no_cycles_between_the_parts_of_trainer():
 def test_the_cycle_finder_finds_cycles():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _python_files() -> list[Path]:
+    return [p for folder in (*PACKAGES, "normtron", "tests", "bench") for p in sorted((REPO / folder).rglob("*.py"))]
+
+
+def test_every_import_of_ours_names_the_namespace():
+    """No `import models` / `from trainer.x import y` anywhere: only `normtron.models`, `normtron.trainer.x`."""
+    bare = []
+    for path in _python_files():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+            bare += [f"{path.relative_to(REPO)}:{node.lineno}: {name}" for name in names
+                     if name.split(".")[0] in PACKAGES]
+    assert not bare, "imports without the normtron namespace:\n" + "\n".join(bare)
+
+
+def test_the_layer_folders_are_not_packages_of_their_own():
+    """models/, kernels/, parallel/, trainer/ (and configs/, launch/) hold no __init__.py: a Python started in the
+    repository root then finds another distribution's `kernels` (Hugging Face's) before our folder."""
+    assert not [f for f in (*PACKAGES, "configs", "launch") if (REPO / f / "__init__.py").exists()]

@@ -20,9 +20,10 @@ import pytest
 import torch
 from helpers import REPO, TINY, read_metrics, rel_err, run_cli
 
-import kernels
-from kernels.triton_norm import BWD_MAX_BLOCK, FWD_MAX_BLOCK, add_norm, norm
-from models import ModelConfig, Transformer
+from normtron.kernels import dispatch
+from normtron.kernels.triton_norm import BWD_MAX_BLOCK, FWD_MAX_BLOCK, add_norm, norm
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
 
 # Relative error (2-norm) bounds; bf16 results are ~4e-3 off here, partly because the interpreter's casts to bf16
 # truncate where a GPU rounds to nearest.
@@ -225,18 +226,18 @@ def test_forced_triton_without_gpu_or_interpreter_is_a_user_error(micro_args, tm
 
 
 def test_forced_triton_without_triton_installed_is_a_user_error(monkeypatch):
-    from trainer.errors import UserError
-    from trainer.train import check_kernels
+    from normtron.trainer.errors import UserError
+    from normtron.trainer.train import check_kernels
 
     monkeypatch.setitem(sys.modules, "triton", None)  # what importlib reports for a package that is not there
-    kernels.triton_problem.cache_clear()
+    dispatch.triton_problem.cache_clear()
     try:
         with pytest.raises(UserError, match=r"Triton is not installed \(pip install 'normtron\[kernels\]'\)"):
             check_kernels("triton", torch.device("cuda"))
-        assert not kernels.use_triton("auto", torch.device("cuda"))  # auto falls back to PyTorch
+        assert not dispatch.use_triton("auto", torch.device("cuda"))  # auto falls back to PyTorch
         check_kernels("torch", torch.device("cuda"))
     finally:
-        kernels.triton_problem.cache_clear()
+        dispatch.triton_problem.cache_clear()
 
 
 def test_bench_says_when_there_is_no_gpu():

@@ -18,7 +18,7 @@ import pytest
 from helpers import MICRO_MODEL, REPO, TINY, assert_same_losses, run_torchrun, step_losses
 from slurm_cluster import LocalSlurm, free_ports
 
-from trainer.preemption import EXIT_REQUEUE
+from normtron.trainer.preemption import EXIT_REQUEUE
 
 STEPS = 300  # long enough (~5 s) that a signal sent after the first steps lands mid-run
 RUN = [*MICRO_MODEL, f"training.steps={STEPS}", "checkpoint.every=100", "eval.every=100"]
@@ -118,7 +118,7 @@ def test_stop_signal_to_one_rank_checkpoints_and_resume_loses_nothing(runs, refe
 def test_sigterm_stops_a_single_process_run_with_a_checkpoint(runs):
     """Without any launcher: SIGTERM to `normtron train` -> checkpoint after the current step, exit code 75."""
     run_dir = runs.root / "runs" / "single_term"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", "train", TINY, *runs("single_term")], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "normtron", "train", TINY, *runs("single_term")], cwd=REPO,
                             env={**os.environ, **LAUNCH_ENV}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     wait_for_steps(run_dir, 5, lambda: proc.poll() is None)
@@ -157,13 +157,33 @@ def alive(pid: int) -> bool:
         return False
 
 
-def test_workers_exit_within_seconds_when_their_torchrun_agent_is_killed(runs, tmp_path):
+BIN = Path(sys.executable).parent  # the venv's console scripts: torchrun, normtron
+AGENT_LAUNCHERS = {
+    "launch/torchrun.sh": None,
+    "torchrun --no-python normtron": ([str(BIN / "torchrun")], ["--no-python", "normtron"]),
+    "torchrun -m normtron": ([sys.executable, "-m", "torch.distributed.run"], ["-m", "normtron"]),
+}
+
+
+@pytest.mark.parametrize("launcher", AGENT_LAUNCHERS)
+def test_workers_exit_within_seconds_when_their_torchrun_agent_is_killed(launcher, runs, tmp_path):
     """SIGKILL to the torchrun agent (workers run in sessions of their own, so nothing else reaches them): within
-    30 s no worker of the job is left."""
-    run_dir = runs.root / "runs" / "agent_killed"
-    proc = launch("--nproc-per-node", "2", "--log-dir", str(tmp_path / "logs"), TINY, *runs("agent_killed"))
+    30 s no worker of the job is left, whether the workers are the console script, `python -m normtron` or
+    launch/torchrun.sh's."""
+    name = "agent_killed_" + re.sub(r"\W+", "_", launcher)
+    run_dir = runs.root / "runs" / name
+    if AGENT_LAUNCHERS[launcher] is None:
+        proc = launch("--nproc-per-node", "2", "--log-dir", str(tmp_path / "logs"), TINY, *runs(name))
+        is_agent = lambda p: b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes()  # noqa: E731
+        find_agent = lambda: next(p for p in children(proc.pid) if is_agent(p))  # noqa: E731
+    else:
+        agent_cmd, worker_cmd = AGENT_LAUNCHERS[launcher]
+        cmd = [*agent_cmd, "--standalone", "--nproc-per-node", "2", *worker_cmd, "train", TINY, *runs(name)]
+        env = {**os.environ, **LAUNCH_ENV, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        find_agent = lambda: proc.pid  # noqa: E731
     wait_for_steps(run_dir, 5, lambda: proc.poll() is None)
-    agent = next(p for p in children(proc.pid) if b"torch.distributed.run" in Path(f"/proc/{p}/cmdline").read_bytes())
+    agent = find_agent()
     workers = children(agent)
     assert len(workers) == 2
     os.kill(agent, signal.SIGKILL)
@@ -178,7 +198,7 @@ def test_workers_exit_within_seconds_when_their_torchrun_agent_is_killed(runs, t
 def test_a_worker_started_after_its_agent_died_exits_at_once():
     """The agent may die before a worker has asked for the parent-death signal: the worker sees that its parent is
     not the agent launch/torchrun.sh named (here: init, pid 1) and exits before doing anything."""
-    result = subprocess.run([sys.executable, "-m", "trainer", "train", TINY], cwd=REPO, capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "normtron", "train", TINY], cwd=REPO, capture_output=True, text=True,
                             env={**os.environ, **LAUNCH_ENV, "TORCHELASTIC_RUN_ID": "t", "NORMTRON_AGENT_PID": "1"},
                             timeout=60)
     assert result.returncode == 1 and "torchrun agent of this worker (pid 1) is gone" in result.stderr

@@ -11,10 +11,10 @@ import sentencepiece as spm
 import torch
 from helpers import MICRO_MODEL, TINY, read_metrics, run_cli
 
-from trainer.config import DataConfig
-from trainer.data.indexed import MegatronIndex, holdout_every, megatron_split
-from trainer.data.mixture import open_sources
-from trainer.errors import UserError
+from normtron.trainer.config import DataConfig
+from normtron.trainer.data.indexed import MegatronIndex, holdout_every, megatron_split
+from normtron.trainer.data.mixture import open_sources
+from normtron.trainer.errors import UserError
 
 from megatron.core.datasets import indexed_dataset  # megatron-core: the dev extra
 

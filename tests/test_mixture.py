@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from helpers import MICRO_MODEL, TINY, read_metrics, run_cli, run_torchrun
 
-from trainer.config import DataConfig, load_config, validate
-from trainer.data.batches import TokenStream, TrainBatches
-from trainer.data.mixture import MixtureBatches, Source, open_sources
-from trainer.errors import UserError
+from normtron.trainer.config import DataConfig, load_config, validate
+from normtron.trainer.data.batches import TokenStream, TrainBatches
+from normtron.trainer.data.mixture import MixtureBatches, Source, open_sources
+from normtron.trainer.errors import UserError
 
 TIMING_KEYS = {"tokens_per_sec", "elapsed_s", "eta_s", "mfu"}
 
@@ -194,7 +194,7 @@ def test_bad_sources_on_the_command_line_exit_2(two_sources, tmp_path):
 
 def test_format2_shards_read_as_one_stream(tmp_path):
     """Format 2: a split's stream is its shard files concatenated in meta.json's order; a 0-byte file is allowed."""
-    from trainer.data.batches import open_tokens
+    from normtron.trainer.data.batches import open_tokens
 
     rng = np.random.default_rng(0)
     (tmp_path / "shards").mkdir()

@@ -6,8 +6,9 @@ import pytest
 import torch
 from helpers import REPO
 
-from models import ModelConfig, Transformer, count_parameters
-from trainer.config import load_config
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer, count_parameters
+from normtron.trainer.config import load_config
 
 
 def analytic_parameter_count(c: ModelConfig) -> int:

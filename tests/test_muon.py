@@ -15,11 +15,12 @@ import pytest
 import torch
 from helpers import MICRO_MODEL, REPO, TINY, TrainedRuns, assert_same_losses, read_metrics, resume_copy, run_cli
 
-from models import ModelConfig, Transformer
-from trainer.config import TrainingConfig, load_config, validate
-from trainer.errors import UserError
-from trainer.muon import MuonWithAdamW
-from trainer.optim import build_optimizer
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.trainer.config import TrainingConfig, load_config, validate
+from normtron.trainer.errors import UserError
+from normtron.trainer.muon import MuonWithAdamW
+from normtron.trainer.optim import build_optimizer
 
 # Keller Jordan's quintic coefficients (github.com/KellerJordan/Muon, muon.py), written out independently.
 A, B, C = 3.4445, -4.7750, 2.0315
@@ -189,7 +190,7 @@ def test_sharded_step_is_torch_optim_muon_bit_for_bit_with_bf16():
 def test_muon_lr_follows_the_schedule_and_the_config_wins_on_resume():
     """The Muon group's peak lr is training.muon_lr on training.lr's schedule; after a checkpoint load the config's
     values (lr, muon_lr, momentum) replace those stored in the optimizer state."""
-    from trainer.optim import apply_hyperparameters, apply_lr_schedule, build_lr_scheduler, lr_factor
+    from normtron.trainer.optim import apply_hyperparameters, apply_lr_schedule, build_lr_scheduler, lr_factor
 
     model = Transformer(ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden_dim=64, vocab_size=64,
                                     max_seq_len=16))

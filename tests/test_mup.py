@@ -14,9 +14,10 @@ import torch
 import transformers
 from helpers import MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, resume_copy, run_cli
 
-from models import ModelConfig, Transformer
-from trainer.config import TrainingConfig
-from trainer.optim import build_optimizer
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.trainer.config import TrainingConfig
+from normtron.trainer.optim import build_optimizer
 
 HIDDEN = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MUP = ("model.parametrization=mup", "model.mup_base_dim=32")
@@ -101,7 +102,7 @@ def test_mup_forward_matches_granite(dim, tied):
 def test_schedule_and_resume_keep_each_groups_lr_multiplier():
     """The schedule scales every group's peak lr (training.lr x lr_scale), also after a checkpoint's param groups
     are loaded and the config's lr is applied again (trainer/train.py's resume path)."""
-    from trainer.optim import apply_lr_schedule, build_lr_scheduler, lr_factor
+    from normtron.trainer.optim import apply_lr_schedule, build_lr_scheduler, lr_factor
 
     cfg = ModelConfig(dim=128, n_layers=2, n_heads=4, vocab_size=50, ffn_hidden_dim=256, parametrization="mup",
                       mup_base_dim=32)
@@ -155,7 +156,7 @@ def test_coordinate_check_is_flat_under_mup_and_grows_under_standard(shakespeare
 
 
 def test_mup_check_rejects_bad_widths(shakespeare_data, tmp_path, capsys):
-    from trainer.cli import main
+    from normtron.trainer.cli import main
 
     assert main(["mup-check", TINY, f"data.dir={shakespeare_data}", "--widths", "64,abc"]) == 2
     assert capsys.readouterr().err.startswith("normtron: error: --widths must be comma-separated")

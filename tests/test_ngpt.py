@@ -11,10 +11,11 @@ import math
 import pytest
 import torch
 
-from models import ModelConfig, Transformer
-from trainer.config import TrainingConfig
-from trainer.engine import renormalize_then
-from trainer.optim import build_optimizer
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.trainer.config import TrainingConfig
+from normtron.trainer.engine import renormalize_then
+from normtron.trainer.optim import build_optimizer
 
 
 # the reference formulas are float64: so is every tensor the tests create (fixture in conftest.py)

@@ -11,7 +11,8 @@ import torch
 import torch.distributed.checkpoint as dcp
 from helpers import TrainedRuns, assert_same_losses, diagnostic_rows, read_metrics, state_counts
 
-from models import ModelConfig, Transformer
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
 
 STEPS = ("model.n_layers=4", "training.steps=6", "checkpoint.every=3", "eval.every=3", "checkpoint.keep_last=0")
 PLACEMENTS = {
@@ -125,9 +126,9 @@ def test_checkpoints_with_the_earlier_optimizer_layout_still_load(tmp_path):
     get_state_dict returns it by default) load into a fresh model and optimizer with the same values."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from trainer.checkpoint import flat_optimizer_state, load_dcp, save_dcp, single_process_ok
-    from trainer.config import TrainingConfig
-    from trainer.optim import build_optimizer
+    from normtron.trainer.checkpoint import flat_optimizer_state, load_dcp, save_dcp, single_process_ok
+    from normtron.trainer.config import TrainingConfig
+    from normtron.trainer.optim import build_optimizer
 
     class Step:  # the smallest Stateful: a step counter
         def __init__(self, step):

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
-from models import ModelConfig, Transformer, layer_wiring
-from models.placement import num_mix_post_layers
-from models.transformer import rope_table
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.models.placement import layer_wiring
+from normtron.models.placement import num_mix_post_layers
+from normtron.models.transformer import rope_table
 
 
 # the reference formulas are float64: so is every tensor the tests create (fixture in conftest.py)
@@ -163,8 +165,8 @@ def test_layernorm_without_bias_has_no_bias_parameter():
 
 def test_residual_scale_multiplies_the_skip_path():
     """A wiring's residual_scale a gives N(a*x + F(x)) (the hook DeepNorm-style placements use)."""
-    from models.placement import NormWiring
-    from models.transformer import SublayerNorms
+    from normtron.models.placement import NormWiring
+    from normtron.models.transformer import SublayerNorms
 
     cfg = make_cfg(norm="layernorm")
     norms = SublayerNorms(NormWiring(post_norm=True, residual_scale=2.5), cfg)

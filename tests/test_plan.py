@@ -12,15 +12,15 @@ import sys
 
 import pytest
 
-from models import count_parameters
-from parallel.mesh import ParallelDims
+from normtron.models.transformer import count_parameters
+from normtron.parallel.mesh import ParallelDims
 from tests.helpers import MICRO_MODEL, REPO, TINY, run_cli
-from trainer.cli import main
-from trainer.config import load_config
-from trainer.plan import format_plan, make_plan, search
-from trainer.plan.gpus import GPUS
-from trainer.plan.memory import DEEPSPEED_BUCKET, DEEPSPEED_MAX_LIVE, count_params, rank_memory
-from trainer.train import build_model_on_meta
+from normtron.trainer.cli import main
+from normtron.trainer.config import load_config
+from normtron.trainer.plan import format_plan, make_plan, search
+from normtron.trainer.plan.gpus import GPUS
+from normtron.trainer.plan.memory import DEEPSPEED_BUCKET, DEEPSPEED_MAX_LIVE, count_params, rank_memory
+from normtron.trainer.train import build_model_on_meta
 
 SEVEN_B = str(REPO / "configs" / "7b.yaml")
 

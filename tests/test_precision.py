@@ -14,9 +14,10 @@ from helpers import TINY, TrainedRuns, loss_curve, run_cli
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
-from models import ModelConfig, Transformer
-from parallel.float8 import FP8_RECIPES, apply_float8, import_torchao_float8
-from trainer.engine import materialize
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.parallel.float8 import FP8_RECIPES, apply_float8, import_torchao_float8
+from normtron.trainer.engine import materialize
 
 STEPS = 200
 COMMON = (f"training.steps={STEPS}", "training.warmup_steps=20", f"checkpoint.every={STEPS}", f"eval.every={STEPS}",

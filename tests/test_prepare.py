@@ -18,7 +18,7 @@ import pytest
 import sentencepiece as spm
 from helpers import MICRO_MODEL, REPO, TINY, read_metrics, reassemble, run_cli, split_segments, tree_digest
 
-from trainer.data.format import split_files
+from normtron.trainer.data.format import split_files
 
 
 def shard_files(data_dir: Path) -> dict[str, bytes]:
@@ -53,7 +53,7 @@ def test_killed_preparation_resumes_with_identical_shards(reference, shakespeare
     """SIGKILL the whole process group (2 workers) mid-way; the same command then redoes only unfinished shards,
     and the result equals the uninterrupted 1-worker run byte for byte."""
     out = tmp_path / "resumed"
-    args = [sys.executable, "-m", "trainer", *prepare_args(shakespeare_data, shakespeare_dir, out), "--workers", "2"]
+    args = [sys.executable, "-m", "normtron", *prepare_args(shakespeare_data, shakespeare_dir, out), "--workers", "2"]
     proc = subprocess.Popen(args, cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -86,7 +86,7 @@ def test_a_killed_worker_stops_the_run_and_keeps_finished_shards(reference, shak
     """SIGKILL one worker process (as the out-of-memory killer would): one error line, exit 2, the finished shards
     kept; the re-run resumes and gives the reference's files."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "trainer", *prepare_args(shakespeare_data, shakespeare_dir, out),
+    proc = subprocess.Popen([sys.executable, "-m", "normtron", *prepare_args(shakespeare_data, shakespeare_dir, out),
                              "--workers", "2"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     victim, deadline = None, time.time() + 120
     while victim is None and proc.poll() is None and time.time() < deadline:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import TINY, flip_model_tensor_bytes, run_torchrun, step_losses, tree_digest
 
-from trainer.cli import main
+from normtron.trainer.cli import main
 
 BATCH = 8  # MICRO_MODEL's training.batch_size: windows per global batch
 ROLLBACK = ("training.steps=12", "checkpoint.every=3", "checkpoint.keep_last=0", "eval.every=12",

@@ -103,7 +103,7 @@ def test_a_killed_study_resumes_its_interrupted_run(shakespeare_data, tmp_path):
                         overrides={"training.steps": "300", "checkpoint.every": "20", "eval.every": "300",
                                    "logging.every": "20", "diagnostics.every": "0"})
     run_dir = tmp_path / "out" / "runs" / "placement=pre"
-    process = subprocess.Popen([sys.executable, "-m", "trainer", "study", str(study)], cwd=REPO, env=_env(),
+    process = subprocess.Popen([sys.executable, "-m", "normtron", "study", str(study)], cwd=REPO, env=_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 300
@@ -148,7 +148,7 @@ def test_bad_study_files_fail_with_one_line(tmp_path, capsys, content, message):
     study = tmp_path / "studies" / "s.yaml"
     study.parent.mkdir()
     study.write_text(content.replace("output_dir: x", f"output_dir: {tmp_path / 'x'}"))
-    from trainer.cli import main
+    from normtron.trainer.cli import main
 
     assert main(["study", str(study)]) == 2
     err = capsys.readouterr().err
@@ -157,7 +157,7 @@ def test_bad_study_files_fail_with_one_line(tmp_path, capsys, content, message):
 
 
 def test_bad_study_file_message(tmp_path, capsys):
-    from trainer.cli import main
+    from normtron.trainer.cli import main
 
     study = tmp_path / "s.yaml"
     study.write_text(f"base: {TINY}\noutput_dir: {tmp_path / 'x'}\ngrid: {{training.lr: [-1]}}\n")
@@ -168,7 +168,7 @@ def test_bad_study_file_message(tmp_path, capsys):
 
 
 def test_missing_corpus_fails_before_any_run(tmp_path, capsys):
-    from trainer.cli import main
+    from normtron.trainer.cli import main
 
     study = write_study(tmp_path / "study.yaml", tmp_path / "no-data", {"model.placement": ["pre", "post"]})
     assert main(["study", str(study)]) == 2
@@ -196,9 +196,9 @@ def test_cost_estimate_of_the_scale_configs(name, cells, tokens):
     scores 12 x layers x dim x seq_len."""
     import torch
 
-    from trainer.config import load_config
-    from trainer.study.spec import load_study
-    from trainer.train import build_model_on_meta
+    from normtron.trainer.config import load_config
+    from normtron.trainer.study.spec import load_study
+    from normtron.trainer.train import build_model_on_meta
 
     path = REPO / "configs" / "study" / f"{name}.yaml"
     out = run_cli("study", str(path), "--cost").stdout
@@ -222,8 +222,8 @@ def test_cost_estimate_of_the_scale_configs(name, cells, tokens):
 def test_named_variants_axis_sets_several_keys_per_value(tmp_path):
     """A grid axis given as {name: overrides}: each cell gets its variant's overrides, and the axis key (when it is
     a config key the variant does not set) takes the variant's name; other axes combine with it as usual."""
-    from trainer.config import load_config
-    from trainer.study.spec import load_study
+    from normtron.trainer.config import load_config
+    from normtron.trainer.study.spec import load_study
 
     grid = {"model.placement": {"pre": {}, "subln": None, "ln-pre": {"model.placement": "pre", "model.norm":
                                                                      "layernorm", "model.norm_bias": False}},
@@ -253,7 +253,7 @@ def test_lr_transfer_report_finds_each_widths_best_lr(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from trainer.study.report import lr_transfer_lines, lr_transfer_plot
+    from normtron.trainer.study.report import lr_transfer_lines, lr_transfer_plot
 
     grid = {"model.dim": [64, 128], "training.lr": [1e-3, 1e-2, 1e-1], "model.parametrization": ["standard", "mup"],
             "run.seed": [0, 1]}

@@ -45,7 +45,7 @@ def normtron(slurm, monkeypatch, capsys):
         monkeypatch.setenv(key, value)
 
     def run(*args: str) -> str:
-        from trainer.cli import main
+        from normtron.trainer.cli import main
 
         capsys.readouterr()
         code = main(list(args))
@@ -91,7 +91,7 @@ def test_slurm_study_matches_torchrun_through_a_killed_driver_and_a_preemption(s
     first = "lr=0.003_seed=0"
 
     # The driver submits two cells (max_parallel); one of them is preempted, and the driver is killed meanwhile.
-    driver = subprocess.Popen([sys.executable, "-m", "trainer", "study", str(study), "--watch", "--poll", "0.5"],
+    driver = subprocess.Popen([sys.executable, "-m", "normtron", "study", str(study), "--watch", "--poll", "0.5"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True)
     try:
@@ -191,7 +191,7 @@ def test_a_failing_cell_is_resubmitted_once_then_reported_with_its_log(slurm, sh
 ])
 def test_study_the_cluster_cannot_run_fails_before_submitting(slurm, shakespeare_data, tmp_path, monkeypatch,
                                                               capsys, resources, message):
-    from trainer.cli import main
+    from normtron.trainer.cli import main
 
     study = write_study(tmp_path / "study.yaml", shakespeare_data, launcher="slurm", grid={"run.seed": [0, 1]},
                         resources=resources)
@@ -203,7 +203,7 @@ def test_study_the_cluster_cannot_run_fails_before_submitting(slurm, shakespeare
 
 
 def test_slurm_study_without_sbatch_fails_with_one_line(shakespeare_data, tmp_path, monkeypatch, capsys):
-    from trainer.cli import main
+    from normtron.trainer.cli import main
 
     study = write_study(tmp_path / "study.yaml", shakespeare_data, launcher="slurm")
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
@@ -234,8 +234,8 @@ def test_a_job_submitted_by_a_driver_killed_inside_sbatch_is_adopted_not_resubmi
                                                                                        shakespeare_data, tmp_path):
     """The driver records "submitting" before sbatch and the job id after it; killed in between, the job exists but
     its id is not recorded. The next driver finds it by its job name and does not submit the cell again."""
-    from trainer.study.launchers import job_name
-    from trainer.study.spec import load_study
+    from normtron.trainer.study.launchers import job_name
+    from normtron.trainer.study.spec import load_study
 
     study = write_study(tmp_path / "study.yaml", shakespeare_data, launcher="slurm", grid={"run.seed": [0]},
                         resources={"nproc_per_node": 2})

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 
-from models import ModelConfig, Transformer
-from models.transformer import rope_table
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.models.transformer import rope_table
 
 
 # the reference formulas are float64: so is every tensor the tests create (fixture in conftest.py)
@@ -176,7 +177,7 @@ def test_diagnostics_count_inner_norms_and_head_gains_in_their_sublayer():
     recomputed here from the gradients), and those gradients are not zero."""
     import torch.nn.functional as F
 
-    from trainer.diagnostics import Diagnostics
+    from normtron.trainer.diagnostics import Diagnostics
 
     model = random_model(layer_placements=["subln", "normformer", "pre"])
     diagnostics = Diagnostics(model, every=1, total_steps=1, device=torch.device("cpu"), gradients=True)
@@ -201,8 +202,8 @@ def test_fp8_linears_around_the_inner_norms():
     """Under FP8 every projection around the inner norms (v/o, gate/up/down) computes with torch._scaled_mm while the
     norms and head gains stay in high precision with fp32 gradients; the logits stay within FP8's few percent of the
     fp32 model's (e4m3: 3 mantissa bits)."""
-    from parallel.float8 import apply_float8
-    from trainer.engine import materialize
+    from normtron.parallel.float8 import apply_float8
+    from normtron.trainer.engine import materialize
 
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_hidden_dim=128, max_seq_len=32, vocab_size=256,
                       layer_placements=["subln", "normformer"], normformer_residual_scale=True, init_std=0.05)
@@ -232,7 +233,7 @@ def test_fp8_linears_around_the_inner_norms():
 def test_residual_scale_without_a_normformer_layer_is_a_one_line_error(tmp_path, capsys):
     from helpers import TINY
 
-    from trainer.cli import main
+    from normtron.trainer.cli import main
 
     args = ["train", TINY, f"run.output_dir={tmp_path}", "model.normformer_residual_scale=true"]
     assert main(args) == 2

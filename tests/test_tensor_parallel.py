@@ -8,8 +8,9 @@ import torch
 from helpers import TrainedRuns, assert_same_losses, diagnostic_rows, native_model, resume_copy, state_counts
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from models import ModelConfig, Transformer
-from parallel.parallelize import apply_activation_checkpointing
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer
+from normtron.parallel.parallelize import apply_activation_checkpointing
 
 STEPS = ("training.steps=8", "checkpoint.every=4", "eval.every=4", "checkpoint.keep_last=0")
 TP = ("parallel.backend=fsdp", "parallel.tp=2")

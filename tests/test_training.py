@@ -15,8 +15,8 @@ import torch
 import yaml
 from helpers import REPO, TINY, assert_same_losses, eval_losses, read_metrics, run_cli, run_torchrun, step_losses
 
-from trainer.config import TrainingConfig, config_from_dict
-from trainer.optim import lr_factor
+from normtron.trainer.config import TrainingConfig, config_from_dict
+from normtron.trainer.optim import lr_factor
 
 TIMING_KEYS = {"tokens_per_sec", "elapsed_s", "mfu"}
 
@@ -59,7 +59,7 @@ def test_resume_after_a_kill_reproduces_the_uninterrupted_run_exactly(micro_args
     common = ("training.steps=60", "checkpoint.every=5", "eval.every=10")
     run_cli("train", TINY, *micro_args("whole", *common))
     # Kill -9 the same run once its first checkpoint exists, then re-run the same command.
-    killed = subprocess.Popen([sys.executable, "-m", "trainer", "train", TINY, *micro_args("killed", *common)],
+    killed = subprocess.Popen([sys.executable, "-m", "normtron", "train", TINY, *micro_args("killed", *common)],
                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "runs" / "killed" / "checkpoints" / "step_00000005"
     deadline = time.time() + 120
@@ -146,8 +146,9 @@ def test_lr_schedules(schedule):
 
 
 def test_no_weight_decay_on_norms_biases_and_embeddings():
-    from models import ModelConfig, Transformer
-    from trainer.optim import build_optimizer
+    from normtron.models.config import ModelConfig
+    from normtron.models.transformer import Transformer
+    from normtron.trainer.optim import build_optimizer
 
     model = Transformer(ModelConfig(dim=16, n_layers=2, n_heads=2, vocab_size=30, norm="layernorm", qk_norm=True))
     opt = build_optimizer(model, TrainingConfig(weight_decay=0.1))

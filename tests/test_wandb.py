@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from tests.helpers import TINY, read_metrics, run_cli
-from trainer.config import LoggingConfig, load_config, validate
-from trainer.errors import UserError
-from trainer.metrics import MetricsLogger
+from normtron.trainer.config import LoggingConfig, load_config, validate
+from normtron.trainer.errors import UserError
+from normtron.trainer.metrics import MetricsLogger
 
 wandb = pytest.importorskip("wandb")  # in the dev extra, so CI has it
 from wandb.proto import wandb_internal_pb2  # noqa: E402
@@ -131,7 +131,7 @@ def test_wandb_not_installed_is_a_one_line_error(monkeypatch):
 
 
 def test_a_study_groups_its_cells_in_wandb(tmp_path):
-    from trainer.study.spec import load_study
+    from normtron.trainer.study.spec import load_study
 
     def cell_groups(name: str, overrides: dict) -> list:
         path = tmp_path / f"{name}.yaml"

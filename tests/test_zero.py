@@ -10,9 +10,9 @@ import torch.distributed.checkpoint as dcp
 from helpers import (MICRO_MODEL, TINY, TrainedRuns, assert_same_losses, diagnostic_rows, resume_copy, run_cli,
                      state_counts, step_losses)
 
-from models import Transformer
-from models.hypersphere import hypersphere_weights
-from trainer.config import load_config
+from normtron.models.transformer import Transformer
+from normtron.models.hypersphere import hypersphere_weights
+from normtron.trainer.config import load_config
 
 STEPS = ("training.steps=8", "checkpoint.every=4", "eval.every=4", "checkpoint.keep_last=0")
 

@@ -43,11 +43,11 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.checkpoint.stateful import Stateful
 
-from parallel.distributed import DistInfo, barrier, broadcast_object
-from trainer.checkpoint_verify import CHECKSUMS, damaged_files, write_checksums
-from trainer.data.tokenizer import TOKENIZER_FILES
-from trainer.errors import UserError
-from trainer.metrics import LOG
+from normtron.parallel.distributed import DistInfo, barrier, broadcast_object
+from normtron.trainer.checkpoint_verify import CHECKSUMS, damaged_files, write_checksums
+from normtron.trainer.data.tokenizer import TOKENIZER_FILES
+from normtron.trainer.errors import UserError
+from normtron.trainer.metrics import LOG
 
 
 SINGLE_PROCESS_WARNING = ".*assuming the intent is to (save|load) in a single process"

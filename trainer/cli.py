@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from trainer.errors import UserError
+from normtron.trainer.errors import UserError
 
 EXIT_USER_ERROR = 2
 
@@ -21,6 +21,7 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
         prog="normtron",
         description="Pretrain decoder-only language models with swappable normalization placement.",
         epilog="Run `normtron COMMAND --help` for the options of each command.")
+    parser.add_argument("--version", action="version", version=f"normtron {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
@@ -118,7 +119,8 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                     "follow). Then write <output_dir>/report/: report.md, PNG plots, runs.csv, cells.csv, "
                     "report.json. See configs/study/ for examples.")
     p.add_argument("study", metavar="STUDY.yaml",
-                   help="study file: base, output_dir, grid, overrides, reference, launcher, resources, published")
+                   help="study file: base, output_dir, grid, overrides, reference, launcher, resources, published "
+                        "(or a shipped study's name, e.g. cpu-zoo: normtron configs)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--report-only", action="store_true", help="rebuild the report from the runs on disk, any time")
     mode.add_argument("--status", action="store_true",
@@ -200,7 +202,7 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                     "evaluated with lm-eval's `hf` model (fp32). Prints the results table, writes "
                     "<CHECKPOINT>.lm-eval.json beside it (metrics and every item's log-likelihoods) and, for a run's "
                     "checkpoint, appends eval/<task>/<metric> at its step to the run's metrics.jsonl. Several GPUs: "
-                    "--parallelize (one model over all GPUs), or `accelerate launch -m trainer eval ...` (one "
+                    "--parallelize (one model over all GPUs), or `accelerate launch -m normtron eval ...` (one "
                     "model per GPU, the requests split between them; without GPUs `accelerate launch --multi_gpu "
                     "--num_processes N` starts N CPU processes).")
     p.add_argument("checkpoint", metavar="CHECKPOINT_OR_HF_DIR",
@@ -214,6 +216,13 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
                    help="folder of local task YAMLs (e.g. `dataset_path: json` with local data_files: offline)")
     p.add_argument("--parallelize", action="store_true",
                    help="spread the model's layers over the visible GPUs (accelerate device map)")
+
+    sub.add_parser(
+        "configs", help="list the shipped configs (name them by their stem: `normtron train tiny`)",
+        description="List the training and study configs that ship with normtron, and where the configs and the "
+                    "launch templates (torchrun.sh, the Slurm scripts) are installed. Every command that takes a "
+                    "config also takes a shipped config's name when no such file exists here: `normtron train tiny "
+                    "...`, `normtron plan 7b --gpus 64`, `normtron study cpu-zoo`.")
 
     p = sub.add_parser(
         "checkpoint", help="check training checkpoints",
@@ -230,12 +239,18 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
 def _add_config_arguments(p: argparse.ArgumentParser, config_help: str,
                           overrides_help: str = "override a config value") -> None:
     """CONFIG.yaml and its section.key=value overrides: the positional pair of every command that loads a config."""
-    p.add_argument("config", metavar="CONFIG.yaml", help=config_help)
+    p.add_argument("config", metavar="CONFIG.yaml", help=f"{config_help} (or a shipped config's name: normtron configs)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help=overrides_help)
 
 
+def _version() -> str:
+    import normtron
+
+    return normtron.__version__
+
+
 def _config_keys_help() -> str:
-    from trainer.config import describe_keys
+    from normtron.trainer.config import describe_keys
 
     return "config keys (section.key = default [choices]):\n" + describe_keys()
 
@@ -256,10 +271,10 @@ def _vocab_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     command = (sys.argv[1:] if argv is None else argv)[:1]
-    args = _parser(config_keys=command not in (["prepare-data"], ["download-corpus"])).parse_args(argv)
+    args = _parser(config_keys=command in (["train"], ["-h"], ["--help"])).parse_args(argv)
     try:
         if args.command == "prepare-data":
-            from trainer.data.prepare import prepare_data
+            from normtron.trainer.data.prepare import prepare_data
 
             import shlex
 
@@ -272,9 +287,9 @@ def main(argv: list[str] | None = None) -> int:
                          text_key=args.text_key, task_index=args.task_index, num_tasks=args.num_tasks,
                          finalize=args.finalize, slurm=slurm)
         elif args.command == "train":
-            from trainer.config import load_config
-            from trainer.preemption import requeue_exit
-            from trainer.train import check, train
+            from normtron.trainer.config import load_config
+            from normtron.trainer.preemption import requeue_exit
+            from normtron.trainer.train import check, train
 
             cfg = load_config(args.config, args.overrides)
             if args.check:
@@ -287,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 if result.preempted:
                     return requeue_exit(result.step, result.checkpoint)
         elif args.command == "plan":
-            from trainer.config import load_config
-            from trainer.plan import format_plan, format_search, make_plan, search
+            from normtron.trainer.config import load_config
+            from normtron.trainer.plan import format_plan, format_search, make_plan, search
 
             if args.gpus < 1:
                 raise UserError(f"--gpus must be at least 1, not {args.gpus}")
@@ -298,8 +313,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(format_plan(make_plan(cfg, args.gpus, args.gpu)))
         elif args.command == "mup-check":
-            from trainer.config import load_config
-            from trainer.mup_check import mup_check
+            from normtron.trainer.config import load_config
+            from normtron.trainer.mup_check import mup_check
 
             try:
                 widths = [int(w) for w in args.widths.split(",")] if args.widths else None
@@ -308,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"not {args.widths!r}") from None
             mup_check(load_config(args.config, args.overrides), widths, args.steps, args.output)
         elif args.command == "study":
-            from trainer.study.command import study_command
+            from normtron.trainer.study.command import study_command
 
             if args.max_parallel is not None and args.max_parallel < 1:
                 raise UserError(f"--max-parallel must be at least 1, not {args.max_parallel}")
@@ -317,13 +332,13 @@ def main(argv: list[str] | None = None) -> int:
             study_command(args.study, args.max_parallel, report_only=args.report_only, status=args.status,
                           watch=args.watch, cancel=args.cancel, cost=args.cost, poll=args.poll)
         elif args.command == "download-corpus":
-            from trainer.data.corpus import download_corpus
+            from normtron.trainer.data.corpus import download_corpus
 
             print(download_corpus(args.name, Path(args.cache_dir)))
         elif args.command == "convert":
-            from trainer.convert.consolidate import consolidate
-            from trainer.convert.from_hf import from_hf
-            from trainer.convert.to_hf import to_hf
+            from normtron.trainer.convert.consolidate import consolidate
+            from normtron.trainer.convert.from_hf import from_hf
+            from normtron.trainer.convert.to_hf import to_hf
 
             if args.direction == "to-hf":
                 to_hf(args.checkpoint, args.out_dir, dtype=args.dtype, max_shard_size=args.max_shard_size)
@@ -332,17 +347,21 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 from_hf(args.hf_dir, args.out_checkpoint)
         elif args.command == "generate":
-            from trainer.generate import generate_command
+            from normtron.trainer.generate import generate_command
 
             generate_command(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
                              args.seed)
         elif args.command == "eval":
-            from trainer.downstream_command import eval_command
+            from normtron.trainer.downstream_command import eval_command
 
             eval_command(args.checkpoint, args.tasks.split(","), args.num_fewshot, args.batch_size, args.limit,
                          args.include_path, args.parallelize)
+        elif args.command == "configs":
+            from normtron.trainer.resources import describe_configs
+
+            print(describe_configs())
         elif args.command == "checkpoint":
-            from trainer.checkpoint import verify_command
+            from normtron.trainer.checkpoint import verify_command
 
             return verify_command(args.dir)
         return 0

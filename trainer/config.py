@@ -20,14 +20,15 @@ from typing import Any, Optional
 import torch
 import yaml
 
-from models.config import ModelConfig, bounds_error, config_field
-from parallel.distributed import pick_device
-from parallel.float8 import FP8_RECIPES, float8_problem
-from parallel.config import ParallelConfig
-from parallel.mesh import ParallelDims
-from parallel.pipeline import SINGLE_STAGE_SCHEDULES, stages_per_rank
-from parallel.zero import build_deepspeed_config
-from trainer.errors import UserError
+from normtron.models.config import ModelConfig, bounds_error, config_field
+from normtron.parallel.distributed import pick_device
+from normtron.parallel.float8 import FP8_RECIPES, float8_problem
+from normtron.parallel.config import ParallelConfig
+from normtron.parallel.mesh import ParallelDims
+from normtron.parallel.pipeline import SINGLE_STAGE_SCHEDULES, stages_per_rank
+from normtron.parallel.zero import build_deepspeed_config
+from normtron.trainer.errors import UserError
+from normtron.trainer.resources import config_path
 
 
 @dataclass
@@ -374,13 +375,11 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `section.key=value` overrides (values parsed as YAML)."""
+    """Defaults, then the YAML file (or shipped config named by its stem), then `section.key=value` overrides
+    (values parsed as YAML)."""
     cfg = Config()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            problem = "is not a file" if path.exists() else "does not exist"
-            raise UserError(f"config file {path} {problem}; pass a YAML file such as configs/tiny.yaml")
+        path = config_path(path)
         try:
             data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
         except (yaml.YAMLError, UnicodeDecodeError) as err:
@@ -480,7 +479,7 @@ def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     validate_pipeline(cfg, dims)  # the micro-batch split too, with or without a pipeline
     validate_precision(cfg)
     if cfg.eval.tasks:
-        from trainer.downstream import check_live_tasks
+        from normtron.trainer.downstream import check_live_tasks
 
         check_live_tasks(cfg)
     if cfg.logging.wandb != "disabled" and importlib.util.find_spec("wandb") is None:

@@ -38,8 +38,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from models.transformer import apply_rope, plain_name
-from trainer.engine import local_tensor
+from normtron.models.transformer import apply_rope, plain_name
+from normtron.trainer.engine import local_tensor
 
 
 def unwrap(model: nn.Module) -> nn.Module:

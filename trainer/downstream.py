@@ -11,12 +11,14 @@ import os
 import re
 from pathlib import Path
 
-from trainer.errors import UserError
+from normtron.parallel.float8 import preload_torchao
+from normtron.trainer.errors import UserError
 
 STEP_NAME = re.compile(r"step_(\d+)$")
 
 
 def require_lm_eval() -> None:
+    preload_torchao()  # lm-eval imports transformers' models, which import torchao when it is installed
     try:
         import accelerate  # noqa: F401
         import lm_eval  # noqa: F401

@@ -10,8 +10,8 @@ from contextlib import nullcontext
 from datetime import timedelta
 from pathlib import Path
 
-from trainer.downstream import STEP_NAME, check_tasks, metric_rows, record, results_table, task_manager, write_json
-from trainer.errors import UserError
+from normtron.trainer.downstream import STEP_NAME, check_tasks, metric_rows, record, results_table, task_manager, write_json
+from normtron.trainer.errors import UserError
 
 
 def eval_command(target: str, tasks: list[str], num_fewshot: int | None = None, batch_size: int = 1,
@@ -37,8 +37,8 @@ def eval_command(target: str, tasks: list[str], num_fewshot: int | None = None, 
     if (path / "config.json").is_file():
         checkpoint, results = path, run_hf(path, tasks, manager, parallelize, **settings)
     else:
-        from trainer.convert.checkpoints import find_checkpoint
-        from trainer.convert.to_hf import to_hf
+        from normtron.trainer.convert.checkpoints import find_checkpoint
+        from normtron.trainer.convert.to_hf import to_hf
 
         checkpoint = find_checkpoint(path)
         with tempfile.TemporaryDirectory(prefix="normtron-eval-") as tmp:

@@ -20,16 +20,16 @@ import numpy as np
 import torch
 from torch.distributed.tensor import DTensor
 
-from trainer.downstream import record, task_manager, write_json
-from trainer.errors import UserError
+from normtron.trainer.downstream import record, task_manager, write_json
+from normtron.trainer.errors import UserError
 
 
 def hf_tokenizer(tokenizer_file: Path, max_seq_len: int):
     """The tokenizer as the exported Hugging Face folder holds it (trainer/convert/hf/tokenizer.py)."""
     from transformers import AutoTokenizer
 
-    from trainer.convert.hf.tokenizer import write_hf_tokenizer
-    from trainer.data.tokenizer import load_tokenizer
+    from normtron.trainer.convert.hf.tokenizer import write_hf_tokenizer
+    from normtron.trainer.data.tokenizer import load_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="normtron-tokenizer-") as tmp:
         write_hf_tokenizer(load_tokenizer(tokenizer_file), Path(tmp), max_seq_len)
@@ -122,7 +122,7 @@ class LiveTasks:
     def run(self, step: int) -> dict[str, float]:
         import lm_eval
 
-        from trainer.downstream import metric_rows
+        from normtron.trainer.downstream import metric_rows
 
         self.engine.model.eval()
         try:

@@ -32,20 +32,20 @@ from torch.distributed.tensor.experimental import implicit_replication
 from torch.distributed.tensor.parallel import loss_parallel
 from torch.distributed.checkpoint.stateful import Stateful
 
-from models.hypersphere import normalize_hypersphere_
-from models.placement import uses_hypersphere
-from parallel.distributed import DistInfo
-from parallel.float8 import precompute_float8_scales, uses_float8_all_gather
-from parallel.mesh import ParallelDims
-from parallel.parallelize import ParallelModel, Precision, clip_grad_norm, gradient_sync, parallelize
-from parallel.pipeline import build_schedule, clip_grad_norm_pipelined, merged_view
-from parallel.zero import DeepSpeedEngine
-from trainer.checkpoint import AsyncSave, load_dcp, load_model_weights, save_dcp
-from trainer.chunked_loss import IGNORE_INDEX, linear_cross_entropy
-from trainer.config import Config, deepspeed_config, micro_batching
-from trainer.data.batches import TokenStream, stack_windows
-from trainer.loss import chunked_head_objective, cross_entropy, micro_batch_objective
-from trainer.optim import build_lr_scheduler, build_optimizer
+from normtron.models.hypersphere import normalize_hypersphere_
+from normtron.models.placement import uses_hypersphere
+from normtron.parallel.distributed import DistInfo
+from normtron.parallel.float8 import precompute_float8_scales, uses_float8_all_gather
+from normtron.parallel.mesh import ParallelDims
+from normtron.parallel.parallelize import ParallelModel, Precision, clip_grad_norm, gradient_sync, parallelize
+from normtron.parallel.pipeline import build_schedule, clip_grad_norm_pipelined, merged_view
+from normtron.parallel.zero import DeepSpeedEngine
+from normtron.trainer.checkpoint import AsyncSave, load_dcp, load_model_weights, save_dcp
+from normtron.trainer.chunked_loss import IGNORE_INDEX, linear_cross_entropy
+from normtron.trainer.config import Config, deepspeed_config, micro_batching
+from normtron.trainer.data.batches import TokenStream, stack_windows
+from normtron.trainer.loss import chunked_head_objective, cross_entropy, micro_batch_objective
+from normtron.trainer.optim import build_lr_scheduler, build_optimizer
 
 
 class Engine(Protocol):

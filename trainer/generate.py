@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from models.generation import generate
-from models.transformer import Transformer
-from trainer.checkpoint import checkpoint_format
-from trainer.convert.checkpoints import CheckpointTensors, checkpoint_config, find_checkpoint
-from trainer.convert.output import checked_tokenizer
-from trainer.data.tokenizer import TOKENIZER_FILES
-from trainer.errors import UserError
+from normtron.models.generation import generate
+from normtron.models.transformer import Transformer
+from normtron.trainer.checkpoint import checkpoint_format
+from normtron.trainer.convert.checkpoints import CheckpointTensors, checkpoint_config, find_checkpoint
+from normtron.trainer.convert.output import checked_tokenizer
+from normtron.trainer.data.tokenizer import TOKENIZER_FILES
+from normtron.trainer.errors import UserError
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
@@ -64,7 +64,7 @@ def generate_command(checkpoint: str, prompt: str, max_new_tokens: int = 64, tem
         raise UserError("--prompt is empty; pass the text to continue, e.g. --prompt 'To be, or not'")
     path = find_checkpoint(Path(checkpoint))
     if checkpoint_format(path) == "deepspeed":  # gather its ZeRO partitions into a readable copy first
-        from trainer.convert.consolidate import consolidate
+        from normtron.trainer.convert.consolidate import consolidate
 
         with tempfile.TemporaryDirectory(prefix="normtron-consolidated-") as tmp:
             return generate_command(str(consolidate(path, Path(tmp) / path.name)), prompt, max_new_tokens,

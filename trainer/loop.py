@@ -13,21 +13,21 @@ import numpy as np
 import torch
 from torch.distributed.checkpoint.stateful import Stateful
 
-from models import flops_per_token
-from parallel.distributed import DistInfo, all_reduce_sum, broadcast_object
-from parallel.mesh import ParallelDims
-from trainer.checkpoint import Checkpointer
-from trainer.config import Config, config_to_dict, micro_batching, pipeline_stages
-from trainer.data.batches import TokenStream, TrainBatches
-from trainer.data.mixture import MixtureBatches, Source, sources_tokenizer
-from trainer.diagnostics import Diagnostics
-from trainer.engine import Engine
-from trainer.errors import UserError
-from trainer.loss import injected_fault, perplexity
-from trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration
-from trainer.preemption import PreemptionWatch
-from trainer.optim import apply_hyperparameters, apply_lr_schedule
-from trainer.stability import RollbackLimit, StabilityMonitor
+from normtron.models.transformer import flops_per_token
+from normtron.parallel.distributed import DistInfo, all_reduce_sum, broadcast_object
+from normtron.parallel.mesh import ParallelDims
+from normtron.trainer.checkpoint import Checkpointer
+from normtron.trainer.config import Config, config_to_dict, micro_batching, pipeline_stages
+from normtron.trainer.data.batches import TokenStream, TrainBatches
+from normtron.trainer.data.mixture import MixtureBatches, Source, sources_tokenizer
+from normtron.trainer.diagnostics import Diagnostics
+from normtron.trainer.engine import Engine
+from normtron.trainer.errors import UserError
+from normtron.trainer.loss import injected_fault, perplexity
+from normtron.trainer.metrics import LOG, MetricsLogger, device_peak_flops, format_duration
+from normtron.trainer.preemption import PreemptionWatch
+from normtron.trainer.optim import apply_hyperparameters, apply_lr_schedule
+from normtron.trainer.stability import RollbackLimit, StabilityMonitor
 
 
 @dataclass
@@ -107,7 +107,7 @@ class TrainLoop:
                                                          (cfg.debug.spike_at_step, 1000.0)) if step is not None}
         self.live_tasks = None  # eval.tasks: lm-eval tasks on the live model (trainer/downstream_live.py)
         if cfg.eval.tasks:
-            from trainer.downstream_live import LiveTasks
+            from normtron.trainer.downstream_live import LiveTasks
 
             self.live_tasks = LiveTasks(cfg, engine, tokenizer, run_dir, dist_info.device, dist_info.is_main)
         if cfg.diagnostics.every and cfg.parallel.backend == "deepspeed":

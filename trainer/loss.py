@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from trainer.chunked_loss import linear_cross_entropy
+from normtron.trainer.chunked_loss import linear_cross_entropy
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

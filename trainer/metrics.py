@@ -138,7 +138,7 @@ class MetricsLogger:
             if tensorboard:
                 self.sinks.append(TensorBoardSink(run_dir / "tensorboard", resume_step))
             if wandb is not None:
-                from trainer.wandb_sink import WandbSink
+                from normtron.trainer.wandb_sink import WandbSink
 
                 self.sinks.append(WandbSink(run_dir, wandb, config or {}))
 

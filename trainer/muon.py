@@ -22,8 +22,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from parallel.muon import ShardedMatrixMap, is_sharded
-from trainer.config import TrainingConfig
+from normtron.parallel.muon import ShardedMatrixMap, is_sharded
+from normtron.trainer.config import TrainingConfig
 
 try:  # torch.optim.Muon since torch 2.9 (config validation refuses optimizer=muon without it)
     from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, _zeropower_via_newtonschulz

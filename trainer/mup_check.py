@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from models import Transformer
-from models.config import ModelConfig
-from trainer.config import Config
-from trainer.errors import UserError
-from trainer.loss import cross_entropy
-from trainer.optim import build_optimizer
+from normtron.models.transformer import Transformer
+from normtron.models.config import ModelConfig
+from normtron.trainer.config import Config
+from normtron.trainer.errors import UserError
+from normtron.trainer.loss import cross_entropy
+from normtron.trainer.optim import build_optimizer
 
 PARAMETRIZATIONS = ("standard", "mup")
 
@@ -43,7 +43,7 @@ def width_config(model: ModelConfig, width: int, parametrization: str, base: int
 
 def activation_sizes(cfg: Config, model_cfg: ModelConfig, steps: int) -> list[dict]:
     """Rows (step, activation, mean_abs) of `steps` training steps of one model, recorded in each step's forward."""
-    from trainer.data.mixture import make_batches, open_sources
+    from normtron.trainer.data.mixture import make_batches, open_sources
 
     torch.manual_seed(cfg.run.seed)
     model = Transformer(model_cfg)
@@ -78,8 +78,8 @@ def activation_sizes(cfg: Config, model_cfg: ModelConfig, steps: int) -> list[di
 def mup_check(cfg: Config, widths: list[int] | None, steps: int, out_dir: Path | None) -> Path:
     """Run the check and write coord.csv, coord.md and coord.png into `out_dir` (default
     <run.output_dir>/mup-check); returns that directory."""
-    from trainer.data.mixture import open_sources
-    from trainer.train import resolve_vocab_size
+    from normtron.trainer.data.mixture import open_sources
+    from normtron.trainer.train import resolve_vocab_size
 
     if steps < 1:
         raise UserError(f"--steps must be at least 1, not {steps}")

@@ -12,12 +12,12 @@ from functools import partial
 import torch
 from torch import nn
 
-from models import mup
-from models.config import ModelConfig
-from models.hypersphere import hypersphere_weights
-from models.transformer import plain_name
-from trainer.config import TrainingConfig
-from trainer.muon import apply_muon_hyperparameters, build_muon
+from normtron.models import mup
+from normtron.models.config import ModelConfig
+from normtron.models.hypersphere import hypersphere_weights
+from normtron.models.transformer import plain_name
+from normtron.trainer.config import TrainingConfig
+from normtron.trainer.muon import apply_muon_hyperparameters, build_muon
 
 
 def build_optimizer(model: nn.Module, cfg: TrainingConfig, model_cfg: ModelConfig | None = None

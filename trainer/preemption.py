@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from trainer.metrics import LOG
+from normtron.trainer.metrics import LOG
 
 EXIT_REQUEUE = 75  # EX_TEMPFAIL from sysexits.h: "temporary failure, try again later"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)

@@ -30,8 +30,8 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from trainer.errors import UserError
-from trainer.metrics import LOG, MetricsLogger
+from normtron.trainer.errors import UserError
+from normtron.trainer.metrics import LOG, MetricsLogger
 
 
 class SpikeDetector:

@@ -25,21 +25,22 @@ import torch
 import yaml
 from torch import nn
 
-from kernels import describe_kernels, triton_problem
-from models import ModelConfig, Transformer, count_parameters
-from parallel.distributed import DistInfo, barrier, init_distributed, pick_device, shutdown_distributed
-from parallel.float8 import describe_float8, uses_float8_all_gather
-from parallel.mesh import ParallelDims
-from parallel.pipeline import layers_per_stage
-from trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
-from trainer.config import Config, config_to_dict, dump_config, pipeline_stages, validate, validate_tensor_parallel
-from trainer.data.batches import eval_windows
-from trainer.data.mixture import Source, make_batches, open_sources
-from trainer.engine import build_engine, build_mesh, init_model, parallelize_model, uses_loss_parallel
-from trainer.errors import UserError
-from trainer.loop import RunInputs, TrainLoop, TrainResult, TrainState, ValidationSet
-from trainer.metrics import LOG, setup_logging
-from trainer.optim import apply_hyperparameters, apply_lr_schedule
+from normtron.kernels.dispatch import describe_kernels, triton_problem
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer, count_parameters
+from normtron.parallel.distributed import DistInfo, barrier, init_distributed, pick_device, shutdown_distributed
+from normtron.parallel.float8 import describe_float8, uses_float8_all_gather
+from normtron.parallel.mesh import ParallelDims
+from normtron.parallel.pipeline import layers_per_stage
+from normtron.trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
+from normtron.trainer.config import Config, config_to_dict, dump_config, pipeline_stages, validate, validate_tensor_parallel
+from normtron.trainer.data.batches import eval_windows
+from normtron.trainer.data.mixture import Source, make_batches, open_sources
+from normtron.trainer.engine import build_engine, build_mesh, init_model, parallelize_model, uses_loss_parallel
+from normtron.trainer.errors import UserError
+from normtron.trainer.loop import RunInputs, TrainLoop, TrainResult, TrainState, ValidationSet
+from normtron.trainer.metrics import LOG, setup_logging
+from normtron.trainer.optim import apply_hyperparameters, apply_lr_schedule
 
 
 def train(cfg: Config) -> TrainResult:
@@ -102,7 +103,7 @@ def check(cfg: Config, world_size: int) -> str:
     """`normtron train --check`: every check a launch would make, without writing anything; returns a summary."""
     dims, inputs = check_inputs(cfg, world_size, rank=0)
     model = build_model_on_meta(cfg)
-    from trainer.plan import check_memory_line
+    from normtron.trainer.plan import check_memory_line
 
     return (f"config OK for {world_size} rank(s) ({describe_parallel(cfg, dims)}): "
             f"{describe_model(cfg, model)}\n{describe_data(inputs.sources)}\n"

@@ -12,7 +12,7 @@ import os
 import secrets
 from pathlib import Path
 
-from trainer.errors import UserError
+from normtron.trainer.errors import UserError
 
 RUN_ID_FILE = "wandb_run_id"
 

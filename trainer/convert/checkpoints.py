@@ -10,13 +10,13 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 
-from models.config import ModelConfig
-from trainer.checkpoint import checkpoint_format, complete_checkpoints, load_failure_reason, single_process_ok
-from trainer.checkpoint_verify import dcp_chunk_problems, dcp_size_problems
-from trainer.config import Config, config_from_dict
-from trainer.convert.hf import mapping
-from trainer.convert.output import say
-from trainer.errors import UserError
+from normtron.models.config import ModelConfig
+from normtron.trainer.checkpoint import checkpoint_format, complete_checkpoints, load_failure_reason, single_process_ok
+from normtron.trainer.checkpoint_verify import dcp_chunk_problems, dcp_size_problems
+from normtron.trainer.config import Config, config_from_dict
+from normtron.trainer.convert.hf import mapping
+from normtron.trainer.convert.output import say
+from normtron.trainer.errors import UserError
 
 
 def find_checkpoint(path: Path) -> Path:

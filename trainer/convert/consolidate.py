@@ -8,10 +8,10 @@ from pathlib import Path
 
 import torch.distributed.checkpoint as dcp
 
-from trainer.checkpoint import checkpoint_format, load_failure_reason, single_process_ok
-from trainer.convert.output import output_dir, say
-from trainer.data.tokenizer import TOKENIZER_FILES
-from trainer.errors import UserError
+from normtron.trainer.checkpoint import checkpoint_format, load_failure_reason, single_process_ok
+from normtron.trainer.convert.output import output_dir, say
+from normtron.trainer.data.tokenizer import TOKENIZER_FILES
+from normtron.trainer.errors import UserError
 
 
 def consolidate(src: Path, dst: Path) -> Path:
@@ -23,7 +23,7 @@ def consolidate(src: Path, dst: Path) -> Path:
         raise UserError(f"{src} is not a checkpoint directory (expected RUN/checkpoints/step_XXXXXXXX)")
     if written_by == "dcp":
         raise UserError(f"{src} is a DCP checkpoint, which is already layout-independent; use it as it is")
-    from parallel.zero import consolidated_state_dict
+    from normtron.parallel.zero import consolidated_state_dict
 
     with output_dir(dst) as tmp:
         try:

@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 import torch.distributed.checkpoint as dcp
 
-from trainer.checkpoint import single_process_ok
-from trainer.config import Config, dump_config
-from trainer.convert.hf import mapping
-from trainer.convert.output import checked_tokenizer, output_dir, require_hf_libraries, say
-from trainer.data.tokenizer import TOKENIZER_FILES
-from trainer.errors import UserError
+from normtron.trainer.checkpoint import single_process_ok
+from normtron.trainer.config import Config, dump_config
+from normtron.trainer.convert.hf import mapping
+from normtron.trainer.convert.output import checked_tokenizer, output_dir, require_hf_libraries, say
+from normtron.trainer.data.tokenizer import TOKENIZER_FILES
+from normtron.trainer.errors import UserError
 
 
 def from_hf(hf_dir: str | Path, out_checkpoint: str | Path) -> Path:

@@ -4,21 +4,25 @@ and the tokenizer-fits-the-model check."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-from trainer.errors import UserError
+from normtron.parallel.float8 import preload_torchao
+from normtron.trainer.errors import UserError
 
 
 def require_hf_libraries() -> None:
-    try:
-        import safetensors  # noqa: F401
-        import transformers  # noqa: F401
-    except ImportError as err:
-        raise UserError(f"normtron convert needs the Hugging Face libraries ({err.name} is missing): "
-                        f"pip install 'normtron[hf]'") from None
+    """Fail with one line when transformers or safetensors is missing; import torchao (which transformers' models
+    import when it is installed) quietly first."""
+    missing = [name for name in ("safetensors", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"normtron convert needs the Hugging Face libraries ({missing[0]} is missing): "
+                        f"pip install 'normtron[hf]'")
+    preload_torchao()
+
 
 
 def say(message: str) -> None:
@@ -51,7 +55,7 @@ def output_dir(out: Path) -> Iterator[Path]:
 
 def checked_tokenizer(tokenizer: Path, vocab_size: int, where: str):
     """The tokenizer in `tokenizer` (sentencepiece or tokenizer.json), after checking the model can embed its ids."""
-    from trainer.data.tokenizer import load_tokenizer
+    from normtron.trainer.data.tokenizer import load_tokenizer
 
     tok = load_tokenizer(tokenizer)
     if tok.vocab_size > vocab_size:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from trainer.checkpoint import checkpoint_format
-from trainer.convert.checkpoints import CheckpointTensors, checkpoint_config, find_checkpoint
-from trainer.convert.consolidate import consolidate
-from trainer.convert.hf import mapping
-from trainer.convert.output import checked_tokenizer, output_dir, require_hf_libraries, say
-from trainer.data.tokenizer import TOKENIZER_FILES
-from trainer.errors import UserError
+from normtron.trainer.checkpoint import checkpoint_format
+from normtron.trainer.convert.checkpoints import CheckpointTensors, checkpoint_config, find_checkpoint
+from normtron.trainer.convert.consolidate import consolidate
+from normtron.trainer.convert.hf import mapping
+from normtron.trainer.convert.output import checked_tokenizer, output_dir, require_hf_libraries, say
+from normtron.trainer.data.tokenizer import TOKENIZER_FILES
+from normtron.trainer.errors import UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_SHARD_SIZE = 5 * 2**30  # Hugging Face's default for save_pretrained
@@ -22,13 +22,13 @@ DEFAULT_SHARD_SIZE = 5 * 2**30  # Hugging Face's default for save_pretrained
 
 def to_hf(checkpoint: str | Path, out_dir: str | Path, dtype: str = "fp32",
           max_shard_size: int = DEFAULT_SHARD_SIZE) -> Path:
+    path, out, torch_dtype = find_checkpoint(Path(checkpoint)), Path(out_dir), DTYPES[dtype]
     require_hf_libraries()
     from safetensors.torch import save_file
 
-    from trainer.convert.hf.codegen import write_remote_code
-    from trainer.convert.hf.tokenizer import special_token_ids, write_hf_tokenizer
+    from normtron.trainer.convert.hf.codegen import write_remote_code
+    from normtron.trainer.convert.hf.tokenizer import special_token_ids, write_hf_tokenizer
 
-    path, out, torch_dtype = find_checkpoint(Path(checkpoint)), Path(out_dir), DTYPES[dtype]
     if checkpoint_format(path) == "deepspeed":  # gather its ZeRO partitions first, then convert as usual
         with tempfile.TemporaryDirectory(prefix="normtron-consolidated-") as tmp:
             return to_hf(consolidate(path, Path(tmp) / path.name), out, dtype, max_shard_size)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.errors import UserError
-from trainer.data.format import data_dir_problem, read_meta, split_files
+from normtron.trainer.errors import UserError
+from normtron.trainer.data.format import data_dir_problem, read_meta, split_files
 
 
 def load_data_meta(data_dir: str | Path, key: str = "data.dir") -> dict:

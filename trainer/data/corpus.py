@@ -24,7 +24,7 @@ from typing import BinaryIO, Iterator
 
 import zstandard
 
-from trainer.errors import UserError
+from normtron.trainer.errors import UserError
 
 TEXT_FORMATS = (".txt", ".jsonl", ".json")  # each also as .gz / .zst
 COMPRESSIONS = (".gz", ".zst")

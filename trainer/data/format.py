@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.corpus import file_sha256
+from normtron.trainer.data.corpus import file_sha256
 
 FORMAT_VERSION = 2  # what prepare-data writes; format 1 directories are still read
 
@@ -79,7 +79,7 @@ def data_dir_problem(data_dir: Path, meta: dict | None) -> str | None:
                             if size is not None else f"lacks {shown}")
         if file_sha256(data_dir / tok_file) != meta["tokenizer"]["sha256"]:
             return f"has a {tok_file} that is not the one its token files were made with"
-        from trainer.data.tokenizer import load_tokenizer
+        from normtron.trainer.data.tokenizer import load_tokenizer
 
         pieces = load_tokenizer(data_dir / tok_file).vocab_size
         if pieces != meta["vocab_size"]:

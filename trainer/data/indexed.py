@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.batches import TokenStream, check_token_ids
-from trainer.errors import UserError
+from normtron.trainer.data.batches import TokenStream, check_token_ids
+from normtron.trainer.errors import UserError
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 # Megatron's DType codes (megatron/core/datasets/indexed_dataset.py)

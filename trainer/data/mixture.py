@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.config import DataConfig, DataSourceSpec, data_sources
-from trainer.data.batches import (TokenStream, TrainBatches, WindowOrder, check_windows, load_data_meta,
+from normtron.trainer.config import DataConfig, DataSourceSpec, data_sources
+from normtron.trainer.data.batches import (TokenStream, TrainBatches, WindowOrder, check_windows, load_data_meta,
                                   open_tokens)
-from trainer.data.indexed import is_megatron_prefix, open_megatron
-from trainer.data.tokenizer import load_tokenizer
-from trainer.errors import UserError
+from normtron.trainer.data.indexed import is_megatron_prefix, open_megatron
+from normtron.trainer.data.tokenizer import load_tokenizer
+from normtron.trainer.errors import UserError
 
 
 @dataclass

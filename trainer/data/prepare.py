@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.corpus import TEXT_FIELD, file_sha256, find_corpus_files, read_documents
-from trainer.data.format import FORMAT_VERSION, data_dir_problem, read_meta
-from trainer.data.shards import Shard, ShardJob, init_worker, plan_shards, prepare_shard
-from trainer.data.tokenizer import (DEFAULT_VOCAB_SIZE, TOKENIZER_FILES, load_tokenizer, token_dtype,
+from normtron.trainer.data.corpus import TEXT_FIELD, file_sha256, find_corpus_files, read_documents
+from normtron.trainer.data.format import FORMAT_VERSION, data_dir_problem, read_meta
+from normtron.trainer.data.shards import Shard, ShardJob, init_worker, plan_shards, prepare_shard
+from normtron.trainer.data.tokenizer import (DEFAULT_VOCAB_SIZE, TOKENIZER_FILES, load_tokenizer, token_dtype,
                                     tokenizer_file, train_sentencepiece)
-from trainer.errors import UserError
+from normtron.trainer.errors import UserError
+from normtron.trainer.resources import launch_script
 
 MAX_AUTO_SHARD_BYTES = 256 * 10**6  # --shard-size by default: about AUTO_SHARDS shards, each within these bounds
 MIN_AUTO_SHARD_BYTES = 10**6
@@ -43,7 +44,6 @@ AUTO_SHARDS = 64  # enough to keep the cores of a node (or the tasks of an array
 MAX_PIECE_TOKENS = 2048  # long documents are split train/val in pieces of at most this many tokens
 PROGRESS_SECONDS = 5.0
 DEFAULT_SLURM_TASKS = 100  # array tasks for --slurm (below Slurm's default MaxArraySize of 1001)
-REPO = Path(__file__).resolve().parents[2]
 
 
 class WorkerLost(UserError):
@@ -339,9 +339,8 @@ def submit_slurm(inputs, output: Path, tok_args: list[str], val_fraction, shard_
     logs.mkdir(parents=True, exist_ok=True)
     common = ["--parsable"] + (["--partition", slurm["partition"]] if slurm.get("partition") else [])
     common += list(slurm.get("sbatch_args") or [])
-    script = str(REPO / "launch" / "slurm" / "prepare.sbatch")
-    env = {**os.environ, "NORMTRON_REPO": str(REPO), "NORMTRON_PYTHON": os.environ.get("NORMTRON_PYTHON",
-                                                                                      sys.executable)}
+    script = str(launch_script("slurm", "prepare.sbatch"))
+    env = {**os.environ, "NORMTRON_PYTHON": os.environ.get("NORMTRON_PYTHON", sys.executable)}
     per_task = ["--cpus-per-task", str(workers)] if workers else []
     array = _sbatch([*common, *per_task, "--job-name", "normtron-prepare", f"--array=0-{n_tasks - 1}", "--output",
                      str(logs / "%x-%A_%a.out"), script, *args, *(["--workers", str(workers)] if workers else [])],

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.data.corpus import file_sha256, read_documents
+from normtron.trainer.data.corpus import file_sha256, read_documents
 
 FLUSH_TOKENS = 1 << 22  # tokens buffered per split before a write
 ENCODE_BATCH_CHARS = 1 << 20  # characters of text handed to the tokenizer at once
@@ -116,7 +116,7 @@ _worker: dict = {}
 
 def init_worker(job: ShardJob, chars_done=None, tokens_done=None) -> None:
     """Pool initializer (also called in-process for one worker): load the tokenizer, keep the progress counters."""
-    from trainer.data.tokenizer import load_tokenizer
+    from normtron.trainer.data.tokenizer import load_tokenizer
 
     _worker.update(job=job, tok=load_tokenizer(job.tokenizer_path), chars=chars_done, tokens=tokens_done)
 

@@ -30,7 +30,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from trainer.errors import UserError
+from normtron.trainer.errors import UserError
 
 DEFAULT_VOCAB_SIZE = 8192
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # the two kinds, in the order a folder is searched

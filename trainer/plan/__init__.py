@@ -7,13 +7,13 @@ import copy
 import itertools
 from dataclasses import dataclass
 
-from parallel.mesh import ParallelDims
-from trainer.config import Config, micro_batching, parallel_dims, pipeline_stages, validate_pipeline, \
+from normtron.parallel.mesh import ParallelDims
+from normtron.trainer.config import Config, micro_batching, parallel_dims, pipeline_stages, validate_pipeline, \
     validate_tensor_parallel
-from trainer.errors import UserError
-from trainer.plan.gpus import GPU, GPUS, lookup_gpu
-from trainer.plan.memory import RankMemory, count_params, plan_memory
-from trainer.plan.roofline import ASSUMPTIONS, StepTime, step_time
+from normtron.trainer.errors import UserError
+from normtron.trainer.plan.gpus import GPU, GPUS, lookup_gpu
+from normtron.trainer.plan.memory import RankMemory, count_params, plan_memory
+from normtron.trainer.plan.roofline import ASSUMPTIONS, StepTime, step_time
 
 HEADROOM = 0.9  # a layout "fits" below 90% of the GPU's memory: allocator fragmentation, NCCL and CUDA context
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from trainer.errors import UserError
+from normtron.trainer.errors import UserError
 
 
 @dataclass(frozen=True)

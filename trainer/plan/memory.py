@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.transformer import Transformer
-from parallel.mesh import ParallelDims
-from parallel.pipeline import ZERO_BUBBLE_SCHEDULES, layers_per_stage, stage_indices, stages_per_rank
-from trainer.config import Config, deepspeed_config, micro_batching, pipeline_stages
-from trainer.engine import loss_chunk_size
+from normtron.models.transformer import Transformer
+from normtron.parallel.mesh import ParallelDims
+from normtron.parallel.pipeline import ZERO_BUBBLE_SCHEDULES, layers_per_stage, stage_indices, stages_per_rank
+from normtron.trainer.config import Config, deepspeed_config, micro_batching, pipeline_stages
+from normtron.trainer.engine import loss_chunk_size
 
 # DeepSpeed's defaults for the zero_optimization keys that size its buffers, in elements (DeepSpeedZeroConfig,
 # deepspeed/runtime/zero/config.py; tests/test_plan.py reads them from DeepSpeed)
@@ -125,7 +125,7 @@ def layer_activation_bytes_per_token(cfg: Config, dims: ParallelDims) -> float:
 
 def _extra_norms_per_layer(cfg: Config) -> int:
     """Norms over the residual width beyond Pre-LN's two (Peri-LN's output norms, Post-LN's are instead of)."""
-    from models.placement import layer_wiring
+    from normtron.models.placement import layer_wiring
     wiring = layer_wiring(cfg.model, 0)
     count = sum(getattr(wiring.branch(b), k) for b in ("attention", "mlp")
                 for k in ("input_norm", "output_norm", "post_norm"))

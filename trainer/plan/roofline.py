@@ -11,12 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from models.transformer import flops_per_token
-from parallel.mesh import ParallelDims
-from parallel.pipeline import ZERO_BUBBLE_SCHEDULES, stages_per_rank
-from trainer.config import Config, micro_batching, pipeline_stages
-from trainer.plan.gpus import GPU
-from trainer.plan.memory import checkpointed_layer_bytes_per_token, layer_activation_bytes_per_token
+from normtron.models.transformer import flops_per_token
+from normtron.parallel.mesh import ParallelDims
+from normtron.parallel.pipeline import ZERO_BUBBLE_SCHEDULES, stages_per_rank
+from normtron.trainer.config import Config, micro_batching, pipeline_stages
+from normtron.trainer.plan.gpus import GPU
+from normtron.trainer.plan.memory import checkpointed_layer_bytes_per_token, layer_activation_bytes_per_token
 
 MATMUL_EFFICIENCY = 0.55     # achieved / peak dense bf16 on large transformer matmuls (torchtitan Llama-3 8B on
                              # H100 reports 38-45% MFU end to end; the matmuls alone run higher)

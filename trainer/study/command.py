@@ -7,12 +7,12 @@ polling until every cell has ended); the report is written once every cell has e
 
 from __future__ import annotations
 
-from trainer.errors import UserError
-from trainer.study import tracking
-from trainer.study.cost import cost_summary
-from trainer.study.launchers import check_slurm, require_slurm
-from trainer.study.report import write_report
-from trainer.study.spec import Study, load_study
+from normtron.trainer.errors import UserError
+from normtron.trainer.study import tracking
+from normtron.trainer.study.cost import cost_summary
+from normtron.trainer.study.launchers import check_slurm, require_slurm
+from normtron.trainer.study.report import write_report
+from normtron.trainer.study.spec import Study, load_study
 
 
 def _failed(study: Study, rows: list[dict]) -> None:

@@ -4,7 +4,7 @@ bf16, at 40% MFU)."""
 
 from __future__ import annotations
 
-from trainer.study.spec import Cell, Study
+from normtron.trainer.study.spec import Cell, Study
 
 
 def gpu_hours(study: Study, cell: Cell) -> float:

@@ -13,11 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.errors import UserError
-from trainer.study.spec import Cell, Study, gpu_count
+from normtron.trainer.errors import UserError
+from normtron.trainer.resources import launch_script
+from normtron.trainer.study.spec import Cell, Study, gpu_count
 
-REPO = Path(__file__).resolve().parents[2]
-SBATCH_SCRIPT = REPO / "launch" / "slurm" / "train.sbatch"
 # Slurm job states in which a job still holds or waits for resources (it may yet run or run again).
 ACTIVE_STATES = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD",
                  "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "STOPPED"}
@@ -36,10 +35,10 @@ def process_command(study: Study, cell: Cell, slot: int) -> tuple[list[str], dic
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str((slot * nproc + i) % gpus) for i in range(nproc))
     if study.launcher == "torchrun":
         env.setdefault("NORMTRON_PYTHON", sys.executable)
-        cmd = ["bash", str(REPO / "launch" / "torchrun.sh"), "--nproc-per-node", str(nproc),
+        cmd = ["bash", str(launch_script("torchrun.sh")), "--nproc-per-node", str(nproc),
                "--log-dir", str(study.output_dir / "logs" / cell.name), str(study.base), *cell.overrides]
     else:
-        cmd = [sys.executable, "-m", "trainer", "train", str(study.base), *cell.overrides]
+        cmd = [sys.executable, "-m", "normtron", "train", str(study.base), *cell.overrides]
     return cmd, env
 
 
@@ -118,11 +117,11 @@ def submit(study: Study, cell: Cell) -> int:
     for flag, value in (("--time", r.time), ("--partition", r.partition), ("--account", r.account)):
         if value:
             cmd += [flag, value]
-    cmd += [*r.sbatch, str(SBATCH_SCRIPT), str(study.base), *cell.overrides]
-    # The job runs in this directory (relative paths in the study stay valid) with this checkout's code.
-    env = {**os.environ, "NORMTRON_REPO": str(REPO), "NORMTRON_LOGS": str(logs),
-           "NORMTRON_NPROC_PER_NODE": str(r.procs_per_node),
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    cmd += [*r.sbatch, str(launch_script("slurm", "train.sbatch")), str(study.base), *cell.overrides]
+    # The job runs in this directory (relative paths in the study stay valid) with this installation's Python and
+    # launch templates.
+    env = {**os.environ, "NORMTRON_LAUNCH": str(launch_script("torchrun.sh").parent), "NORMTRON_LOGS": str(logs),
+           "NORMTRON_NPROC_PER_NODE": str(r.procs_per_node)}
     env.setdefault("NORMTRON_PYTHON", sys.executable)
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False, env=env)
     if result.returncode != 0 or not result.stdout.strip().split(";")[0].isdigit():

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import yaml
 
-from trainer.study.spec import SEED_KEY, Cell, Study
-from trainer.study.tracking import cell_status, last_metrics, read_record
+from normtron.trainer.study.spec import SEED_KEY, Cell, Study
+from normtron.trainer.study.tracking import cell_status, last_metrics, read_record
 
 PLACEMENT = "model.placement"
 LR, WIDTH = "training.lr", "model.dim"

@@ -53,10 +53,11 @@ from typing import Callable
 import torch
 import yaml
 
-from models.transformer import flops_per_token
-from trainer.config import load_config, validate
-from trainer.data.mixture import open_sources
-from trainer.errors import UserError
+from normtron.models.transformer import flops_per_token
+from normtron.trainer.config import load_config, validate
+from normtron.trainer.data.mixture import open_sources
+from normtron.trainer.errors import UserError
+from normtron.trainer.resources import config_path
 
 STUDY_KEYS = {"base", "output_dir", "max_parallel", "overrides", "grid", "reference", "launcher", "nproc_per_cell",
               "retries", "resources", "cost", "published"}
@@ -266,9 +267,7 @@ def _data_key(cfg) -> str:
 
 def load_study(path: str | Path, max_parallel: int | None = None, check_data: bool = True) -> Study:
     """Read and check a study file; every cell's config is validated (for its world size) before anything runs."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"study file {path} does not exist; pass a YAML file such as configs/study/cpu.yaml")
+    path = config_path(path, "study")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as err:

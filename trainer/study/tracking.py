@@ -22,10 +22,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from trainer.checkpoint import complete_checkpoints
-from trainer.metrics import format_duration
-from trainer.study import launchers
-from trainer.study.spec import Cell, Study
+from normtron.trainer.checkpoint import complete_checkpoints
+from normtron.trainer.metrics import format_duration
+from normtron.trainer.study import launchers
+from normtron.trainer.study.spec import Cell, Study
 
 DIVERGED = re.compile(r"training diverged at step (\d+)")
 

@@ -13,11 +13,11 @@ import re
 
 import torch
 
-from models import mup
-from models.config import ModelConfig
-from models.placement import PRE, layer_wiring
-from models.transformer import Transformer
-from trainer.errors import UserError
+from normtron.models import mup
+from normtron.models.config import ModelConfig
+from normtron.models.placement import PRE, layer_wiring
+from normtron.models.transformer import Transformer
+from normtron.trainer.errors import UserError
 
 LLAMA, GRANITE, NORMTRON = "LlamaForCausalLM", "GraniteForCausalLM", "NormtronForCausalLM"
 

@@ -20,9 +20,9 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from models.config import ModelConfig
-from models.transformer import Transformer, rope_table
-from trainer.convert.hf.remote_config import NormtronConfig
+from normtron.models.config import ModelConfig
+from normtron.models.transformer import Transformer, rope_table
+from normtron.trainer.convert.hf.remote_config import NormtronConfig
 
 
 _CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"

@@ -1,1 +1,0 @@
-"""Config, data preparation, training loop, checkpoints and the `normtron` CLI."""
