@@ -114,7 +114,7 @@ def test_custom_code_loads_without_normtron_and_cli_shards(micro_args, tmp_path,
         "sys.path_hooks[:] = [h for h in sys.path_hooks if not getattr(h, '__module__', '').startswith('__editable__')]\n"
         "sys.path_importer_cache.clear()\n"
         "import torch, transformers\n"
-        "try:\n    import models\nexcept ImportError:\n    pass\nelse:\n    sys.exit('normtron is importable')\n"
+        "try:\n    import normtron\nexcept ImportError:\n    pass\nelse:\n    sys.exit('normtron is importable')\n"
         f"m = transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()\n"
         f"tok = transformers.AutoTokenizer.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
         f"tokens = torch.load({str(tmp_path / 'tokens.pt')!r})\n"

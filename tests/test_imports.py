@@ -154,3 +154,11 @@ def test_the_layer_folders_are_not_packages_of_their_own():
     """models/, kernels/, parallel/, trainer/ (and configs/, launch/) hold no __init__.py: a Python started in the
     repository root then finds another distribution's `kernels` (Hugging Face's) before our folder."""
     assert not [f for f in (*PACKAGES, "configs", "launch") if (REPO / f / "__init__.py").exists()]
+
+
+def test_no_script_folder_holds_a_module_named_like_a_package():
+    """`python bench/x.py` puts bench/ first on sys.path: a bench/kernels.py there would be the `kernels` that
+    transformers imports (so would tests/kernels.py under pytest)."""
+    clashes = [str(p.relative_to(REPO)) for folder in ("bench", "tests", "launch") for p in (REPO / folder).glob("*")
+               if p.stem in (*PACKAGES, "normtron", "transformers", "torch")]
+    assert not clashes, clashes

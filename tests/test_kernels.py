@@ -242,16 +242,16 @@ def test_forced_triton_without_triton_installed_is_a_user_error(monkeypatch):
 
 def test_bench_says_when_there_is_no_gpu():
     if torch.cuda.is_available():
-        pytest.skip("a GPU is present: bench/kernels.py measures instead")
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py")], check=False,
+        pytest.skip("a GPU is present: bench/norm_kernels.py measures instead")
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "norm_kernels.py")], check=False,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0
     assert "no CUDA GPU" in result.stdout
 
 
 def test_bench_smoke_in_the_interpreter():
-    """bench/kernels.py --smoke runs every measurement on tiny shapes (interpreter on CPU), so the script works."""
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py"), "--smoke"], check=False,
+    """bench/norm_kernels.py --smoke runs every measurement on tiny shapes (interpreter on CPU), so the script works."""
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "norm_kernels.py"), "--smoke"], check=False,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "TRITON_INTERPRET": "1"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "GB/s" in result.stdout and "copy" in result.stdout
@@ -262,7 +262,7 @@ def test_kernels_compile_for_an_h100_without_register_spills(tmp_path):
     reports the registers; none spills (the point of the chunked paths for 8K-16K rows)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1")
-    result = subprocess.run([sys.executable, str(REPO / "bench" / "kernels.py"), "--ptxas"], check=False,
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "norm_kernels.py"), "--ptxas"], check=False,
                             capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()

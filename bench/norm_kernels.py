@@ -1,9 +1,9 @@
 """Benchmark the fused Triton norm kernels on a GPU against PyTorch eager, torch.compile and Liger-Kernel.
 
-    python bench/kernels.py                       # 16384 rows x hidden 1024..16384, bf16, RMSNorm, LayerNorm, DyT
-    python bench/kernels.py --hidden 4096 --norm rmsnorm --rows 32768
-    TRITON_INTERPRET=1 python bench/kernels.py --smoke   # tiny shapes on CPU: checks the script, measures nothing
-    python bench/kernels.py --ptxas               # no GPU needed: compile every kernel for an H100, print registers
+    python bench/norm_kernels.py                       # 16384 rows x hidden 1024..16384, bf16, RMSNorm, LayerNorm, DyT
+    python bench/norm_kernels.py --hidden 4096 --norm rmsnorm --rows 32768
+    TRITON_INTERPRET=1 python bench/norm_kernels.py --smoke   # tiny shapes on CPU: checks the script, measures nothing
+    python bench/norm_kernels.py --ptxas               # no GPU needed: compile every kernel for an H100, print registers
 
 For each norm and hidden size it times, as medians (triton.testing.do_bench), the forward and the forward+backward of
 `norm(x)` and of the fused `add_norm(x, residual)` (y = Norm(x + residual) and the new residual), and prints the
@@ -248,8 +248,8 @@ def main() -> int:
         if device.type == "cpu":
             args.impls = [i for i in args.impls if i != "compile"]  # inductor on CPU takes minutes to build
     elif not torch.cuda.is_available():
-        print("no CUDA GPU here: nothing to measure (bench/kernels.py times the kernels on a GPU; "
-              "`TRITON_INTERPRET=1 python bench/kernels.py --smoke` checks the script on CPU)")
+        print("no CUDA GPU here: nothing to measure (bench/norm_kernels.py times the kernels on a GPU; "
+              "`TRITON_INTERPRET=1 python bench/norm_kernels.py --smoke` checks the script on CPU)")
         return 0
     else:
         device, copy_numel = torch.device("cuda"), 1 << 30
