@@ -40,6 +40,8 @@ from normtron.trainer.engine import build_engine, build_mesh, init_model, parall
 from normtron.trainer.errors import UserError
 from normtron.trainer.loop import RunInputs, TrainLoop, TrainResult, TrainState, ValidationSet
 from normtron.trainer.metrics import LOG, setup_logging
+from normtron.trainer.run_lock import holder as lock_holder
+from normtron.trainer.run_lock import run_lock
 from normtron.trainer.optim import apply_hyperparameters, apply_lr_schedule
 
 
@@ -59,6 +61,11 @@ def train(cfg: Config) -> TrainResult:
 
 def _train(cfg: Config, dist_info: DistInfo) -> TrainResult:
     dims, inputs = check_inputs(cfg, dist_info.world_size, dist_info.rank)
+    with run_lock(cfg.run_dir, take=dist_info.is_main):  # one writer per run directory
+        return _train_locked(cfg, dist_info, dims, inputs)
+
+
+def _train_locked(cfg: Config, dist_info: DistInfo, dims: ParallelDims, inputs: RunInputs) -> TrainResult:
     run_dir = cfg.run_dir
     setup_logging(dist_info.is_main)
 
@@ -107,8 +114,18 @@ def check(cfg: Config, world_size: int) -> str:
 
     return (f"config OK for {world_size} rank(s) ({describe_parallel(cfg, dims)}): "
             f"{describe_model(cfg, model)}\n{describe_data(inputs.sources)}\n"
-            f"run directory {cfg.run_dir}{' (exists: the run will resume)' if cfg.run_dir.exists() else ''}\n"
+            f"run directory {cfg.run_dir}{_run_dir_state(cfg.run_dir)}\n"
             f"{check_memory_line(cfg, world_size)}")
+
+
+def _run_dir_state(run_dir: Path) -> str:
+    if not run_dir.exists():
+        return ""
+    busy = lock_holder(run_dir)
+    if busy:  # what the run itself would say when it starts
+        raise UserError(f"{run_dir} is in use by another run ({busy}); wait for it to finish, stop it, or choose "
+                        f"another run.name")
+    return " (exists: the run will resume)"
 
 
 def describe_data(sources: list[Source]) -> str:
