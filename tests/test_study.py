@@ -125,6 +125,37 @@ def test_a_killed_study_resumes_its_interrupted_run(shakespeare_data, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 300
 
 
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_a_stopped_study_stops_its_cells_and_a_rerun_resumes_them_without_a_second_writer(stop, shakespeare_data,
+                                                                                          tmp_path):
+    """SIGTERM (or Ctrl-C) to `normtron study`: its running cell checkpoints and ends with it, the driver says which
+    and exits 128 + the signal; re-running resumes the cell, whose steps then appear exactly once."""
+    study = write_study(tmp_path / "study.yaml", shakespeare_data, {"model.placement": ["pre"]},
+                        overrides={"training.steps": "400", "checkpoint.every": "100", "eval.every": "400",
+                                   "logging.every": "10", "diagnostics.every": "0"})
+    run_dir = tmp_path / "out" / "runs" / "placement=pre"
+    driver = subprocess.Popen([sys.executable, "-m", "normtron", "study", str(study)], cwd=REPO, env=_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not (run_dir / "metrics.jsonl").is_file() or '"step": 20,' not in (run_dir / "metrics.jsonl").read_text():
+        assert driver.poll() is None and time.time() < deadline, driver.communicate()
+        time.sleep(0.02)
+    cell = next(int(p) for p in subprocess.run(["pgrep", "-f", "placement=pre"], capture_output=True,
+                                               text=True).stdout.split() if int(p) != driver.pid)
+    driver.send_signal(stop)
+    out, err = driver.communicate(timeout=300)
+    assert driver.returncode == 128 + stop, out + err
+    assert f"study stopped by {stop.name}: stopped its running cells (placement=pre)" in err, err
+    assert not Path(f"/proc/{cell}").exists(), "the cell outlived its driver"
+    saved = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if (p / ".metadata").is_file())
+    assert saved and saved[-1] != "step_00000400"  # the stop's own checkpoint
+
+    result = run_cli("study", str(study))
+    assert "[1/1 done]" in result.stdout
+    train, _ = read_metrics(run_dir)
+    assert [r["step"] for r in train] == list(range(10, 401, 10))  # logging.every=10
+
+
 @pytest.mark.parametrize("content,message", [
     ("grid: {model.placement: [pre]}\noutput_dir: x\n", "needs a 'base:' entry"),
     ("base: ../configs/tiny.yaml\noutput_dir: x\ngrid: {model.placment: [pre]}\n", "did you mean 'model.placement'"),

@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from normtron.trainer.errors import UserError
+from normtron.trainer.errors import Stopped, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -369,6 +369,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err))
     except OSError as err:  # paths the user gave: missing, not writable, a file in the way, a name too long
         return _fail(f"{err.strerror}: {err.filename}" if err.filename else str(err))
+    except Stopped as stop:
+        if str(stop):
+            print(f"normtron: {stop}", file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         return 130
 

@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from normtron.trainer.checkpoint import complete_checkpoints
+from normtron.trainer.errors import Stopped
 from normtron.trainer.metrics import format_duration
 from normtron.trainer.study import launchers
 from normtron.trainer.study.spec import Cell, Study
@@ -109,6 +110,9 @@ def run_processes(study: Study) -> int:
         (study.output_dir / sub).mkdir(parents=True, exist_ok=True)
     running: dict[int, tuple[Cell, subprocess.Popen, float]] = {}
     done, failed, started, durations = total - len(pending), 0, time.time(), []
+    # SIGTERM (a scheduler, `kill`) stops the cells like Ctrl-C does: they run in sessions of their own, so nothing
+    # else would reach them.
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stopped)}
     try:
         while pending or running:
             while pending and len(running) < study.max_parallel:
@@ -139,11 +143,39 @@ def run_processes(study: Study) -> int:
                 print(f"[{done}/{total} done{f', {failed} failed' if failed else ''}] {cell.name}: {outcome} in "
                       f"{format_duration(durations[-1])} | elapsed {format_duration(time.time() - started)}, "
                       f"ETA {format_duration(eta)}", flush=True)
-    except KeyboardInterrupt:  # the trainers checkpoint on SIGTERM; re-running resumes them
-        for _, process, _ in running.values():
-            os.killpg(process.pid, signal.SIGTERM)
-        raise
+    except (KeyboardInterrupt, Stopped) as stop:
+        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
+        raise Stopped(signum, _stop_cells(running.values(), signal.Signals(signum).name)) from None
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return failed
+
+
+def _raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def _stop_cells(running, reason: str, grace: float = 600) -> str:
+    """SIGTERM to every cell this driver started (the trainers finish their step, checkpoint and exit), then wait
+    for them, so that no cell outlives the driver and a re-run resumes each one instead of starting a second
+    writer. Returns the line to print."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the wait short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    cells = list(running)
+    for _, process, _ in cells:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.time() + grace
+    for _, process, _ in cells:
+        try:
+            process.wait(max(1.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    names = ", ".join(cell.name for cell, _, _ in cells) or "none was running"
+    return (f"study stopped by {reason}: stopped its running cells ({names}), each after a checkpoint; re-run the "
+            f"same command to resume them")
 
 
 # --- slurm -----------------------------------------------------------------------------------------------------------
