@@ -53,12 +53,13 @@ def venv(wheel, tmp_path_factory) -> Path:
     return root
 
 
-def run_installed(venv: Path, cwd: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    """A command of the fresh venv (`normtron ...` or `python ...`), run in `cwd` with only that venv on PATH."""
+def run_installed(venv: Path, cwd: Path, *args: str, timeout: float = 600, code: int = 0) -> subprocess.CompletedProcess:
+    """A command of the fresh venv (`normtron ...` or `python ...`), run in `cwd` with only that venv on PATH; it must
+    exit with `code`."""
     env = _quiet_env(PATH=f"{venv / 'bin'}{os.pathsep}{os.environ['PATH']}", HF_MODULES_CACHE=str(cwd / "hf_modules"))
     result = subprocess.run([str(venv / "bin" / args[0]), *args[1:]], cwd=cwd, env=env, capture_output=True,
                             text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    assert result.returncode == 0, f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    assert result.returncode == code, f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
 
 
@@ -92,8 +93,8 @@ def test_installed_version_configs_and_plan_of_a_shipped_config(venv, tmp_path):
         assert f"  {name} " in listing, listing
     site = str(venv / "lib")
     assert f"configs folder: {site}" in listing and f"launch templates: {site}" in listing, listing
-    plan = run_installed(venv, tmp_path, "normtron", "plan", "7b", "--gpus", "64")
-    assert "per rank" in plan.stdout and "H100" in plan.stdout and not plan.stderr, plan.stdout + plan.stderr
+    plan = run_installed(venv, tmp_path, "normtron", "plan", "7b", "--gpus", "64", code=3)  # 3: does not fit as is
+    assert "per rank" in plan.stdout and "H100" in plan.stdout and "does NOT fit" in plan.stdout and not plan.stderr, plan.stdout + plan.stderr
 
 
 def test_prepare_train_convert_and_load_with_transformers_from_an_installed_wheel(venv, tmp_path, shakespeare_dir):

@@ -203,3 +203,13 @@ def test_cli_prints_the_plan_and_check_prints_the_memory_line(micro_args):
     check = run_cli("train", "--check", TINY, *micro_args("check")).stdout
     assert "plan: predicted peak" in check and "a prediction" in check
     assert set(GPUS) >= {"h100", "h200", "a100"}
+
+
+def test_exit_code_says_whether_the_plan_fits(capsys):
+    """0 when the predicted peak is under 90% of the GPU's memory, 3 when not (scripts test it); --search: 0 when
+    some layout fits."""
+    assert main(["plan", SEVEN_B, "parallel.backend=fsdp", "--gpus", "64", "--gpu", "h200"]) == 0
+    assert "fits under 90%" in capsys.readouterr().out
+    assert main(["plan", SEVEN_B, "--gpus", "64"]) == 3  # DDP: every rank holds the 7B model states
+    assert "does NOT fit" in capsys.readouterr().out
+    assert main(["plan", SEVEN_B, "--gpus", "64", "--search"]) == 0

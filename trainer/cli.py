@@ -11,6 +11,7 @@ from pathlib import Path
 from normtron.trainer.errors import Stopped, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_DOES_NOT_FIT = 3  # `normtron plan`: the predicted peak memory is above 90% of the GPU's (scripts can test it)
 
 
 def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
@@ -89,7 +90,8 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
         "plan", help="predict per-GPU memory and step time of a config on N GPUs; --search the layouts that fit",
         description="Print, per rank, the predicted memory of parameters, gradients, optimizer state, framework "
                     "buffers, activations and logits/loss for the config's layout on --gpus GPUs of kind --gpu, and "
-                    "the step time and MFU of a roofline model (assumptions printed). Nothing is run or written.")
+                    "the step time and MFU of a roofline model (assumptions printed). Nothing is run or written. Exit code 0 "
+                    "when it fits, 3 when it does not (with --search: when no layout fits), 2 for bad input.")
     _add_config_arguments(p, "training config")
     p.add_argument("--gpus", type=int, required=True, metavar="N", help="number of GPUs (ranks)")
     p.add_argument("--gpu", default="h100", metavar="KIND", help="h100 (default), h200, a100, a100-40gb, b200")
@@ -309,9 +311,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise UserError(f"--gpus must be at least 1, not {args.gpus}")
             cfg = load_config(args.config, args.overrides)
             if args.search:
-                print(format_search(search(cfg, args.gpus, args.gpu), args.gpus, args.gpu))
-            else:
-                print(format_plan(make_plan(cfg, args.gpus, args.gpu)))
+                layouts = search(cfg, args.gpus, args.gpu)
+                print(format_search(layouts, args.gpus, args.gpu))
+                return 0 if layouts else EXIT_DOES_NOT_FIT
+            plan = make_plan(cfg, args.gpus, args.gpu)
+            print(format_plan(plan))
+            return 0 if plan.fits else EXIT_DOES_NOT_FIT
         elif args.command == "mup-check":
             from normtron.trainer.config import load_config
             from normtron.trainer.mup_check import mup_check
