@@ -295,3 +295,14 @@ def test_failed_commands_leave_no_empty_directories(unchanged, tmp_path):
 def test_download_cache_dir_is_a_file(tmp_path):
     (tmp_path / "f").write_text("x")
     assert_user_error(run_cli("download-corpus", "shakespeare", "--cache-dir", str(tmp_path / "f"), check=False))
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_a_command_without_its_config_says_so(command):
+    result = run_cli(command, *(["--gpus", "2"] if command == "plan" else []), check=False)
+    assert_user_error(result, f"normtron {command} needs a config: a YAML file, or a shipped config's name")
+
+
+def test_check_warns_when_the_run_ends_before_its_warmup(micro_args):
+    out = run_cli("train", "--check", TINY, *micro_args("short", "training.steps=40", "training.warmup_steps=50")).stdout
+    assert "warning: training.warmup_steps=50 is longer than training.steps=40: the run ends still warming up" in out

@@ -213,3 +213,9 @@ def test_exit_code_says_whether_the_plan_fits(capsys):
     assert main(["plan", SEVEN_B, "--gpus", "64"]) == 3  # DDP: every rank holds the 7B model states
     assert "does NOT fit" in capsys.readouterr().out
     assert main(["plan", SEVEN_B, "--gpus", "64", "--search"]) == 0
+
+
+def test_overrides_may_follow_the_options(capsys):
+    """`plan CFG --gpus 64 parallel.backend=fsdp --gpu h200` applies the override: FSDP2 fits where DDP does not."""
+    assert main(["plan", SEVEN_B, "--gpus", "64", "parallel.backend=fsdp", "--gpu", "h200"]) == 0
+    assert "fits under 90%" in capsys.readouterr().out

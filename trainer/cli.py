@@ -11,6 +11,7 @@ from pathlib import Path
 from normtron.trainer.errors import Stopped, UserError
 
 EXIT_USER_ERROR = 2
+OVERRIDE = re.compile(r"[A-Za-z_][\w]*(\.[\w]+)+=")  # section.key=value
 EXIT_DOES_NOT_FIT = 3  # `normtron plan`: the predicted peak memory is above 90% of the GPU's (scripts can test it)
 
 
@@ -241,7 +242,8 @@ def _parser(config_keys: bool = True) -> argparse.ArgumentParser:
 def _add_config_arguments(p: argparse.ArgumentParser, config_help: str,
                           overrides_help: str = "override a config value") -> None:
     """CONFIG.yaml and its section.key=value overrides: the positional pair of every command that loads a config."""
-    p.add_argument("config", metavar="CONFIG.yaml", help=f"{config_help} (or a shipped config's name: normtron configs)")
+    p.add_argument("config", metavar="CONFIG.yaml", nargs="?", default=None,
+                   help=f"{config_help} (or a shipped config's name: normtron configs)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help=overrides_help)
 
 
@@ -273,7 +275,16 @@ def _vocab_size(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     command = (sys.argv[1:] if argv is None else argv)[:1]
-    args = _parser(config_keys=command in (["train"], ["-h"], ["--help"])).parse_args(argv)
+    parser = _parser(config_keys=command in (["train"], ["-h"], ["--help"]))
+    args, extra = parser.parse_known_args(argv)
+    # Overrides after the options (`normtron plan CFG --gpus 8 parallel.tp=2`) are overrides all the same.
+    if extra and hasattr(args, "overrides") and all(OVERRIDE.match(e) for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if getattr(args, "config", "") is None:
+        return _fail(f"normtron {args.command} needs a config: a YAML file, or a shipped config's name such as tiny "
+                     f"(`normtron configs` lists them), then any section.key=value overrides")
     try:
         if args.command == "prepare-data":
             from normtron.trainer.data.prepare import prepare_data

@@ -448,6 +448,17 @@ def describe_keys() -> str:
 
 # --- Validation ----------------------------------------------------------------------------------------------------
 
+def config_warnings(cfg: Config) -> list[str]:
+    """Settings that run but are probably not what was meant: one line each, printed at the start of a run and by
+    `train --check`."""
+    t = cfg.training
+    warnings = []
+    if t.warmup_steps > t.steps:
+        warnings.append(f"training.warmup_steps={t.warmup_steps} is longer than training.steps={t.steps}: the run "
+                        f"ends still warming up, below training.lr; lower training.warmup_steps")
+    return warnings
+
+
 def validate(cfg: Config, world_size: int = 1) -> ParallelDims:
     """Cross-field checks that need no data on disk; raises UserError naming the key. Returns the rank layout,
     resolved here once for the whole run."""

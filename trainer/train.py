@@ -33,7 +33,7 @@ from normtron.parallel.float8 import describe_float8, uses_float8_all_gather
 from normtron.parallel.mesh import ParallelDims
 from normtron.parallel.pipeline import layers_per_stage
 from normtron.trainer.checkpoint import Checkpointer, check_init_from, complete_checkpoints
-from normtron.trainer.config import Config, config_to_dict, dump_config, pipeline_stages, validate, validate_tensor_parallel
+from normtron.trainer.config import Config, config_to_dict, config_warnings, dump_config, pipeline_stages, validate, validate_tensor_parallel
 from normtron.trainer.data.batches import eval_windows
 from normtron.trainer.data.mixture import Source, make_batches, open_sources
 from normtron.trainer.engine import build_engine, build_mesh, init_model, parallelize_model, uses_loss_parallel
@@ -95,6 +95,8 @@ def _train_locked(cfg: Config, dist_info: DistInfo, dims: ParallelDims, inputs: 
     LOG.info(f"run {run_dir} | {dist_info.world_size} rank(s) on {dist_info.device.type} "
              f"({dist_info.backend or 'single process'}) | {describe_parallel(cfg, dims)}")
     LOG.info(model_summary)
+    for warning in config_warnings(cfg):
+        LOG.warning(f"warning: {warning}")
     for line in describe_data(inputs.sources).splitlines():
         LOG.info(line)
     if latest is not None:
@@ -115,7 +117,8 @@ def check(cfg: Config, world_size: int) -> str:
     return (f"config OK for {world_size} rank(s) ({describe_parallel(cfg, dims)}): "
             f"{describe_model(cfg, model)}\n{describe_data(inputs.sources)}\n"
             f"run directory {cfg.run_dir}{_run_dir_state(cfg.run_dir)}\n"
-            f"{check_memory_line(cfg, world_size)}")
+            f"{check_memory_line(cfg, world_size)}"
+            + "".join(f"\nwarning: {w}" for w in config_warnings(cfg)))
 
 
 def _run_dir_state(run_dir: Path) -> str:
