@@ -108,7 +108,7 @@ def forward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]
 
 def backward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]:
     # Three partial sums live per element (dweight, dbias, dalpha): half the elements per thread of the forward
-    # (`bench/kernels.py --ptxas`: no spills).
+    # (`bench/norm_kernels.py --ptxas`: no spills).
     return _layout(n, max_block, tile=2048, per_thread=8)
 
 

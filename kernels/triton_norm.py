@@ -229,7 +229,7 @@ def forward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]
 
 def backward_layout(n: int, max_block: int | None = None) -> tuple[int, int, int]:
     # The backward holds ~8 values per element: smaller tiles and half the elements per thread, or ptxas spills
-    # (checked by `bench/kernels.py --ptxas` with Triton 3.6, 3.8 and 3.9).
+    # (checked by `bench/norm_kernels.py --ptxas` with Triton 3.6, 3.8 and 3.9).
     return _layout(n, max_block or BWD_MAX_BLOCK, tile=2048, per_thread=8)
 
 

@@ -6,7 +6,7 @@
 # torch: an installed torch (in the venv, or in $PYTHON's own site-packages) is kept as it is; otherwise the CUDA
 # build where an NVIDIA GPU is present and the CPU build torch==2.13.0 where none is (an unpinned torch on a CPU
 # machine would pull a multi-GB CUDA build). The lock holds no torch, and on a CUDA machine its triton line is left
-# out too: CUDA builds of torch pin their own.
+# out too: CUDA builds of torch pin their own. The lock is applied only to the Python version it was resolved for.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=${NORMTRON_VENV:-.venv}
@@ -40,12 +40,24 @@ fi
 lock=()
 if [ "$CONSTRAINTS" != none ]; then
   [ -f "$CONSTRAINTS" ] || { echo "normtron: error: install.sh: no constraints file $CONSTRAINTS (NORMTRON_CONSTRAINTS=none for the newest versions)" >&2; exit 2; }
-  used=$VENV/constraints-used.txt  # the lock as applied here
-  if [ -n "$cuda" ]; then grep -v '^triton==' "$CONSTRAINTS" > "$used"; else cp "$CONSTRAINTS" "$used"; fi
-  lock=(-c "$used")
+  locked_for=$("$VENV/bin/python" launch/lock.py python "$CONSTRAINTS")
+  here=$("$VENV/bin/python" -c 'import sys; print(f"{sys.version_info.major}.{sys.version_info.minor}")')
+  if [ "$locked_for" != "$here" ]; then
+    echo "warning: $CONSTRAINTS was resolved for Python $locked_for, this is $here: installing the newest versions instead"
+    CONSTRAINTS=none
+  else
+    used=$VENV/constraints-used.txt  # the lock as applied here
+    # A CUDA build of torch pins its own triton (and its own dependencies, when kept from a container's Python).
+    if "$VENV/bin/python" -c 'import sys, torch; sys.exit(torch.version.cuda is None)' 2>/dev/null; then
+      grep -v '^triton==' "$CONSTRAINTS" > "$used"
+    else
+      cp "$CONSTRAINTS" "$used"
+    fi
+    lock=(-c "$used")
+  fi
 fi
 echo "installing normtron${EXTRAS:+[$EXTRAS]} into $VENV ($([ "$CONSTRAINTS" = none ] && echo "newest versions" || echo "versions of $CONSTRAINTS"))"
 pip_install -e ".${EXTRAS:+[$EXTRAS]}" "${lock[@]}"
 if [ "$CONSTRAINTS" != none ]; then
-  "$VENV/bin/python" launch/lock.py check "$used"
+  "$VENV/bin/python" launch/lock.py check "$used"  # what the venv itself holds, at the lock's versions
 fi

@@ -306,3 +306,8 @@ def test_a_command_without_its_config_says_so(command):
 def test_check_warns_when_the_run_ends_before_its_warmup(micro_args):
     out = run_cli("train", "--check", TINY, *micro_args("short", "training.steps=40", "training.warmup_steps=50")).stdout
     assert "warning: training.warmup_steps=50 is longer than training.steps=40: the run ends still warming up" in out
+
+
+def test_overrides_before_the_config_get_the_order_right():
+    result = run_cli("train", "training.steps=5", "tiny", check=False)
+    assert_user_error(result, "the config comes first, then the overrides: normtron train tiny training.steps=5")

@@ -80,3 +80,18 @@ def test_a_failed_start_leaves_no_run_directory(micro_args, tmp_path):
     result = run_cli("train", TINY, *micro_args("never", "checkpoint.init_from=" + str(tmp_path / "nothing")),
                      check=False)
     assert result.returncode == 2 and not (tmp_path / "runs" / "never").exists(), result.stderr
+
+
+def test_lookers_do_not_clash_with_each_other_only_with_the_run(tmp_path):
+    """`train --check` runs on every node of a job at once: its look (a shared lock) clashes with a running run's
+    exclusive lock, never with another look."""
+    import fcntl
+
+    from normtron.trainer.run_lock import holder, run_lock
+
+    run = tmp_path / "run"
+    with run_lock(run):
+        assert holder(run) == f"pid {os.getpid()} on host {socket.gethostname()}"
+    with open(run / ".lock") as other_look:
+        fcntl.flock(other_look, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        assert holder(run) is None

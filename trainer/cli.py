@@ -282,6 +282,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if OVERRIDE.match(getattr(args, "config", None) or ""):
+        words = [args.config, *args.overrides]
+        config = next((w for w in words if not OVERRIDE.match(w)), "CONFIG")
+        return _fail(f"the config comes first, then the overrides: normtron {args.command} {config} "
+                     f"{' '.join(w for w in words if w != config)}")
     if getattr(args, "config", "") is None:
         return _fail(f"normtron {args.command} needs a config: a YAML file, or a shipped config's name such as tiny "
                      f"(`normtron configs` lists them), then any section.key=value overrides")

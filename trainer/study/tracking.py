@@ -112,17 +112,20 @@ def run_processes(study: Study) -> int:
     done, failed, started, durations = total - len(pending), 0, time.time(), []
     # SIGTERM (a scheduler, `kill`) stops the cells like Ctrl-C does: they run in sessions of their own, so nothing
     # else would reach them.
-    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_stopped)}
+    previous = {signum: signal.signal(signum, _STOP.handle) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         while pending or running:
             while pending and len(running) < study.max_parallel:
                 slot = next(i for i in range(study.max_parallel) if i not in running)
                 cell = pending.pop(0)
                 cmd, env = launchers.process_command(study, cell, slot)
-                with open(study.log_file(cell), "a") as log:  # the child keeps its own handle
-                    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                               start_new_session=True)
-                running[slot] = (cell, process, time.time())
+                # a stop signal waits until the cell is recorded: every cell started is one _stop_cells stops (a
+                # blocked signal mask would be inherited by the cell, which then could not be stopped)
+                with _STOP.deferred():
+                    with open(study.log_file(cell), "a") as log:  # the child keeps its own handle
+                        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                   start_new_session=True)
+                    running[slot] = (cell, process, time.time())
                 print(f"  start {cell.name}", flush=True)
             time.sleep(0.2)
             for slot, (cell, process, t0) in list(running.items()):
@@ -145,18 +148,41 @@ def run_processes(study: Study) -> int:
                       f"ETA {format_duration(eta)}", flush=True)
     except (KeyboardInterrupt, Stopped) as stop:
         signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
-        raise Stopped(signum, _stop_cells(running.values(), signal.Signals(signum).name)) from None
+        raise Stopped(signum, _stop_cells(running.values(), signal.Signals(signum).name,
+                                          study.launcher == "torchrun")) from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return failed
 
 
-def _raise_stopped(signum: int, frame) -> None:
-    raise Stopped(signum)
+class _StopSignals:
+    """SIGTERM/SIGINT raise Stopped, except inside `deferred()`, which raises it at its end."""
+
+    def __init__(self):
+        self.deferring, self.pending = False, None
+
+    def handle(self, signum: int, frame) -> None:
+        if self.deferring:
+            self.pending = signum
+        else:
+            raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring, self.pending = True, None
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending is not None:
+            raise Stopped(self.pending)
 
 
-def _stop_cells(running, reason: str, grace: float = 600) -> str:
+_STOP = _StopSignals()
+
+
+def _stop_cells(running, reason: str, torchrun: bool, grace: float = 600) -> str:
     """SIGTERM to every cell this driver started (the trainers finish their step, checkpoint and exit), then wait
     for them, so that no cell outlives the driver and a re-run resumes each one instead of starting a second
     writer. Returns the line to print."""
@@ -165,7 +191,10 @@ def _stop_cells(running, reason: str, grace: float = 600) -> str:
     cells = list(running)
     for _, process, _ in cells:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
+            if torchrun:  # launch/torchrun.sh passes it on to the workers alone (the agent would stop them in 30 s)
+                os.kill(process.pid, signal.SIGTERM)
+            else:
+                os.killpg(process.pid, signal.SIGTERM)
     deadline = time.time() + grace
     for _, process, _ in cells:
         try:
