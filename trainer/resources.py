@@ -14,7 +14,8 @@ CONFIG_KINDS = {"training": (), "study": ("study",)}
 
 
 def shipped(package: str, *parts: str) -> Path:
-    """The path on disk of `parts` inside normtron.<package> (a wheel is installed unpacked, so it is a real file)."""
+    """The path on disk of `parts` inside normtron.<package> (a wheel is installed unpacked, so it is a real file).
+    `parts` names something inside: the package itself is a namespace package, whose files() is no single path."""
     resource = files(f"normtron.{package}")
     for part in parts:
         resource = resource.joinpath(part)

@@ -8,9 +8,9 @@ Under torchrun only rank 0 takes it: when it stops with that message, the agent 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
-import errno
 import socket
 import sys
 from collections.abc import Iterator
@@ -39,6 +39,12 @@ def holder(run_dir: Path) -> str | None:
                 return None
             raise
     return None
+
+
+def in_use(run_dir: Path, holder_text: str) -> UserError:
+    """The one line for a run directory another run holds (the run's own start and `train --check` alike)."""
+    return UserError(f"{run_dir} is in use by another run ({holder_text}); wait for it to finish, stop it, or choose "
+                     f"another run.name (if that host is down, remove {run_dir / LOCK_FILE})")
 
 
 @contextlib.contextmanager
@@ -83,8 +89,7 @@ def _locked(path: Path, run_dir: Path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             f.close()
-            raise UserError(f"{run_dir} is in use by another run ({_describe(path)}); wait for it to finish, stop "
-                            f"it, or choose another run.name (if that host is down, remove {path})") from None
+            raise in_use(run_dir, _describe(path)) from None
         except OSError as err:
             f.close()
             if err.errno not in NO_FLOCK:

@@ -41,7 +41,7 @@ from normtron.trainer.errors import UserError
 from normtron.trainer.loop import RunInputs, TrainLoop, TrainResult, TrainState, ValidationSet
 from normtron.trainer.metrics import LOG, setup_logging
 from normtron.trainer.run_lock import holder as lock_holder
-from normtron.trainer.run_lock import run_lock
+from normtron.trainer.run_lock import in_use, run_lock
 from normtron.trainer.optim import apply_hyperparameters, apply_lr_schedule
 
 
@@ -126,8 +126,7 @@ def _run_dir_state(run_dir: Path) -> str:
         return ""
     busy = lock_holder(run_dir)
     if busy:  # what the run itself would say when it starts
-        raise UserError(f"{run_dir} is in use by another run ({busy}); wait for it to finish, stop it, or choose "
-                        f"another run.name")
+        raise in_use(run_dir, busy)
     return " (exists: the run will resume)"
 
 

@@ -146,10 +146,9 @@ def run_processes(study: Study) -> int:
                 print(f"[{done}/{total} done{f', {failed} failed' if failed else ''}] {cell.name}: {outcome} in "
                       f"{format_duration(durations[-1])} | elapsed {format_duration(time.time() - started)}, "
                       f"ETA {format_duration(eta)}", flush=True)
-    except (KeyboardInterrupt, Stopped) as stop:
-        signum = stop.signum if isinstance(stop, Stopped) else signal.SIGINT
-        raise Stopped(signum, _stop_cells(running.values(), signal.Signals(signum).name,
-                                          study.launcher == "torchrun")) from None
+    except Stopped as stop:  # SIGINT too: _STOP.handle replaces Python's KeyboardInterrupt here
+        raise Stopped(stop.signum, _stop_cells(running.values(), signal.Signals(stop.signum).name,
+                                               study.launcher == "torchrun")) from None
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
